@@ -1,0 +1,438 @@
+"""Tensor math of the Lovász extension of the Jaccard loss (Berman et al., CVPR 2018).
+
+Everything here is plain PyTorch: no MONAI, no Lightning. Tensors are organised in *rows*: one row
+is the set of voxels of one class in one volume (or in the whole batch). For a row with errors
+``e_i >= 0``, foreground indicators ``y_i`` and validity flags ``v_i`` the Lovász extension is
+``sum_i e_i * w_i`` where ``w`` is the gradient of Algorithm 1 of the paper scattered back to voxel
+order. The weights are computed without autograd, so the gradient of the loss with respect to the
+errors is exactly ``w`` and backward keeps a single tensor.
+
+With ``G`` foreground voxels in a row and rows sorted by decreasing error, the weight of the
+voxel at sorted position ``k`` (``F_k``/``B_k`` foreground/background voxels up to and including it)
+is ``1 / (G + B_k)`` for a foreground voxel and ``(G - F_k) / ((G + B_k - 1) (G + B_k))`` for a
+background voxel. These closed forms are the telescoping differences ``J_k - J_{k-1}`` of the
+Jaccard loss ``J_k = 1 - (G - F_k) / (G + B_k)`` without the cancellation of subtracting two
+nearly equal numbers. A row without foreground puts weight 1 on its largest valid error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_BINS",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "average_class_losses",
+    "lovasz_class_losses",
+    "lovasz_extension",
+    "lovasz_grad",
+    "lovasz_hinge",
+    "lovasz_softmax",
+    "lovasz_weights",
+]
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+"""Default budget (elements) of the rows that the sort method processes at once."""
+
+DEFAULT_BINS = 1024
+"""Default number of error bins of the histogram method."""
+
+Method = Literal["sort", "histogram"]
+
+
+def lovasz_grad(
+    fg_sorted: Tensor, valid_sorted: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Gradient of the Lovász extension for rows already sorted by decreasing error.
+
+    This is Algorithm 1 of the paper, written with the closed-form increments of the Jaccard loss
+    (see the module docstring), so that no two nearly equal numbers are subtracted.
+
+    Args:
+        fg_sorted: ``(..., P)`` foreground indicators (bool or 0/1) in decreasing-error order.
+        valid_sorted: optional ``(..., P)`` bool, ``False`` for voxels that take part in nothing.
+        dtype: floating dtype of the result.
+
+    Returns:
+        ``(..., P)`` weights ``g >= 0`` of ``dtype``. Each row sums to 1 when it has a valid voxel and to 0 otherwise.
+
+    Example:
+        >>> lovasz_grad(torch.tensor([1, 0, 1, 0]))
+        tensor([0.5000, 0.1667, 0.3333, 0.0000])
+
+    Raises:
+        ValueError: when the shapes of ``fg_sorted`` and ``valid_sorted`` differ.
+    """
+    fg = fg_sorted.bool()
+    if valid_sorted is None:
+        bg = ~fg
+    else:
+        if valid_sorted.shape != fg_sorted.shape:
+            raise ValueError(
+                f"valid_sorted must have the shape of fg_sorted {tuple(fg_sorted.shape)}, "
+                f"got {tuple(valid_sorted.shape)}"
+            )
+        fg = fg & valid_sorted
+        bg = valid_sorted & ~fg
+    fg_cum = fg.cumsum(-1, dtype=torch.int32)
+    bg_cum = bg.cumsum(-1, dtype=torch.int32)
+    num_fg = fg_cum[..., -1:]
+    union = (num_fg + bg_cum).to(dtype)
+    w_fg = union.clamp_min(1).reciprocal()
+    w_bg = torch.where(
+        num_fg > 0,
+        (num_fg - fg_cum).to(dtype) / (union.clamp_min(1) * (union - 1).clamp_min(1)),
+        (bg_cum == 1).to(dtype),
+    )
+    zero = torch.zeros((), dtype=dtype, device=fg.device)
+    return torch.where(fg, w_fg, torch.where(bg, w_bg, zero))
+
+
+def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
+    if errors.ndim != 2:
+        raise ValueError(f"errors must be (N, P) rows, got shape {tuple(errors.shape)}")
+    if labels.shape != errors.shape:
+        raise ValueError(
+            f"labels must have the shape of errors {tuple(errors.shape)}, got {tuple(labels.shape)}"
+        )
+    if valid is not None and torch.broadcast_shapes(valid.shape, errors.shape) != errors.shape:
+        raise ValueError(
+            f"valid must broadcast to errors {tuple(errors.shape)}, got {tuple(valid.shape)}"
+        )
+
+
+def _sort_weights(
+    errors: Tensor, labels: Tensor, valid: Tensor | None, chunk_elements: int
+) -> Tensor:
+    """Exact weights: one batched descending sort per chunk of rows."""
+    num_rows, num_voxels = errors.shape
+    # Ignored voxels get a key below every valid error (errors are >= 0): they sort last and
+    # change no earlier weight, and shapes stay static.
+    key = errors if valid is None else torch.where(valid, errors, -1.0)
+    weights = torch.empty_like(errors)
+    rows_per_chunk = max(1, chunk_elements // max(num_voxels, 1))
+    for start in range(0, num_rows, rows_per_chunk):
+        stop = min(start + rows_per_chunk, num_rows)
+        key_sorted, order = torch.sort(key[start:stop], dim=-1, descending=True)
+        fg_sorted = labels[start:stop].gather(-1, order)
+        valid_sorted = None if valid is None else key_sorted >= 0
+        grad = lovasz_grad(fg_sorted, valid_sorted, errors.dtype)
+        weights[start:stop].scatter_(-1, order, grad)
+    return weights
+
+
+def _histogram_weights(errors: Tensor, labels: Tensor, valid: Tensor | None, bins: int) -> Tensor:
+    """Sort-free weights from per-bin foreground/background counts (see DESIGN.md)."""
+    num_rows = errors.shape[0]
+    dtype = errors.dtype
+    fg = labels.bool()
+    if valid is not None:
+        valid = valid.expand_as(errors)
+        fg = fg & valid
+    valid_errors = errors if valid is None else torch.where(valid, errors, 0.0)
+    e_max = valid_errors.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    # bin 0 holds the largest errors; ignored voxels go to an extra last bin that is dropped
+    bin_index = ((e_max - errors) * (bins / e_max)).long().clamp_(0, bins - 1)
+    if valid is not None:
+        bin_index = torch.where(valid, bin_index, bins)
+    slot = bin_index * 2 + (~fg).long()  # inside a bin: foreground first, then background
+    counts = torch.zeros(num_rows, 2 * (bins + 1), dtype=torch.int64, device=errors.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot))
+    counts = counts.view(num_rows, bins + 1, 2)[:, :bins]
+    n_fg, n_bg = counts.unbind(-1)
+    fg_before = n_fg.cumsum(-1) - n_fg
+    bg_before = n_bg.cumsum(-1) - n_bg
+    num_fg = n_fg.sum(-1, keepdim=True)
+    union = (num_fg + bg_before).to(dtype)
+    w_fg = union.clamp_min(1).reciprocal()
+    # each background voxel of bin k carries J(F + nf, B + nb) - J(F + nf, B) divided by nb
+    w_bg = torch.where(
+        num_fg > 0,
+        (num_fg - fg_before - n_fg).to(dtype) / (union.clamp_min(1) * (union + n_bg.to(dtype))),
+        ((bg_before == 0) & (n_bg > 0)).to(dtype) / n_bg.clamp_min(1).to(dtype),
+    )
+    table = torch.stack([w_fg, w_bg], dim=-1).view(num_rows, 2 * bins)
+    table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1)  # the dropped ignore bin
+    return table.gather(1, slot)
+
+
+def lovasz_weights(
+    errors: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Per-voxel Lovász weights ``w``: the extension of each row is ``(errors * w).sum(-1)``.
+
+    Computed without autograd: the weights are constants of the loss.
+
+    Args:
+        errors: ``(N, P)`` non-negative errors, one row per (volume, class).
+        labels: ``(N, P)`` foreground indicators (bool or 0/1).
+        valid: optional bool mask broadcastable to ``(N, P)`` (e.g. ``(1, P)``); ``False`` voxels
+            take part in nothing and get weight 0.
+        method: ``"sort"`` (exact, one batched sort) or ``"histogram"`` (sort-free, ``O(P)``; the
+            extension under an order that is exact up to ties within a bin: ``0 <= exact - value <
+            max(errors) / bins`` for each row).
+        bins: number of error bins of the histogram method.
+        chunk_elements: the sort method processes at most this many elements at once (whole rows,
+            at least one row), which bounds its temporaries.
+
+    Returns:
+        ``(N, P)`` weights with the dtype of ``errors``.
+
+    Example:
+        >>> errors = torch.tensor([[0.9, 0.1, 0.6, 0.3]])
+        >>> labels = torch.tensor([[1, 0, 0, 1]])
+        >>> lovasz_weights(errors, labels)
+        tensor([[0.5000, 0.0000, 0.1667, 0.3333]])
+
+    Raises:
+        ValueError: on shape mismatches, an unknown ``method`` or non-positive ``bins``.
+    """
+    _check_rows(errors, labels, valid)
+    with torch.no_grad():
+        errors = errors.detach()
+        if method == "sort":
+            return _sort_weights(errors, labels, valid, max(int(chunk_elements), 1))
+        if method == "histogram":
+            if bins < 1:
+                raise ValueError(f"bins must be a positive integer, got {bins}")
+            return _histogram_weights(errors, labels, valid, int(bins))
+    raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
+
+
+def lovasz_extension(
+    errors: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Lovász extension of the Jaccard loss of each row, differentiable in ``errors``.
+
+    Args:
+        errors: ``(N, P)`` non-negative errors.
+        labels: ``(N, P)`` foreground indicators (bool or 0/1).
+        valid: optional bool mask broadcastable to ``(N, P)``.
+        method, bins, chunk_elements: see :func:`lovasz_weights`.
+
+    Returns:
+        ``(N,)`` losses; the gradient with respect to ``errors`` is the weights.
+
+    Example:
+        >>> errors = torch.tensor([[0.9, 0.1, 0.6, 0.3]], requires_grad=True)
+        >>> loss = lovasz_extension(errors, torch.tensor([[1, 0, 0, 1]]))
+        >>> round(loss.item(), 4)
+        0.65
+        >>> loss.backward(); errors.grad
+        tensor([[0.5000, 0.0000, 0.1667, 0.3333]])
+
+    Raises:
+        ValueError: see :func:`lovasz_weights`.
+    """
+    weights = lovasz_weights(errors, labels, valid, method, bins, chunk_elements)
+    return (errors * weights).sum(-1)
+
+
+def _flatten(x: Tensor, batch: bool) -> Tensor:
+    """``(B, C, *S)`` -> rows ``(B * C, P)``, or ``(C, B * P)`` when the batch is one set."""
+    x = x.flatten(2)
+    if batch:
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    return x.reshape(-1, x.shape[2])
+
+
+def lovasz_class_losses(
+    errors: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    batch: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """Lovász extension of every (volume, class) pair of a batch, in one batched computation.
+
+    Args:
+        errors: ``(B, C, *spatial)`` non-negative errors, any number of spatial dimensions.
+        labels: ``(B, C, *spatial)`` foreground indicators (bool or 0/1).
+        valid: optional ``(B, 1, *spatial)`` bool; ``False`` voxels take part in nothing.
+        batch: ``False``: one row per volume and class; ``True``: the batch is one set of voxels.
+        method, bins, chunk_elements: see :func:`lovasz_weights`.
+
+    Returns:
+        ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
+        row and its number of valid foreground voxels.
+
+    Example:
+        >>> errors = torch.tensor([[[0.9, 0.1], [0.1, 0.9]]])
+        >>> losses, counts = lovasz_class_losses(errors, torch.tensor([[[0, 1], [1, 0]]]))
+        >>> losses, counts
+        (tensor([[0.5000, 0.5000]]), tensor([[1, 1]]))
+
+    Raises:
+        ValueError: when the shapes do not match.
+    """
+    if errors.ndim < 3 or labels.shape != errors.shape:
+        raise ValueError(
+            "errors and labels must both be (B, C, *spatial) with the same shape, got "
+            f"{tuple(errors.shape)} and {tuple(labels.shape)}"
+        )
+    num_batch, num_classes = errors.shape[:2]
+    if valid is not None:
+        expected = (num_batch, 1, *errors.shape[2:])
+        if tuple(valid.shape) != expected:
+            raise ValueError(f"valid must have shape {expected}, got {tuple(valid.shape)}")
+        valid = valid.bool()
+    labels = labels.bool()
+    rows_fg = _flatten(labels if valid is None else labels & valid, batch)
+    rows_valid = None if valid is None else _flatten(valid, batch)
+    if rows_valid is not None and not batch:
+        rows_valid = rows_valid.repeat_interleave(num_classes, dim=0)
+    losses = lovasz_extension(
+        _flatten(errors, batch), rows_fg, rows_valid, method, bins, chunk_elements
+    )
+    fg_counts = rows_fg.sum(-1)
+    shape = (1 if batch else num_batch, num_classes)
+    return losses.view(shape), fg_counts.view(shape)
+
+
+def average_class_losses(
+    losses: Tensor,
+    fg_counts: Tensor,
+    present_only: bool = True,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Weighted mean over classes of each row of ``losses``.
+
+    Args:
+        losses: ``(R, C)`` per-class losses (``R`` volumes, or 1 for a whole batch).
+        fg_counts: ``(R, C)`` foreground voxel counts of the same rows.
+        present_only: average only over the classes with foreground in that row (the paper's
+            ``classes="present"``); a row without any contributes 0.
+        weight: optional ``(C,)`` non-negative class weights.
+
+    Returns:
+        ``(R,)`` per-row means.
+
+    Example:
+        >>> average_class_losses(torch.tensor([[0.2, 0.4, 0.9]]), torch.tensor([[3, 1, 0]]))
+        tensor([0.3000])
+
+    Raises:
+        ValueError: when shapes do not match.
+    """
+    if losses.shape != fg_counts.shape or losses.ndim != 2:
+        raise ValueError(
+            f"losses and fg_counts must be (R, C) of the same shape, got {tuple(losses.shape)} "
+            f"and {tuple(fg_counts.shape)}"
+        )
+    counted = (fg_counts > 0).to(losses.dtype) if present_only else torch.ones_like(losses)
+    if weight is not None:
+        if weight.shape != (losses.shape[1],):
+            raise ValueError(
+                f"weight must have one value per class ({losses.shape[1]}), got "
+                f"{tuple(weight.shape)}"
+            )
+        counted = counted * weight.to(losses)
+    total = counted.sum(-1)
+    mean = (losses * counted).sum(-1) / total.clamp_min(torch.finfo(losses.dtype).tiny)
+    return torch.where(total > 0, mean, torch.zeros_like(mean))
+
+
+def _class_selection(num_classes: int, classes: str | Sequence[int]) -> tuple[bool, list[int]]:
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
+        return classes == "present", list(range(num_classes))
+    selected = [int(c) for c in classes]
+    bad = [c for c in selected if not 0 <= c < num_classes]
+    if bad or not selected:
+        raise ValueError(f"classes must be a non-empty list in [0, {num_classes}), got {selected}")
+    return False, selected
+
+
+def lovasz_softmax(
+    probs: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    classes: str | Sequence[int] = "present",
+    per_volume: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+) -> Tensor:
+    """Lovász-Softmax loss from probabilities and one-hot (or multi-hot) labels.
+
+    Args:
+        probs: ``(B, C, *spatial)`` class probabilities (softmax, or per-channel sigmoid).
+        labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
+        valid: optional ``(B, 1, *spatial)`` bool, ``False`` for ignored voxels.
+        classes: ``"present"`` (classes with foreground in the row), ``"all"``, or a list.
+        per_volume: ``True``: mean over volumes of the per-volume loss (the reference's
+            ``per_image=True``); ``False``: the batch is one set of voxels.
+        method, bins: see :func:`lovasz_weights`.
+
+    Returns:
+        Scalar loss.
+
+    Example:
+        >>> probs = torch.tensor([[[0.8, 0.3], [0.2, 0.7]]])
+        >>> labels = torch.tensor([[[1, 0], [0, 1]]])
+        >>> lovasz_softmax(probs, labels)
+        tensor(0.2750)
+
+    Raises:
+        ValueError: on shape mismatches or an invalid ``classes``.
+    """
+    present_only, selected = _class_selection(probs.shape[1], classes)
+    if len(selected) != probs.shape[1]:
+        probs, labels = probs[:, selected], labels[:, selected]
+    errors = (labels.to(probs.dtype) - probs).abs()
+    losses, counts = lovasz_class_losses(errors, labels, valid, not per_volume, method, bins)
+    return average_class_losses(losses, counts, present_only).mean()
+
+
+def lovasz_hinge(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    per_volume: bool = True,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+) -> Tensor:
+    """Lovász hinge loss of binary (or per-channel multi-label) logits.
+
+    The errors are the hinge margins ``relu(1 - logit * (2 * label - 1))``; each channel is its
+    own binary problem and channels are averaged.
+
+    Args:
+        logits: ``(B, C, *spatial)`` raw scores.
+        labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
+        valid: optional ``(B, 1, *spatial)`` bool, ``False`` for ignored voxels.
+        per_volume: mean over volumes of the per-volume loss (the reference's default); ``False``
+            treats the batch as one set of voxels.
+        method, bins: see :func:`lovasz_weights`.
+
+    Returns:
+        Scalar loss.
+
+    Example:
+        >>> logits = torch.tensor([[[2.0, -1.0, 0.5, -0.5]]])
+        >>> lovasz_hinge(logits, torch.tensor([[[1, 0, 0, 1]]]))
+        tensor(1.)
+
+    Raises:
+        ValueError: on shape mismatches.
+    """
+    signs = 2.0 * labels.to(logits.dtype) - 1.0
+    errors = torch.relu(1.0 - logits * signs)
+    losses, counts = lovasz_class_losses(errors, labels, valid, not per_volume, method, bins)
+    return average_class_losses(losses, counts, present_only=False).mean()

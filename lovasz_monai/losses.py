@@ -1,0 +1,643 @@
+"""MONAI-style Lovász losses, with the argument names and tensor conventions of ``DiceLoss``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.utils import one_hot
+from monai.utils import LossReduction
+from torch import Tensor
+from torch.nn.modules.loss import _Loss
+
+from lovasz_monai import functional
+from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
+
+__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss"]
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+class _LovaszLoss(_Loss):
+    """Target preparation, class selection and reduction shared by the Lovász losses."""
+
+    def __init__(
+        self,
+        include_background: bool,
+        to_onehot_y: bool,
+        reduction: LossReduction | str,
+        batch: bool,
+        weight: Sequence[float] | float | Tensor | None,
+        ignore_index: int | None,
+        classes: str | Sequence[int],
+        validate: bool,
+        method: Method,
+        bins: int,
+        chunk_elements: int,
+    ) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        if isinstance(classes, str):
+            if classes not in ("present", "all"):
+                raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
+        else:
+            classes = [int(c) for c in classes]
+            if not classes or min(classes) < 0:
+                raise ValueError(
+                    f"classes must be a non-empty list of class indices, got {classes}"
+                )
+            if not include_background and 0 in classes:
+                raise ValueError("classes lists class 0 but include_background=False excludes it")
+        if method not in ("sort", "histogram"):
+            raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
+        if int(bins) < 1:
+            raise ValueError(f"bins must be a positive integer, got {bins}")
+        if int(chunk_elements) < 1:
+            raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements}")
+        class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        if class_weight is not None and (class_weight.ndim > 1 or (class_weight < 0).any()):
+            raise ValueError(f"weight must be a non-negative scalar or 1-D sequence, got {weight}")
+        self.register_buffer("class_weight", class_weight)
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.batch = batch
+        self.ignore_index = ignore_index
+        self.classes = classes
+        self.validate = validate
+        self.method = method
+        self.bins = int(bins)
+        self.chunk_elements = int(chunk_elements)
+
+    # -- input checks --------------------------------------------------------------------------
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must be a floating point tensor, got dtype {input.dtype}")
+        if input.ndim < 3:
+            raise ValueError(
+                f"input must be (B, C, *spatial) with at least one spatial dimension, "
+                f"got shape {_shape(input)}"
+            )
+        if self.validate and not torch.isfinite(input).all():
+            raise ValueError("input contains NaN or inf values")
+
+    def _prepare_target(
+        self, input: Tensor, target: Tensor, mask: Tensor | None, one_hot_target: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Turn ``target`` (and ``mask``) into bool foreground ``(B, C, *S)`` and validity.
+
+        ``one_hot_target``: a C-channel target must have exactly one class per valid voxel.
+        """
+        num_batch, num_channels = input.shape[:2]
+        spatial = _shape(input)[2:]
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+        expected = (
+            f"a (B, 1, *spatial) label map {(num_batch, 1, *spatial)} or a (B, C, *spatial) "
+            f"one-hot target {(num_batch, num_channels, *spatial)}"
+        )
+        if (
+            target.ndim != input.ndim
+            or target.shape[0] != num_batch
+            or _shape(target)[2:] != spatial
+            or target.shape[1] not in (1, num_channels)
+        ):
+            raise ValueError(f"target must be {expected}, got shape {_shape(target)}")
+
+        valid = None
+        if mask is not None:
+            valid = self._mask_to_valid(mask, num_batch, spatial)
+
+        if target.shape[1] == 1:
+            if num_channels > 1 and not self.to_onehot_y:
+                raise ValueError(
+                    f"target is a label map with 1 channel but input has {num_channels} "
+                    "channels: pass to_onehot_y=True, or give a one-hot target"
+                )
+            labels, label_valid = self._label_map(target, max(num_channels, 2))
+            valid = (
+                label_valid
+                if valid is None
+                else (valid if label_valid is None else valid & label_valid)
+            )
+            if num_channels == 1:
+                return labels.bool(), valid
+            return one_hot(labels, num_channels, dtype=torch.bool, dim=1), valid
+
+        if self.to_onehot_y:
+            raise ValueError(
+                f"to_onehot_y=True expects a label map with 1 channel, got a target with "
+                f"{target.shape[1]} channels; pass to_onehot_y=False for one-hot targets"
+            )
+        if self.ignore_index is not None:
+            raise ValueError(
+                "ignore_index applies to label-map targets; for a one-hot target mark the "
+                "ignored voxels with the mask argument instead"
+            )
+        if self.validate:
+            if not ((target == 0) | (target == 1)).all():
+                raise ValueError("one-hot target must contain only 0 and 1")
+            if one_hot_target:
+                per_voxel = target.sum(1, keepdim=True)
+                ok = per_voxel == 1 if valid is None else (per_voxel == 1) | ~valid
+                if not ok.all():
+                    raise ValueError(
+                        "one-hot target must have exactly one class per voxel (the channels "
+                        "sum to 1); for overlapping regions use sigmoid=True"
+                    )
+        return target.bool(), valid
+
+    def _label_map(self, target: Tensor, num_labels: int) -> tuple[Tensor, Tensor | None]:
+        """Integer labels ``(B, 1, *S)`` with ignored voxels set to 0, and the validity mask."""
+        valid = None
+        if self.ignore_index is not None:
+            valid = target != self.ignore_index
+            target = torch.where(valid, target, torch.zeros_like(target))
+        if self.validate:
+            if target.is_floating_point() and not torch.equal(target, target.round()):
+                raise ValueError("label map must hold integer class indices, got fractional values")
+            if target.dtype == torch.bool:
+                target = target.long()
+            low, high = target.min().item(), target.max().item()
+            if low < 0 or high >= num_labels:
+                raise ValueError(
+                    f"label map values must lie in [0, {num_labels})"
+                    + (
+                        ""
+                        if self.ignore_index is None
+                        else f" or equal ignore_index={self.ignore_index}"
+                    )
+                    + f", got values in [{low:g}, {high:g}]"
+                )
+        return target.long(), valid
+
+    def _mask_to_valid(self, mask: Tensor, num_batch: int, spatial: tuple[int, ...]) -> Tensor:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        expected = (num_batch, 1, *spatial)
+        if _shape(mask) != expected:
+            raise ValueError(
+                f"mask must have shape (B, 1, *spatial) = {expected}, got {_shape(mask)}"
+            )
+        if mask.dtype == torch.bool:
+            return mask
+        if self.validate and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be bool or hold only 0 and 1")
+        return mask != 0
+
+    # -- classes and reduction -----------------------------------------------------------------
+
+    def _channels(self, num_channels: int) -> list[int]:
+        """Input channels that enter the average, in order."""
+        first = 0 if self.include_background or num_channels == 1 else 1
+        if isinstance(self.classes, str):
+            return list(range(first, num_channels))
+        bad = [c for c in self.classes if c >= num_channels]
+        if bad:
+            raise ValueError(
+                f"classes {bad} out of range for an input with {num_channels} channels"
+            )
+        return list(self.classes)
+
+    def _weight(self, num_channels: int, channels: list[int]) -> Tensor | None:
+        if self.class_weight is None:
+            return None
+        if self.class_weight.ndim == 0:
+            return self.class_weight.expand(len(channels))
+        first = 0 if self.include_background or num_channels == 1 else 1
+        if self.class_weight.numel() != num_channels - first:
+            raise ValueError(
+                f"weight must have one value per channel ({num_channels - first}"
+                + ("" if first == 0 else ", background excluded")
+                + f"), got {self.class_weight.numel()}"
+            )
+        return self.class_weight[[c - first for c in channels]]
+
+    def _lovasz(
+        self, errors: Tensor, fg: Tensor, valid: Tensor | None, weight: Tensor | None, ndim: int
+    ) -> Tensor:
+        """Per-class extension of ``errors``, averaged over classes and reduced over volumes."""
+        losses, counts = functional.lovasz_class_losses(
+            errors, fg, valid, self.batch, self.method, self.bins, self.chunk_elements
+        )
+        present_only = self.classes == "present"
+        if self.reduction == LossReduction.NONE.value:
+            counted = (counts > 0).to(losses) if present_only else torch.ones_like(losses)
+            if weight is not None:
+                counted = counted * weight.to(losses)
+            return (losses * counted).view(*losses.shape, *([1] * (ndim - 2)))
+        per_row = functional.average_class_losses(losses, counts, present_only, weight)
+        if self.reduction == LossReduction.SUM.value:
+            return per_row.sum()
+        return per_row.mean()
+
+
+def _resolve_activation(
+    sigmoid: bool, softmax: bool | None, other_act: Callable | None
+) -> tuple[bool, bool]:
+    """Resolve the activation flags; ``softmax=None`` means softmax unless another is chosen."""
+    if other_act is not None and not callable(other_act):
+        raise TypeError(f"other_act must be callable, got {type(other_act).__name__}")
+    if sigmoid and softmax:
+        raise ValueError("sigmoid=True and softmax=True are mutually exclusive: choose one")
+    if other_act is not None and (sigmoid or softmax):
+        raise ValueError("other_act cannot be combined with sigmoid=True or softmax=True")
+    if softmax is None:
+        softmax = not sigmoid and other_act is None
+    return sigmoid, softmax
+
+
+class LovaszSoftmaxLoss(_LovaszLoss):
+    """Lovász-Softmax loss (Berman et al., CVPR 2018), a convex surrogate of the Jaccard/IoU loss.
+
+    For each class ``c`` (and each volume, unless ``batch=True``) the errors ``|y_c - p_c|`` of the
+    valid voxels are sorted and weighted by the gradient of the Lovász extension of the Jaccard
+    loss. Per-class losses are averaged over the selected classes of each volume, then over
+    volumes. With ``sigmoid=True`` the channels are independent probabilities (multi-label,
+    overlapping regions such as BraTS TC/WT/ET): the Lovász-sigmoid loss.
+
+    Args:
+        include_background: if False, channel 0 is left out of the average (its voxels still count
+            as background for the other classes).
+        to_onehot_y: convert a ``(B, 1, *spatial)`` label map target to one-hot.
+        sigmoid: per-channel sigmoid activation (multi-label).
+        softmax: softmax over channels. ``None`` (default): softmax unless ``sigmoid`` or
+            ``other_act`` is given; ``False`` with no other activation: ``input`` holds
+            probabilities in [0, 1].
+        other_act: any other activation applied to ``input``, e.g. ``torch.tanh``.
+        reduction: ``"mean"`` (mean over volumes of the per-volume class mean), ``"sum"`` (sum
+            over volumes of the per-volume class mean) or ``"none"``: a ``(B, C', 1, ...)`` tensor
+            (``(1, C', 1, ...)`` when ``batch``) that broadcasts against the input, holding
+            ``weight_c * loss_c`` for the classes that are averaged and 0 for the others.
+        batch: False: one loss per volume (the reference's ``per_image=True``); True: the whole
+            batch is one set of voxels (``per_image=False``).
+        weight: per-class weights of the class mean, one per channel left after
+            ``include_background`` (or a scalar).
+        ignore_index: label value whose voxels take part in nothing (label-map targets).
+        classes: ``"present"`` (classes with foreground in the volume, default), ``"all"``, or a
+            list of channel indices.
+        validate: check target and input values (one host synchronisation); ``False`` keeps the
+            computation free of data-dependent control flow.
+        method: ``"sort"`` (exact) or ``"histogram"`` (sort-free, error below ``max error / bins``).
+        bins: number of histogram bins.
+        chunk_elements: element budget of one batched sort (whole rows at a time).
+
+    Shapes:
+        input: ``(B, C, *spatial)`` logits (or probabilities, see ``softmax``), float16/bfloat16/
+        float32/float64; the loss is computed in at least float32.
+        target: ``(B, 1, *spatial)`` label map (integer or float holding integers) or
+        ``(B, C, *spatial)`` one-hot / multi-hot.
+        mask: optional ``(B, 1, *spatial)`` bool or 0/1, 1 where the voxel counts.
+
+    Example:
+        >>> import torch
+        >>> loss = LovaszSoftmaxLoss(to_onehot_y=True)
+        >>> logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+        >>> value = loss(logits, labels)
+        >>> value.backward()
+        >>> bool(0 <= value <= 1)
+        True
+
+    Raises:
+        ValueError: on contradictory activation flags, an unknown reduction/method/classes, or in
+            ``forward`` on shape mismatches and (with ``validate``) bad values: NaN/inf input,
+            labels outside ``[0, C)`` that are not ``ignore_index``, targets that are not
+            one-hot, probabilities outside [0, 1].
+        TypeError: when ``input`` is not a floating point tensor.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool | None = None,
+        other_act: Callable | None = None,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        batch: bool = False,
+        weight: Sequence[float] | float | Tensor | None = None,
+        ignore_index: int | None = None,
+        classes: str | Sequence[int] = "present",
+        validate: bool = True,
+        method: Method = "sort",
+        bins: int = DEFAULT_BINS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(
+            include_background,
+            to_onehot_y,
+            reduction,
+            batch,
+            weight,
+            ignore_index,
+            classes,
+            validate,
+            method,
+            bins,
+            chunk_elements,
+        )
+        self.sigmoid, self.softmax = _resolve_activation(sigmoid, softmax, other_act)
+        self.other_act = other_act
+
+    def _probabilities(self, input: Tensor) -> Tensor:
+        if self.softmax:
+            if input.shape[1] == 1:
+                raise ValueError(
+                    "softmax over a single channel is constant: for a binary problem with one "
+                    "output channel pass sigmoid=True, or use LovaszHingeLoss"
+                )
+            return torch.softmax(input, dim=1)
+        if self.sigmoid:
+            return torch.sigmoid(input)
+        if self.other_act is not None:
+            return self.other_act(input)
+        if self.validate and not ((input >= 0) & (input <= 1)).all():
+            raise ValueError(
+                "with softmax=False and no other activation the input must hold probabilities "
+                "in [0, 1]; pass softmax=True (or leave it None) for logits"
+            )
+        return input
+
+    def _prepare(
+        self, input: Tensor, target: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Checked float32+ input, bool foreground ``(B, C, *S)`` and validity mask."""
+        self._check_input(input)
+        fg, valid = self._prepare_target(input, target, mask, one_hot_target=self.softmax)
+        dtype = torch.promote_types(input.dtype, torch.float32)
+        return input.to(dtype), fg, valid
+
+    def _lovasz_softmax(self, input: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+        probs = self._probabilities(input)
+        channels = self._channels(input.shape[1])
+        weight = self._weight(input.shape[1], channels)
+        if len(channels) != input.shape[1]:
+            probs, fg = probs[:, channels], fg[:, channels]
+        errors = (fg.to(probs.dtype) - probs).abs()
+        return self._lovasz(errors, fg, valid, weight, input.ndim)
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits (or probabilities with ``softmax=False``).
+            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
+            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+        Returns:
+            The loss, reduced as set by ``reduction``.
+
+        Raises:
+            ValueError: on shape mismatches and, with ``validate``, on bad values.
+        """
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            input, fg, valid = self._prepare(input, target, mask)
+            return self._lovasz_softmax(input, fg, valid)
+
+
+class LovaszHingeLoss(_LovaszLoss):
+    """Lovász hinge loss on logits: binary (one channel) or multi-label (each channel binary).
+
+    The errors are the hinge margins ``relu(1 - logit * (2 y - 1))`` of each channel, weighted by
+    the Lovász extension of the channel's Jaccard loss. Channels are averaged, then volumes.
+
+    Args:
+        include_background: if False and there is more than one channel, channel 0 is left out.
+        to_onehot_y: convert a ``(B, 1, *spatial)`` label map to one-hot (multi-channel input).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :class:`LovaszSoftmaxLoss`.
+        batch: False: one loss per volume (the reference's ``per_image=True``, its default for
+            the hinge); True: the batch is one set of voxels.
+        weight: per-channel weights of the channel mean (or a scalar).
+        ignore_index: label value whose voxels take part in nothing (label-map targets).
+        classes: ``"all"`` (default; an empty channel still penalises false positives, as in the
+            reference), ``"present"``, or a list of channel indices.
+        validate, method, bins, chunk_elements: as in :class:`LovaszSoftmaxLoss`.
+
+    Shapes:
+        input: ``(B, C, *spatial)`` logits, ``C >= 1``.
+        target: ``(B, C, *spatial)`` binary, or ``(B, 1, *spatial)`` 0/1 map when ``C == 1``, or a
+        label map with ``to_onehot_y=True``.
+        mask: optional ``(B, 1, *spatial)`` bool or 0/1.
+
+    Example:
+        >>> import torch
+        >>> loss = LovaszHingeLoss()
+        >>> logits = torch.randn(2, 1, 16, 16, requires_grad=True)
+        >>> value = loss(logits, (torch.rand(2, 1, 16, 16) > 0.5).float())
+        >>> value.backward()
+        >>> value.ndim
+        0
+
+    Raises:
+        ValueError: on an unknown reduction/method/classes, and in ``forward`` on shape
+            mismatches and (with ``validate``) bad values.
+        TypeError: when ``input`` is not a floating point tensor.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        batch: bool = False,
+        weight: Sequence[float] | float | Tensor | None = None,
+        ignore_index: int | None = None,
+        classes: str | Sequence[int] = "all",
+        validate: bool = True,
+        method: Method = "sort",
+        bins: int = DEFAULT_BINS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(
+            include_background,
+            to_onehot_y,
+            reduction,
+            batch,
+            weight,
+            ignore_index,
+            classes,
+            validate,
+            method,
+            bins,
+            chunk_elements,
+        )
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: binary ``(B, C, *spatial)`` target or ``(B, 1, *spatial)`` label map.
+            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+        Returns:
+            The loss, reduced as set by ``reduction``.
+
+        Raises:
+            ValueError: on shape mismatches and, with ``validate``, on bad values.
+        """
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            self._check_input(input)
+            fg, valid = self._prepare_target(input, target, mask, one_hot_target=False)
+            logits = input.to(torch.promote_types(input.dtype, torch.float32))
+            channels = self._channels(logits.shape[1])
+            weight = self._weight(logits.shape[1], channels)
+            if len(channels) != logits.shape[1]:
+                logits, fg = logits[:, channels], fg[:, channels]
+            errors = torch.relu(1.0 - logits * (2.0 * fg.to(logits.dtype) - 1.0))
+            return self._lovasz(errors, fg, valid, weight, input.ndim)
+
+
+class LovaszCELoss(LovaszSoftmaxLoss):
+    """Weighted sum of the Lovász-Softmax loss and cross-entropy, like MONAI's ``DiceCELoss``.
+
+    ``lambda_lovasz * LovaszSoftmaxLoss + lambda_ce * CE``, where CE is the softmax cross-entropy
+    on the raw logits (binary cross-entropy with logits per channel when ``sigmoid=True``),
+    averaged over the valid voxels only: the ignore label and the mask apply to both terms.
+
+    Args:
+        include_background, to_onehot_y, sigmoid, softmax, other_act, batch, weight, ignore_index,
+            classes, validate, method, bins, chunk_elements: as in :class:`LovaszSoftmaxLoss`
+            (they configure the Lovász term; ``weight`` weighs its class mean).
+        reduction: ``"mean"`` or ``"sum"`` (CE summed over valid voxels, Lovász over volumes).
+        lambda_lovasz: weight of the Lovász term, >= 0.
+        lambda_ce: weight of the cross-entropy term, >= 0.
+        ce_weight: optional per-class weights of the cross-entropy, one per input channel (for
+            ``sigmoid=True``: the positive-class weight of each channel).
+        label_smoothing: label smoothing of the softmax cross-entropy, in [0, 1).
+
+    Shapes:
+        As :class:`LovaszSoftmaxLoss`; ``input`` must be logits (cross-entropy takes logits).
+
+    Example:
+        >>> import torch
+        >>> loss = LovaszCELoss(to_onehot_y=True, ignore_index=255)
+        >>> logits = torch.randn(1, 3, 8, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (1, 1, 8, 8, 8))
+        >>> labels[..., :2] = 255
+        >>> loss(logits, labels).backward()
+
+    Raises:
+        ValueError: as :class:`LovaszSoftmaxLoss`, for negative lambdas, ``reduction="none"``,
+            or ``softmax=False`` with no other activation (the input would not be logits).
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool | None = None,
+        other_act: Callable | None = None,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        batch: bool = False,
+        weight: Sequence[float] | float | Tensor | None = None,
+        ignore_index: int | None = None,
+        classes: str | Sequence[int] = "present",
+        lambda_lovasz: float = 1.0,
+        lambda_ce: float = 1.0,
+        ce_weight: Sequence[float] | Tensor | None = None,
+        label_smoothing: float = 0.0,
+        validate: bool = True,
+        method: Method = "sort",
+        bins: int = DEFAULT_BINS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        if LossReduction(reduction) == LossReduction.NONE:
+            raise ValueError('LovaszCELoss supports reduction "mean" or "sum", got "none"')
+        if softmax is False and not sigmoid and other_act is None:
+            raise ValueError(
+                "LovaszCELoss takes logits (cross-entropy needs them): leave softmax=None/True, "
+                "or pass sigmoid=True for multi-label targets"
+            )
+        if lambda_lovasz < 0 or lambda_ce < 0:
+            raise ValueError(
+                f"lambda_lovasz and lambda_ce must be >= 0, got {lambda_lovasz} and {lambda_ce}"
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        super().__init__(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
+        )
+        ce = None if ce_weight is None else torch.as_tensor(ce_weight, dtype=torch.float32)
+        if ce is not None and (ce.ndim != 1 or (ce < 0).any()):
+            raise ValueError(
+                f"ce_weight must be a 1-D sequence of non-negative values, got {ce_weight}"
+            )
+        self.register_buffer("ce_weight", ce)
+        self.lambda_lovasz = float(lambda_lovasz)
+        self.lambda_ce = float(lambda_ce)
+        self.label_smoothing = float(label_smoothing)
+
+    def _cross_entropy(self, logits: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+        num_channels = logits.shape[1]
+        ce_weight = self.ce_weight
+        if ce_weight is not None and ce_weight.numel() != num_channels:
+            raise ValueError(
+                f"ce_weight must have one value per input channel ({num_channels}), "
+                f"got {ce_weight.numel()}"
+            )
+        if self.sigmoid:
+            pos_weight = None
+            if ce_weight is not None:
+                pos_weight = ce_weight.to(logits).view(-1, *([1] * (logits.ndim - 2)))
+            per_voxel = F.binary_cross_entropy_with_logits(
+                logits, fg.to(logits.dtype), pos_weight=pos_weight, reduction="none"
+            )
+            voxel_weight = torch.ones_like(per_voxel[:, :1]) * num_channels
+        else:
+            labels = fg.to(torch.uint8).argmax(dim=1)
+            weight = None if ce_weight is None else ce_weight.to(logits)
+            per_voxel = F.cross_entropy(
+                logits,
+                labels,
+                weight=weight,
+                reduction="none",
+                label_smoothing=self.label_smoothing,
+            ).unsqueeze(1)
+            voxel_weight = (
+                torch.ones_like(per_voxel) if weight is None else weight[labels].unsqueeze(1)
+            )
+        if valid is not None:
+            voxel_weight = voxel_weight * valid
+            per_voxel = per_voxel * valid
+        total = per_voxel.sum()
+        if self.reduction == LossReduction.SUM.value:
+            return total
+        denominator = voxel_weight.sum()
+        return torch.where(denominator > 0, total / denominator.clamp_min(1e-12), total * 0)
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
+            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+        Returns:
+            ``lambda_lovasz * lovasz + lambda_ce * ce`` (a scalar).
+
+        Raises:
+            ValueError: on shape mismatches and, with ``validate``, on bad values.
+        """
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            logits, fg, valid = self._prepare(input, target, mask)
+            lovasz = self._lovasz_softmax(logits, fg, valid)
+            ce = self._cross_entropy(logits, fg, valid)
+            return self.lambda_lovasz * lovasz + self.lambda_ce * ce
