@@ -378,7 +378,8 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         weight = self._weight(input.shape[1], channels)
         if len(channels) != input.shape[1]:
             probs, fg = probs[:, channels], fg[:, channels]
-        errors = (fg.to(probs.dtype) - probs).abs()
+        # |y - p| with y in {0, 1}; `where` keeps only the bool labels for backward
+        errors = torch.where(fg, 1.0 - probs, probs)
         return self._lovasz(errors, fg, valid, weight, input.ndim)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
