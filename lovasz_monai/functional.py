@@ -463,7 +463,7 @@ def lovasz_softmax(
     present_only, selected = _class_selection(probs.shape[1], classes)
     if len(selected) != probs.shape[1]:
         probs, labels = probs[:, selected], labels[:, selected]
-    errors = torch.where(labels.bool(), 1.0 - probs, probs)
+    errors = (labels.to(probs.dtype) - probs).abs()
     losses, counts = lovasz_class_losses(errors, labels, valid, not per_volume, method, bins)
     return average_class_losses(losses, counts, present_only).mean()
 

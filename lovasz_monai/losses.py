@@ -378,8 +378,11 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         weight = self._weight(input.shape[1], channels)
         if len(channels) != input.shape[1]:
             probs, fg = probs[:, channels], fg[:, channels]
-        # |y - p| with y in {0, 1}; `where` keeps only the bool labels for backward
-        errors = torch.where(fg, 1.0 - probs, probs)
+        if self.softmax or self.sigmoid:
+            # |y - p| for p in [0, 1]; `where` keeps only the bool labels for backward
+            errors = torch.where(fg, 1.0 - probs, probs)
+        else:
+            errors = (fg.to(probs.dtype) - probs).abs()
         return self._lovasz(errors, fg, valid, weight, input.ndim)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -276,9 +276,10 @@ class CheckImageLabeld(MapTransform):
         >>> check = CheckImageLabeld(keys="label", num_channels=1, num_classes=3)
         >>> ok = check({"image": torch.zeros(1, 4, 4, 4), "label": torch.zeros(1, 4, 4, 4)})
         >>> check({"image": torch.zeros(1, 4, 4, 4), "label": torch.zeros(1, 4, 4, 5)})
+        ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        ValueError: spatial shape mismatch: image key 'image' has (4, 4, 4) but key 'label' has (4, 4, 5).
+        ValueError: spatial shape mismatch: image key 'image' has (4, 4, 4) but key 'label' ...
     """
 
     def __init__(
@@ -335,4 +336,3 @@ class CheckImageLabeld(MapTransform):
                     f"({self.ignore_index})."
                 )
         return d
-
