@@ -195,31 +195,39 @@ def _sort_weights(key: Tensor, fg: Tensor, chunk_elements: int) -> tuple[Tensor,
 
 def _histogram_weights(key: Tensor, fg: Tensor, bins: int) -> tuple[Tensor, Tensor]:
     """Sort-free weights and foreground counts from per-bin counts (see DESIGN.md)."""
-    num_rows = key.shape[0]
+    num_rows, num_voxels = key.shape
     dtype = key.dtype
+    slots_per_row = 2 * (bins + 1)  # (foreground, background) per bin, and a bin for ignored
+    if num_rows * slots_per_row >= 2**31:
+        raise ValueError(f"too many rows x bins for the histogram method: {num_rows} x {bins}")
     e_max = key.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    # bin 0 holds the largest errors; ignored voxels (key < 0) go to an extra bin that is dropped
-    bin_index = ((e_max - key) * (bins / e_max)).long().clamp_(0, bins)
-    bin_index.masked_fill_(key < 0, bins)
-    slot = bin_index * 2 + (~fg).long()  # inside a bin: foreground first, then background
-    counts = torch.zeros(num_rows, 2 * (bins + 1), dtype=torch.int64, device=key.device)
-    counts.scatter_add_(1, slot, torch.ones_like(slot))
-    counts = counts.view(num_rows, bins + 1, 2)[:, :bins]
-    n_fg, n_bg = counts.unbind(-1)
+    # bin 0 holds the largest errors, bin bins - 1 the errors down to 0
+    slot = key.mul(-bins / e_max).add_(bins).clamp_(0, bins - 1).to(torch.int32)
+    slot.masked_fill_(key < 0, bins)  # ignored voxels: the extra bin, whose weights are 0
+    slot.mul_(2).add_(~fg)  # inside a bin: foreground first, then background
+    slot += torch.arange(
+        0, num_rows * slots_per_row, slots_per_row, dtype=torch.int32, device=key.device
+    ).view(-1, 1)
+    slot = slot.view(-1)
+    count_dtype = torch.float64 if num_voxels > 1 << 24 else dtype  # exact integer counts
+    counts = torch.zeros(num_rows * slots_per_row, dtype=count_dtype, device=key.device)
+    counts.index_add_(0, slot, torch.ones((), dtype=count_dtype, device=key.device).expand_as(slot))
+    n_fg, n_bg = counts.view(num_rows, bins + 1, 2)[:, :bins].unbind(-1)
     fg_before = n_fg.cumsum(-1) - n_fg
     bg_before = n_bg.cumsum(-1) - n_bg
     num_fg = n_fg.sum(-1, keepdim=True)
-    union = (num_fg + bg_before).to(dtype)
+    union = num_fg + bg_before
     w_fg = union.clamp_min(1).reciprocal()
     # each background voxel of bin k carries J(F + nf, B + nb) - J(F + nf, B) divided by nb
     w_bg = torch.where(
         num_fg > 0,
-        (num_fg - fg_before - n_fg).to(dtype) / (union.clamp_min(1) * (union + n_bg.to(dtype))),
-        ((bg_before == 0) & (n_bg > 0)).to(dtype) / n_bg.clamp_min(1).to(dtype),
+        (num_fg - fg_before - n_fg) / (union.clamp_min(1) * (union + n_bg)),
+        ((bg_before == 0) & (n_bg > 0)).to(count_dtype) / n_bg.clamp_min(1),
     )
     table = torch.stack([w_fg, w_bg], dim=-1).view(num_rows, 2 * bins)
-    table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1)  # the dropped ignore bin
-    return table.gather(1, slot), num_fg.view(-1)
+    table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1).to(dtype).view(-1)
+    weights = table.index_select(0, slot).view(num_rows, num_voxels)
+    return weights, num_fg.view(-1).to(torch.int64)
 
 
 def _weights_and_counts(
