@@ -37,7 +37,7 @@ __all__ = [
     "lovasz_weights",
 ]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 """Default budget (elements) of the rows that the sort method processes at once."""
 
 DEFAULT_BINS = 1024

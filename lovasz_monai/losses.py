@@ -82,7 +82,13 @@ class _LovaszLoss(_Loss):
                 f"input must be (B, C, *spatial) with at least one spatial dimension, "
                 f"got shape {_shape(input)}"
             )
-        if self.validate and not torch.isfinite(input).all():
+        # A non-finite sum is cheap to test; only then look for NaN/inf voxel by voxel (a sum can
+        # also overflow for huge finite values).
+        if (
+            self.validate
+            and not torch.isfinite(input.sum(dtype=torch.float64))
+            and not torch.isfinite(input).all()
+        ):
             raise ValueError("input contains NaN or inf values")
 
     def _prepare_target(
