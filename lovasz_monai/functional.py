@@ -33,6 +33,8 @@ __all__ = [
     "lovasz_extension",
     "lovasz_grad",
     "lovasz_hinge",
+    "lovasz_hinge_class_losses",
+    "lovasz_probability_class_losses",
     "lovasz_softmax",
     "lovasz_weights",
 ]
@@ -115,7 +117,11 @@ def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
         raise ValueError(
             f"labels must have the shape of errors {tuple(errors.shape)}, got {tuple(labels.shape)}"
         )
-    if valid is not None and torch.broadcast_shapes(valid.shape, errors.shape) != errors.shape:
+    if valid is not None and (
+        valid.ndim != 2
+        or valid.shape[0] not in (1, errors.shape[0])
+        or valid.shape[1] != errors.shape[1]
+    ):
         raise ValueError(
             f"valid must broadcast to errors {tuple(errors.shape)}, got {tuple(valid.shape)}"
         )
@@ -123,6 +129,11 @@ def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
 
 # Sort keys: the errors, with ignored voxels set to -1, below every valid (non-negative) error.
 # Ignored voxels then sort last and change no earlier weight, and all shapes stay static.
+#
+# The row functions below take rows as ``(R, S, P)`` views: row ``r`` is the ``S * P`` voxels
+# ``[r, :, :]``. One row per (volume, class) is a ``(B * C, 1, P)`` view of a ``(B, C, P)``
+# tensor; one row per class over the whole batch is its ``(C, B, P)`` transpose, so that no
+# batch-sized transposed copy is ever made.
 
 
 def _sort_key(errors: Tensor, valid: Tensor | None) -> Tensor:
@@ -130,9 +141,9 @@ def _sort_key(errors: Tensor, valid: Tensor | None) -> Tensor:
 
 
 def _sort_rows_torch(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(order, fg_sorted, has_valid)`` of rows sorted by decreasing key."""
-    key_sorted, order = torch.sort(key, dim=-1, descending=True)
-    return order, fg.gather(-1, order), key_sorted[:, :1] >= 0
+    """``(order, fg_sorted, key_sorted)`` of ``(n, S, P)`` rows sorted by decreasing key."""
+    key_sorted, order = torch.sort(key.reshape(key.shape[0], -1), dim=-1, descending=True)
+    return order, fg.reshape(order.shape).gather(-1, order), key_sorted
 
 
 _ERROR_BITS_MAX = 0x7F800000  # bit pattern of +inf: non-negative float32 bits are ordered
@@ -145,9 +156,9 @@ def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Each voxel becomes one int64: the inverted error bits (a value past them for ignored voxels)
     in the high word, the foreground bit and the voxel index in the low word. numpy's vectorised
-    sort of these integers alone yields both the order and the sorted labels.
+    sort of these integers alone yields the order, the sorted labels and the sorted errors.
     """
-    num_voxels = key.shape[-1]
+    num_rows, segments, num_voxels = key.shape
     key_np = key.numpy()
     packed = key_np.view(np.int32).astype(np.int64)
     np.bitwise_and(packed, _INDEX_MASK, out=packed)  # the sign bit of -0.0
@@ -156,62 +167,88 @@ def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     packed <<= 1
     packed |= fg.numpy()
     packed <<= 31
-    packed |= np.arange(num_voxels, dtype=np.int64)
+    packed |= np.arange(segments * num_voxels, dtype=np.int64).reshape(segments, num_voxels)
+    packed = packed.reshape(num_rows, segments * num_voxels)
     packed.sort(axis=-1)
     packed_t = torch.from_numpy(packed)
-    words = packed_t.view(torch.int32)  # little-endian: low word first
+    # little-endian: low word first (flattened first: a size-1 row may carry any stride)
+    words = packed_t.reshape(-1).view(torch.int32).view(num_rows, -1)
     fg_sorted = words[:, 0::2] < 0
-    has_valid = words[:, 1:2] != _IGNORED
-    return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, has_valid
+    error_bits = torch.sub(_ERROR_BITS_MAX, words[:, 1::2]).clamp_min_(0)  # ignored: 0.0
+    key_sorted = error_bits.view(torch.float32)
+    key_sorted.masked_fill_(words[:, 1::2] == _IGNORED, -1.0)
+    return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, key_sorted
 
 
 def _use_numpy_sort(key: Tensor) -> bool:
     return (
         key.device.type == "cpu"
         and key.dtype == torch.float32
-        and key.shape[-1] <= _INDEX_MASK
+        and key.shape[-1] * key.shape[-2] <= _INDEX_MASK
+        and key.stride(-1) == 1
         and sys.byteorder == "little"
         and not torch.compiler.is_compiling()
     )
 
 
-def _sort_weights(key: Tensor, fg: Tensor, chunk_elements: int) -> tuple[Tensor, Tensor]:
-    """Exact weights and foreground counts: one batched descending sort per chunk of rows."""
-    num_rows, num_voxels = key.shape
+def _sort_rows3(
+    key: Tensor, fg: Tensor, signed: bool, chunk_elements: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact per-voxel weights (layout of ``key``), row losses and foreground counts."""
+    num_rows, segments, num_voxels = key.shape
+    row_size = segments * num_voxels
     sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
-    key, fg = key.contiguous(), fg.contiguous()
     weights = torch.empty_like(key)
+    losses = torch.empty(num_rows, dtype=key.dtype, device=key.device)
     counts = torch.empty(num_rows, 1, dtype=torch.int64, device=key.device)
-    rows_per_chunk = max(1, chunk_elements // max(num_voxels, 1))
+    rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
-        order, fg_sorted, has_valid = sort_rows(key[rows], fg[rows])
+        order, fg_sorted, key_sorted = sort_rows(key[rows], fg[rows])
+        grad, counts[rows] = _lovasz_grad(fg_sorted, None, key.dtype)
         # Ignored voxels sort last and are background: they get weight 0, except in a row
         # where every voxel is ignored, whose first voxel would otherwise take weight 1.
-        grad, counts[rows] = _lovasz_grad(fg_sorted, None, key.dtype)
-        weights[rows].scatter_(-1, order, grad.mul_(has_valid))
-    return weights, counts.view(-1)
+        grad.mul_(key_sorted[:, :1] >= 0)
+        losses[rows] = (key_sorted.clamp_min(0) * grad).sum(-1)
+        if signed:
+            grad = _signed(grad, fg_sorted, key_sorted)
+        out = weights[rows]
+        if out.is_contiguous():
+            out.view(order.shape).scatter_(-1, order, grad)
+        else:
+            out.copy_(torch.empty_like(grad).scatter_(-1, order, grad).view(out.shape))
+    return weights, losses, counts.view(-1)
 
 
-def _histogram_weights(key: Tensor, fg: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """Sort-free weights and foreground counts from per-bin counts (see DESIGN.md)."""
-    num_rows, num_voxels = key.shape
+def _signed(weights: Tensor, fg: Tensor, errors: Tensor) -> Tensor:
+    """``d loss / d source`` for errors ``|y - p|`` or ``relu(1 -/+ x)``: ``-w`` on foreground,
+    ``w`` on background, and 0 where the error is 0 (the subgradient autograd takes there)."""
+    return torch.where(fg, -weights, weights).masked_fill_(errors <= 0, 0.0)
+
+
+def _histogram_rows3(
+    key: Tensor, fg: Tensor, signed: bool, bins: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort-free weights, row losses and foreground counts from per-bin counts (DESIGN.md)."""
+    num_rows, segments, num_voxels = key.shape
     dtype = key.dtype
     slots_per_row = 2 * (bins + 1)  # (foreground, background) per bin, and a bin for ignored
     if num_rows * slots_per_row >= 2**31:
         raise ValueError(f"too many rows x bins for the histogram method: {num_rows} x {bins}")
-    e_max = key.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    e_max = key.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     # bin 0 holds the largest errors, bin bins - 1 the errors down to 0
     slot = key.mul(-bins / e_max).add_(bins).clamp_(0, bins - 1).to(torch.int32)
     slot.masked_fill_(key < 0, bins)  # ignored voxels: the extra bin, whose weights are 0
     slot.mul_(2).add_(~fg)  # inside a bin: foreground first, then background
     slot += torch.arange(
         0, num_rows * slots_per_row, slots_per_row, dtype=torch.int32, device=key.device
-    ).view(-1, 1)
-    slot = slot.view(-1)
-    count_dtype = torch.float64 if num_voxels > 1 << 24 else dtype  # exact integer counts
+    ).view(-1, 1, 1)
+    flat_slot = slot.reshape(-1)
+    count_dtype = torch.float64 if segments * num_voxels > 1 << 24 else dtype  # exact counts
     counts = torch.zeros(num_rows * slots_per_row, dtype=count_dtype, device=key.device)
-    counts.index_add_(0, slot, torch.ones((), dtype=count_dtype, device=key.device).expand_as(slot))
+    ones = torch.ones((), dtype=count_dtype, device=key.device).expand_as(flat_slot)
+    counts.index_add_(0, flat_slot, ones)
+    error_sums = torch.zeros_like(counts).index_add_(0, flat_slot, key.reshape(-1).to(count_dtype))
     n_fg, n_bg = counts.view(num_rows, bins + 1, 2)[:, :bins].unbind(-1)
     fg_before = n_fg.cumsum(-1) - n_fg
     bg_before = n_bg.cumsum(-1) - n_bg
@@ -225,22 +262,50 @@ def _histogram_weights(key: Tensor, fg: Tensor, bins: int) -> tuple[Tensor, Tens
         ((bg_before == 0) & (n_bg > 0)).to(count_dtype) / n_bg.clamp_min(1),
     )
     table = torch.stack([w_fg, w_bg], dim=-1).view(num_rows, 2 * bins)
-    table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1).to(dtype).view(-1)
-    weights = table.index_select(0, slot).view(num_rows, num_voxels)
-    return weights, num_fg.view(-1).to(torch.int64)
+    table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1)  # the ignored bin
+    losses = (table * error_sums.view(num_rows, -1)).sum(-1).to(dtype)
+    if signed:
+        table[:, 0::2] *= -1  # foreground slots
+    weights = table.to(dtype).view(-1).index_select(0, flat_slot).view(slot.shape)
+    if signed:
+        weights.masked_fill_(key <= 0, 0.0)
+    return weights, losses, num_fg.view(-1).to(torch.int64)
 
 
-def _weights_and_counts(
-    key: Tensor, fg: Tensor, method: Method, bins: int, chunk_elements: int
-) -> tuple[Tensor, Tensor]:
-    """Weights ``(N, P)`` and foreground counts ``(N,)`` from sort keys and masked labels."""
+def _lovasz_rows3(
+    key: Tensor,
+    fg: Tensor,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    signed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights, losses, fg_counts)`` of ``(R, S, P)`` rows (see above) from sort keys and
+    masked labels. ``signed``: the weights are the derivatives with respect to the source of
+    errors ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits)."""
     if method == "sort":
-        return _sort_weights(key, fg, max(int(chunk_elements), 1))
+        return _sort_rows3(key, fg, signed, max(int(chunk_elements), 1))
     if method == "histogram":
         if bins < 1:
             raise ValueError(f"bins must be a positive integer, got {bins}")
-        return _histogram_weights(key, fg, int(bins))
+        return _histogram_rows3(key, fg, signed, int(bins))
     raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
+
+
+class _KnownGradient(torch.autograd.Function):
+    """Returns ``value`` (per row); backward gives ``source`` the gradient ``grad_source``
+    scaled per row. Saves nothing but ``grad_source``."""
+
+    @staticmethod
+    def forward(ctx, source: Tensor, value: Tensor, grad_source: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grad_source)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (grad_source,) = ctx.saved_tensors
+        scale = grad_value.reshape(*grad_value.shape, *([1] * (grad_source.ndim - grad_value.ndim)))
+        return grad_source * scale, None, None
 
 
 def lovasz_weights(
@@ -283,7 +348,8 @@ def lovasz_weights(
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
         key = _sort_key(errors.detach(), valid)
-        return _weights_and_counts(key, fg, method, bins, chunk_elements)[0]
+        weights = _lovasz_rows3(key[:, None], fg[:, None], method, bins, chunk_elements)[0]
+        return weights[:, 0]
 
 
 def lovasz_extension(
@@ -316,16 +382,54 @@ def lovasz_extension(
     Raises:
         ValueError: see :func:`lovasz_weights`.
     """
-    weights = lovasz_weights(errors, labels, valid, method, bins, chunk_elements)
-    return (errors * weights).sum(-1)
+    _check_rows(errors, labels, valid)
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        key = _sort_key(errors.detach(), valid)
+        weights, losses, _ = _lovasz_rows3(key[:, None], fg[:, None], method, bins, chunk_elements)
+    return _KnownGradient.apply(errors, losses, weights[:, 0])
 
 
-def _flatten(x: Tensor, batch: bool) -> Tensor:
-    """``(B, C, *S)`` -> rows ``(B * C, P)``, or ``(C, B * P)`` when the batch is one set."""
+def _row_view(x: Tensor, batch: bool) -> Tensor:
+    """``(B, C, *S)`` -> ``(B * C, 1, P)`` rows per volume, or ``(C, B, P)`` for the batch."""
     x = x.flatten(2)
-    if batch:
-        return x.transpose(0, 1).reshape(x.shape[1], -1)
-    return x.reshape(-1, x.shape[2])
+    return x.transpose(0, 1) if batch else x.reshape(-1, 1, x.shape[2])
+
+
+def _check_class_inputs(source: Tensor, labels: Tensor, valid: Tensor | None) -> Tensor | None:
+    if source.ndim < 3 or labels.shape != source.shape:
+        raise ValueError(
+            "input and labels must both be (B, C, *spatial) with the same shape, got "
+            f"{tuple(source.shape)} and {tuple(labels.shape)}"
+        )
+    if valid is None:
+        return None
+    expected = (source.shape[0], 1, *source.shape[2:])
+    if tuple(valid.shape) != expected:
+        raise ValueError(f"valid must have shape {expected}, got {tuple(valid.shape)}")
+    return valid.bool()
+
+
+def _class_losses(
+    source: Tensor,
+    key: Tensor,
+    fg: Tensor,
+    batch: bool,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    signed: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per (volume, class) losses, differentiable in ``source``, and foreground counts."""
+    num_batch, num_classes = key.shape[:2]
+    with torch.no_grad():
+        weights, losses, counts = _lovasz_rows3(
+            _row_view(key, batch), _row_view(fg, batch), method, bins, chunk_elements, signed
+        )
+        weights = weights.transpose(0, 1) if batch else weights
+        weights = weights.reshape(source.shape)
+    shape = (1 if batch else num_batch, num_classes)
+    return _KnownGradient.apply(source, losses.view(shape), weights), counts.view(shape)
 
 
 def lovasz_class_losses(
@@ -348,7 +452,7 @@ def lovasz_class_losses(
 
     Returns:
         ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
-        row and its number of valid foreground voxels.
+        row, differentiable in ``errors``, and its number of valid foreground voxels.
 
     Example:
         >>> errors = torch.tensor([[[0.9, 0.1], [0.1, 0.9]]])
@@ -359,26 +463,89 @@ def lovasz_class_losses(
     Raises:
         ValueError: when the shapes do not match.
     """
-    if errors.ndim < 3 or labels.shape != errors.shape:
-        raise ValueError(
-            "errors and labels must both be (B, C, *spatial) with the same shape, got "
-            f"{tuple(errors.shape)} and {tuple(labels.shape)}"
-        )
-    num_batch, num_classes = errors.shape[:2]
-    if valid is not None:
-        expected = (num_batch, 1, *errors.shape[2:])
-        if tuple(valid.shape) != expected:
-            raise ValueError(f"valid must have shape {expected}, got {tuple(valid.shape)}")
-        valid = valid.bool()
+    valid = _check_class_inputs(errors, labels, valid)
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
         key = _sort_key(errors.detach(), valid)
-        weights, fg_counts = _weights_and_counts(
-            _flatten(key, batch), _flatten(fg, batch), method, bins, chunk_elements
-        )
-    losses = (_flatten(errors, batch) * weights).sum(-1)
-    shape = (1 if batch else num_batch, num_classes)
-    return losses.view(shape), fg_counts.view(shape)
+    return _class_losses(errors, key, fg, batch, method, bins, chunk_elements, signed=False)
+
+
+def lovasz_probability_class_losses(
+    probs: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    batch: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lovasz_class_losses` of the errors ``|y - p|``, differentiable in ``probs``.
+
+    The errors are never part of the autograd graph: backward keeps one tensor, the derivative
+    of each row's loss with respect to ``probs``.
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities in [0, 1] (softmax or per-channel sigmoid).
+        labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
+        valid, batch, method, bins, chunk_elements: see :func:`lovasz_class_losses`.
+
+    Returns:
+        ``(losses, fg_counts)`` as :func:`lovasz_class_losses`.
+
+    Example:
+        >>> probs = torch.tensor([[[0.8, 0.3], [0.2, 0.7]]])
+        >>> labels = torch.tensor([[[1, 0], [0, 1]]])
+        >>> lovasz_probability_class_losses(probs, labels)[0]
+        tensor([[0.2500, 0.3000]])
+
+    Raises:
+        ValueError: when the shapes do not match.
+    """
+    valid = _check_class_inputs(probs, labels, valid)
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        detached = probs.detach()
+        key = torch.where(fg, 1.0 - detached, detached).abs_()
+        if valid is not None:
+            key.masked_fill_(~valid, -1.0)
+    return _class_losses(probs, key, fg, batch, method, bins, chunk_elements, signed=True)
+
+
+def lovasz_hinge_class_losses(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    batch: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lovasz_class_losses` of the hinge errors ``relu(1 - x (2 y - 1))``.
+
+    Args:
+        logits: ``(B, C, *spatial)`` raw scores; each channel is a binary problem.
+        labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
+        valid, batch, method, bins, chunk_elements: see :func:`lovasz_class_losses`.
+
+    Returns:
+        ``(losses, fg_counts)`` as :func:`lovasz_class_losses`, differentiable in ``logits``.
+
+    Example:
+        >>> logits = torch.tensor([[[2.0, -1.0, 0.5, -0.5]]])
+        >>> lovasz_hinge_class_losses(logits, torch.tensor([[[1, 0, 0, 1]]]))[0]
+        tensor([[1.]])
+
+    Raises:
+        ValueError: when the shapes do not match.
+    """
+    valid = _check_class_inputs(logits, labels, valid)
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        detached = logits.detach()
+        key = torch.where(labels.bool(), -detached, detached).add_(1.0).clamp_min_(0.0)
+        if valid is not None:
+            key.masked_fill_(~valid, -1.0)
+    return _class_losses(logits, key, fg, batch, method, bins, chunk_elements, signed=True)
 
 
 def average_class_losses(
@@ -471,8 +638,9 @@ def lovasz_softmax(
     present_only, selected = _class_selection(probs.shape[1], classes)
     if len(selected) != probs.shape[1]:
         probs, labels = probs[:, selected], labels[:, selected]
-    errors = (labels.to(probs.dtype) - probs).abs()
-    losses, counts = lovasz_class_losses(errors, labels, valid, not per_volume, method, bins)
+    losses, counts = lovasz_probability_class_losses(
+        probs, labels, valid, not per_volume, method, bins
+    )
     return average_class_losses(losses, counts, present_only).mean()
 
 
@@ -508,7 +676,5 @@ def lovasz_hinge(
     Raises:
         ValueError: on shape mismatches.
     """
-    signs = 2.0 * labels.to(logits.dtype) - 1.0
-    errors = torch.relu(1.0 - logits * signs)
-    losses, counts = lovasz_class_losses(errors, labels, valid, not per_volume, method, bins)
+    losses, counts = lovasz_hinge_class_losses(logits, labels, valid, not per_volume, method, bins)
     return average_class_losses(losses, counts, present_only=False).mean()

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.networks.utils import one_hot
 from monai.utils import LossReduction
 from torch import Tensor
@@ -19,6 +20,11 @@ __all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss"]
 
 def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
+
+
+def _plain(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """MetaTensors as plain tensors (autograd kept): the loss needs no metadata."""
+    return tuple(t.as_tensor() if isinstance(t, MetaTensor) else t for t in tensors)
 
 
 class _LovaszLoss(_Loss):
@@ -224,12 +230,19 @@ class _LovaszLoss(_Loss):
         return self.class_weight[[c - first for c in channels]]
 
     def _lovasz(
-        self, errors: Tensor, fg: Tensor, valid: Tensor | None, weight: Tensor | None, ndim: int
+        self,
+        class_losses: Callable[..., tuple[Tensor, Tensor]],
+        source: Tensor,
+        fg: Tensor,
+        valid: Tensor | None,
+        weight: Tensor | None,
     ) -> Tensor:
-        """Per-class extension of ``errors``, averaged over classes and reduced over volumes."""
-        losses, counts = functional.lovasz_class_losses(
-            errors, fg, valid, self.batch, self.method, self.bins, self.chunk_elements
+        """``class_losses`` (a ``functional.lovasz_*class_losses``) of ``source``, averaged over
+        classes and reduced over volumes."""
+        losses, counts = class_losses(
+            source, fg, valid, self.batch, self.method, self.bins, self.chunk_elements
         )
+        ndim = source.ndim
         present_only = self.classes == "present"
         if self.reduction == LossReduction.NONE.value:
             counted = (counts > 0).to(losses) if present_only else torch.ones_like(losses)
@@ -385,11 +398,12 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         if len(channels) != input.shape[1]:
             probs, fg = probs[:, channels], fg[:, channels]
         if self.softmax or self.sigmoid:
-            # |y - p| for p in [0, 1]; `where` keeps only the bool labels for backward
-            errors = torch.where(fg, 1.0 - probs, probs)
-        else:
-            errors = (fg.to(probs.dtype) - probs).abs()
-        return self._lovasz(errors, fg, valid, weight, input.ndim)
+            return self._lovasz(
+                functional.lovasz_probability_class_losses, probs, fg, valid, weight
+            )
+        # another activation may leave [0, 1]: differentiate through the errors |y - p|
+        errors = (fg.to(probs.dtype) - probs).abs()
+        return self._lovasz(functional.lovasz_class_losses, errors, fg, valid, weight)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
@@ -404,6 +418,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
+        input, target, mask = _plain(input, target, mask)
         with torch.autocast(device_type=input.device.type, enabled=False):
             input, fg, valid = self._prepare(input, target, mask)
             return self._lovasz_softmax(input, fg, valid)
@@ -489,6 +504,7 @@ class LovaszHingeLoss(_LovaszLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
+        input, target, mask = _plain(input, target, mask)
         with torch.autocast(device_type=input.device.type, enabled=False):
             self._check_input(input)
             fg, valid = self._prepare_target(input, target, mask, one_hot_target=False)
@@ -497,8 +513,7 @@ class LovaszHingeLoss(_LovaszLoss):
             weight = self._weight(logits.shape[1], channels)
             if len(channels) != logits.shape[1]:
                 logits, fg = logits[:, channels], fg[:, channels]
-            errors = torch.relu(1.0 - logits * (2.0 * fg.to(logits.dtype) - 1.0))
-            return self._lovasz(errors, fg, valid, weight, input.ndim)
+            return self._lovasz(functional.lovasz_hinge_class_losses, logits, fg, valid, weight)
 
 
 class LovaszCELoss(LovaszSoftmaxLoss):
@@ -646,6 +661,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
+        input, target, mask = _plain(input, target, mask)
         with torch.autocast(device_type=input.device.type, enabled=False):
             logits, fg, valid = self._prepare(input, target, mask)
             lovasz = self._lovasz_softmax(logits, fg, valid)
