@@ -39,7 +39,7 @@ __all__ = [
     "lovasz_weights",
 ]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 """Default budget (elements) of the rows that the sort method processes at once."""
 
 DEFAULT_BINS = 1024
@@ -192,13 +192,17 @@ def _use_numpy_sort(key: Tensor) -> bool:
 
 
 def _sort_rows3(
-    key: Tensor, fg: Tensor, signed: bool, chunk_elements: int
+    key: Tensor, fg: Tensor, signed: bool, chunk_elements: int, key_is_scratch: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact per-voxel weights (layout of ``key``), row losses and foreground counts."""
+    """Exact per-voxel weights (layout of ``key``), row losses and foreground counts.
+
+    ``key_is_scratch``: the weights overwrite ``key``; each chunk of rows is read in full before
+    its weights are written.
+    """
     num_rows, segments, num_voxels = key.shape
     row_size = segments * num_voxels
     sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
-    weights = torch.empty_like(key)
+    weights = key if key_is_scratch else torch.empty_like(key)
     losses = torch.empty(num_rows, dtype=key.dtype, device=key.device)
     counts = torch.empty(num_rows, 1, dtype=torch.int64, device=key.device)
     rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
@@ -209,7 +213,7 @@ def _sort_rows3(
         # Ignored voxels sort last and are background: they get weight 0, except in a row
         # where every voxel is ignored, whose first voxel would otherwise take weight 1.
         grad.mul_(key_sorted[:, :1] >= 0)
-        losses[rows] = (key_sorted.clamp_min(0) * grad).sum(-1)
+        losses[rows] = torch.bmm(key_sorted.clamp_min_(0)[:, None], grad[:, :, None]).view(-1)
         if signed:
             grad = _signed(grad, fg_sorted, key_sorted)
         out = weights[rows]
@@ -279,12 +283,14 @@ def _lovasz_rows3(
     bins: int,
     chunk_elements: int,
     signed: bool = False,
+    key_is_scratch: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(weights, losses, fg_counts)`` of ``(R, S, P)`` rows (see above) from sort keys and
     masked labels. ``signed``: the weights are the derivatives with respect to the source of
-    errors ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits)."""
+    errors ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits).
+    ``key_is_scratch``: ``key`` may be overwritten (it then holds the weights)."""
     if method == "sort":
-        return _sort_rows3(key, fg, signed, max(int(chunk_elements), 1))
+        return _sort_rows3(key, fg, signed, max(int(chunk_elements), 1), key_is_scratch)
     if method == "histogram":
         if bins < 1:
             raise ValueError(f"bins must be a positive integer, got {bins}")
@@ -419,12 +425,19 @@ def _class_losses(
     bins: int,
     chunk_elements: int,
     signed: bool,
+    key_is_scratch: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per (volume, class) losses, differentiable in ``source``, and foreground counts."""
     num_batch, num_classes = key.shape[:2]
     with torch.no_grad():
         weights, losses, counts = _lovasz_rows3(
-            _row_view(key, batch), _row_view(fg, batch), method, bins, chunk_elements, signed
+            _row_view(key, batch),
+            _row_view(fg, batch),
+            method,
+            bins,
+            chunk_elements,
+            signed,
+            key_is_scratch,
         )
         weights = weights.transpose(0, 1) if batch else weights
         weights = weights.reshape(source.shape)
@@ -467,7 +480,10 @@ def lovasz_class_losses(
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
         key = _sort_key(errors.detach(), valid)
-    return _class_losses(errors, key, fg, batch, method, bins, chunk_elements, signed=False)
+    # a key made by _sort_key may be overwritten; the errors themselves may not
+    return _class_losses(
+        errors, key, fg, batch, method, bins, chunk_elements, False, valid is not None
+    )
 
 
 def lovasz_probability_class_losses(
@@ -508,7 +524,7 @@ def lovasz_probability_class_losses(
         key = torch.where(fg, 1.0 - detached, detached).abs_()
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
-    return _class_losses(probs, key, fg, batch, method, bins, chunk_elements, signed=True)
+    return _class_losses(probs, key, fg, batch, method, bins, chunk_elements, True, True)
 
 
 def lovasz_hinge_class_losses(
@@ -545,7 +561,7 @@ def lovasz_hinge_class_losses(
         key = torch.where(labels.bool(), -detached, detached).add_(1.0).clamp_min_(0.0)
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
-    return _class_losses(logits, key, fg, batch, method, bins, chunk_elements, signed=True)
+    return _class_losses(logits, key, fg, batch, method, bins, chunk_elements, True, True)
 
 
 def average_class_losses(
