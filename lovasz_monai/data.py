@@ -1,0 +1,1019 @@
+"""Medical Segmentation Decathlon (MSD) data: a LightningDataModule and a synthetic dataset writer.
+
+Layout read by :class:`SegmentationDataModule` (the MSD layout)::
+
+    data_dir/
+      dataset.json        "labels", "modality", "training": [{"image", "label"[, "mask"]}], "test"
+      imagesTr/*.nii.gz   3D, or 4D with modalities last
+      labelsTr/*.nii.gz   integer label maps (may contain the ignore label)
+      imagesTs/*.nii.gz   images for prediction
+
+:func:`make_synthetic_dataset` writes such a folder with random volumes, so that everything can
+be tried without downloading data.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from monai.data import (
+    CacheDataset,
+    DataLoader,
+    MetaTensor,
+    create_test_image_3d,
+    decollate_batch,
+    list_data_collate,
+)
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
+
+__all__ = ["SegmentationDataModule", "make_synthetic_dataset", "save_prediction"]
+
+_KEYS = ("image", "label", "mask")
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic data
+# --------------------------------------------------------------------------------------------
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write a NIfTI file atomically (temporary name, then rename), so that parallel writers
+    (e.g. several DDP ranks) never leave a half-written file behind."""
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
+    nib.save(image, tmp)
+    os.replace(tmp, path)
+
+
+def _synthetic_case(
+    rs: np.random.RandomState,
+    size: Sequence[int],
+    num_classes: int,
+    num_modalities: int,
+    noise: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One random volume: image (*size[, M]) float32 and label (*size) int64 in [0, C)."""
+    rad_max = max(2, min(size) // 5)
+    rad_min = max(1, rad_max // 3)
+    base, label = create_test_image_3d(
+        *size,
+        num_objs=8,
+        rad_max=rad_max,
+        rad_min=rad_min,
+        noise_max=0.0,
+        num_seg_classes=num_classes - 1,
+        random_state=rs,
+    )
+    # create_test_image_3d labels objects 1..num_seg_classes (0 = background).
+    label = np.clip(label, 0, num_classes - 1).astype(np.int64)
+    channels = [base]
+    for m in range(1, num_modalities):  # other modalities: another intensity per class
+        channels.append(((label + m) % num_classes) / max(1, num_classes - 1))
+    image = np.stack(channels, axis=-1)
+    image = 100.0 + 400.0 * (image + noise * rs.standard_normal(image.shape))
+    image = image.astype(np.float32)
+    return (image[..., 0] if num_modalities == 1 else image), label
+
+
+def make_synthetic_dataset(
+    root: str | os.PathLike,
+    num_cases: int = 8,
+    num_test: int = 2,
+    size: Sequence[int] = (48, 48, 48),
+    num_classes: int = 3,
+    num_modalities: int = 1,
+    spacing: Sequence[float] = (1.5, 1.5, 2.0),
+    ignore_index: int | None = 255,
+    ignore_fraction: float = 0.1,
+    roi_masks: bool = False,
+    noise: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """Write a small random segmentation dataset in the Medical Segmentation Decathlon layout.
+
+    Volumes come from ``monai.data.create_test_image_3d`` (random spheres, one class each) with
+    Gaussian noise added. The affine has voxel size ``spacing``, flipped first two axes (an
+    "LPS"-like orientation, as NIfTI files converted from DICOM often have) and the volume centre
+    at the origin, so orientation and spacing handling is exercised. In every training label a
+    slab of slices along the last axis is set to ``ignore_index`` (a partially annotated volume).
+
+    Written files::
+
+        root/dataset.json
+        root/imagesTr/case_XXX.nii.gz   float32, shape size (or (*size, num_modalities))
+        root/labelsTr/case_XXX.nii.gz   uint8 (int16 if a value exceeds 255), shape size
+        root/masksTr/case_XXX.nii.gz    uint8 0/1 region-of-interest masks (if roi_masks)
+        root/imagesTs/test_XXX.nii.gz   images without labels
+
+    dataset.json uses the MSD keys (``name``, ``description``, ``tensorImageSize``, ``modality``,
+    ``labels`` as index string -> name, with the ignore value named ``"ignore"``,
+    ``numTraining``, ``numTest``, ``training``, ``test``). The data arrays depend only on the
+    arguments (case ``i`` uses the random stream ``(seed, i)``); files are written under a
+    temporary name and renamed, ``dataset.json`` last, so an existing ``dataset.json`` means a
+    complete dataset. Existing files are overwritten.
+
+    Args:
+        root: output folder (created if needed).
+        num_cases: number of labelled training cases (>= 1).
+        num_test: number of unlabelled test images (>= 0).
+        size: spatial shape ``(X, Y, Z)`` of every volume, each >= 8.
+        num_classes: number of classes including background (>= 2); labels are 0..C-1.
+        num_modalities: image channels; more than one writes 4D images (modalities last).
+        spacing: voxel size in mm, stored in the affine.
+        ignore_index: label value of ignored voxels; ``None`` writes no ignored voxels. Must not
+            be a class index (i.e. ``>= num_classes``).
+        ignore_fraction: fraction of the slices (last axis) set to ``ignore_index`` in each label,
+            one contiguous slab at a random position; 0 disables it.
+        roi_masks: also write region-of-interest masks (``"mask"`` entries in ``training``);
+            each excludes a random slab along the first axis.
+        noise: standard deviation of the Gaussian noise, relative to the class contrast.
+        seed: random seed.
+
+    Returns:
+        ``Path(root)``.
+
+    Raises:
+        ValueError: an argument is out of range (size, counts, classes, ignore_index, fraction).
+
+    Example:
+        >>> import json, tempfile
+        >>> root = make_synthetic_dataset(tempfile.mkdtemp(), num_cases=2, size=(16, 16, 16))
+        >>> info = json.loads((root / "dataset.json").read_text())
+        >>> info["labels"], info["numTraining"], info["training"][0]
+        ({'0': 'background', '1': 'class_1', '2': 'class_2', '255': 'ignore'}, 2, \
+{'image': './imagesTr/case_000.nii.gz', 'label': './labelsTr/case_000.nii.gz'})
+    """
+    size = tuple(int(s) for s in size)
+    spacing = tuple(float(s) for s in spacing)
+    if len(size) != 3 or min(size) < 8:
+        raise ValueError(f"size must be 3 spatial sizes, each >= 8, got {size}.")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive voxel sizes, got {spacing}.")
+    if num_cases < 1 or num_test < 0:
+        raise ValueError(f"need num_cases >= 1 and num_test >= 0, got {num_cases}, {num_test}.")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")
+    if num_modalities < 1:
+        raise ValueError(f"num_modalities must be >= 1, got {num_modalities}.")
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index {ignore_index} is a class index; use a value >= num_classes "
+            f"({num_classes}) or None."
+        )
+    if not 0.0 <= ignore_fraction < 1.0:
+        raise ValueError(f"ignore_fraction must be in [0, 1), got {ignore_fraction}.")
+
+    root = Path(root)
+    for sub in ("imagesTr", "labelsTr", "imagesTs") + (("masksTr",) if roi_masks else ()):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [spacing[0] * (size[0] - 1) / 2, spacing[1] * (size[1] - 1) / 2, 0.0]
+    affine[2, 3] = -spacing[2] * (size[2] - 1) / 2
+    max_label = max(num_classes - 1, ignore_index if ignore_index is not None else 0)
+    label_dtype = np.uint8 if 0 <= max_label <= 255 else np.int16
+
+    training = []
+    for i in range(num_cases):
+        rs = np.random.RandomState([seed, 0, i])
+        image, label = _synthetic_case(rs, size, num_classes, num_modalities, noise)
+        thickness = round(ignore_fraction * size[2])
+        if ignore_index is not None and thickness > 0:
+            start = rs.randint(0, size[2] - thickness + 1)
+            label[..., start : start + thickness] = ignore_index
+        name = f"case_{i:03d}.nii.gz"
+        _save_nifti(image, affine, root / "imagesTr" / name)
+        _save_nifti(label.astype(label_dtype), affine, root / "labelsTr" / name)
+        entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
+        if roi_masks:
+            roi = np.ones(size, dtype=np.uint8)
+            width = max(1, size[0] // 4)
+            start = rs.randint(0, size[0] - width + 1)
+            roi[start : start + width] = 0
+            _save_nifti(roi, affine, root / "masksTr" / name)
+            entry["mask"] = f"./masksTr/{name}"
+        training.append(entry)
+
+    test = []
+    for i in range(num_test):
+        image, _ = _synthetic_case(
+            np.random.RandomState([seed, 1, i]), size, num_classes, num_modalities, noise
+        )
+        name = f"test_{i:03d}.nii.gz"
+        _save_nifti(image, affine, root / "imagesTs" / name)
+        test.append(f"./imagesTs/{name}")
+
+    labels = {"0": "background", **{str(c): f"class_{c}" for c in range(1, num_classes)}}
+    if ignore_index is not None:
+        labels[str(ignore_index)] = "ignore"
+    info = {
+        "name": "Synthetic",
+        "description": "Random spheres from monai.data.create_test_image_3d (lovasz_monai)",
+        "reference": "lovasz_monai.data.make_synthetic_dataset",
+        "licence": "CC0",
+        "release": "1.0",
+        "tensorImageSize": "3D" if num_modalities == 1 else "4D",
+        "modality": {str(m): "MRI" if m == 0 else f"MRI_{m}" for m in range(num_modalities)},
+        "labels": labels,
+        "numTraining": num_cases,
+        "numTest": num_test,
+        "training": training,
+        "test": test,
+    }
+    tmp = root / f".dataset.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, root / "dataset.json")
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# dataset.json parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    if isinstance(value, str):
+        try:
+            int(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _is_index(value: Any) -> bool:
+    """An integer label value in a nnU-Net "labels" dict (a number, not a string)."""
+    return _is_int(value) and not isinstance(value, str)
+
+
+def _is_index_list(value: Any) -> bool:
+    """A nnU-Net region: a non-empty list of integer label values."""
+    return isinstance(value, list) and bool(value) and all(_is_index(x) for x in value)
+
+
+def _parse_labels(
+    labels: Any, source: Path
+) -> tuple[list[str], int | None, dict[str, list[int]] | None]:
+    """Parse dataset.json "labels" into (names of label values 0..C-1, ignore value, regions).
+
+    MSD form: ``{"0": "background", "1": "liver", ...}``; nnU-Net v2 form:
+    ``{"background": 0, "liver": 1, ...}`` where a value may be a list of label values (a
+    region, nnU-Net's region-based training). An entry named "ignore" is the ignore label.
+    """
+    if not isinstance(labels, Mapping) or not labels:
+        raise ValueError(f"{source}: 'labels' must be a non-empty mapping, got {labels!r}.")
+    ignore: int | None = None
+    regions: dict[str, list[int]] | None = None
+    pairs: list[tuple[int, str]] = []
+    if all(_is_int(k) and isinstance(v, str) for k, v in labels.items()):  # MSD
+        for key, name in labels.items():
+            if name.strip().lower() == "ignore":
+                ignore = int(key)
+            else:
+                pairs.append((int(key), name))
+    elif all(_is_index(v) or _is_index_list(v) for v in labels.values()):  # nnU-Net v2
+        for name, value in labels.items():
+            if name.strip().lower() == "ignore":
+                if isinstance(value, list):
+                    raise ValueError(f"{source}: the 'ignore' label must be one integer.")
+                ignore = int(value)
+            elif not isinstance(value, list):
+                pairs.append((int(value), name))
+        if any(isinstance(v, list) for v in labels.values()):
+            regions = {
+                name: [int(x) for x in (value if isinstance(value, list) else [value])]
+                for name, value in labels.items()
+                if name.strip().lower() != "ignore" and value != 0
+            }
+            values = sorted({x for r in regions.values() for x in r} | {0})
+            pairs = [(v, str(v)) for v in range(max(values) + 1)]
+    else:
+        raise ValueError(
+            f"{source}: 'labels' must map index strings to names (MSD, e.g. "
+            f'{{"0": "background", "1": "tumour"}}) or names to indices (nnU-Net v2, e.g. '
+            f'{{"background": 0, "tumour": 1}}), got {labels!r}.'
+        )
+    pairs.sort()
+    indices = [i for i, _ in pairs]
+    if indices != list(range(len(indices))) or len(indices) < 1:
+        raise ValueError(
+            f"{source}: class indices must be 0..C-1 without gaps (besides 'ignore'), got "
+            f"{indices}."
+        )
+    if ignore is not None and 0 <= ignore < len(indices):
+        raise ValueError(f"{source}: the ignore label {ignore} is also a class index.")
+    return [name for _, name in pairs], ignore, regions
+
+
+def _resolve(base: Path, path: Any, source: Path, what: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{source}: {what} must be a file path string, got {path!r}.")
+    return os.path.normpath(base / path)
+
+
+def _check_exist(files: Sequence[str], source: Path) -> None:
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        )
+        raise FileNotFoundError(f"{len(missing)} file(s) listed in {source} do not exist: {shown}")
+
+
+def _header_shape(path: str) -> tuple[int, ...]:
+    """Shape from a NIfTI header (no voxel data read); raises ValueError naming the file."""
+    try:
+        return tuple(nib.load(path).shape)
+    except Exception as err:  # nibabel raises several types (ImageFileError, OSError, ...)
+        raise ValueError(f"cannot read NIfTI file '{path}': {type(err).__name__}: {err}") from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _describe_case(data: Any) -> str:
+    if not isinstance(data, Mapping):
+        return "a case"
+    names = []
+    for key in _KEYS:
+        value = data.get(key)
+        if isinstance(value, MetaTensor):
+            value = value.meta.get("filename_or_obj", "")
+        if isinstance(value, str) and value:
+            names.append(f"{key}='{value}'")
+    return "case " + ", ".join(names) if names else "a case"
+
+
+class _CaseCompose(Compose):
+    """``Compose`` whose errors name the case's files (MONAI's own message names the transform)."""
+
+    def __call__(self, input_, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except Exception as err:
+            root = _root_cause(err)
+            cls: type[Exception] = RuntimeError
+            for candidate in (FileNotFoundError, ValueError):
+                if isinstance(root, candidate):
+                    cls = candidate
+                    break
+            raise cls(
+                f"failed to load/transform {_describe_case(input_)}: {type(root).__name__}: {root}"
+            ) from err
+
+
+# --------------------------------------------------------------------------------------------
+# writing predictions
+# --------------------------------------------------------------------------------------------
+
+
+def save_prediction(
+    pred: torch.Tensor,
+    output_dir: str | os.PathLike,
+    postfix: str = "",
+    dtype: Any = np.uint8,
+) -> Path:
+    """Write a prediction as NIfTI with its affine, named after the image it was made from.
+
+    Use it on the output of :meth:`SegmentationDataModule.invert_prediction`, which carries the
+    input image's affine and file name, so the written file matches the input's shape and affine.
+
+    Args:
+        pred: ``(1, *spatial)`` label map, or ``(C, *spatial)`` (written as a 4D file with the
+            channels last). A ``MetaTensor`` gives the affine and the file name (meta
+            ``"filename_or_obj"``); otherwise the identity affine and ``"prediction"``.
+        output_dir: folder to write to (created if needed).
+        postfix: added to the input file name's stem, e.g. ``"_seg"`` -> ``case_000_seg.nii.gz``;
+            by default the name equals the input's (the nnU-Net convention).
+        dtype: numpy dtype of the written voxels (``np.float32`` for probabilities).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: ``pred`` has fewer than 2 dimensions.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from monai.data import MetaTensor
+        >>> pred = MetaTensor(torch.ones(1, 4, 4, 4), meta={"filename_or_obj": "a/ct_1.nii.gz"})
+        >>> save_prediction(pred, tempfile.mkdtemp(), postfix="_seg").name
+        'ct_1_seg.nii.gz'
+    """
+    if pred.ndim < 2:
+        raise ValueError(f"pred must be (C, *spatial), got shape {tuple(pred.shape)}.")
+    array = pred.detach().cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    if isinstance(pred, MetaTensor):
+        affine = np.asarray(pred.affine.detach().cpu().numpy(), dtype=np.float64)
+        source = str(pred.meta.get("filename_or_obj") or "prediction")
+    else:
+        affine, source = np.eye(4), "prediction"
+    name = Path(source).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{name}{postfix}.nii.gz"
+    image = nib.Nifti1Image(array.astype(dtype), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the DataModule
+# --------------------------------------------------------------------------------------------
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """LightningDataModule for 3D segmentation data in the Medical Segmentation Decathlon layout.
+
+    Reads ``data_dir/dataset.json`` (paths in it are relative to ``data_dir``) and builds MONAI
+    dictionary-transform pipelines over ``CacheDataset``:
+
+    * all stages: ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``CheckImageLabeld`` ->
+      ``IgnoreMaskd`` (writes ``"mask"``) -> ``Orientationd("RAS")`` -> ``Spacingd`` (if
+      ``spacing``; bilinear image, nearest label and mask) -> intensity normalisation;
+    * training: ``SpatialPadd(roi_size)`` (padded voxels get mask 0) ->
+      ``RandCropByPosNegLabeld`` (``num_samples`` patches per volume, centres on voxels with
+      mask 1) -> ``LabelToRegionsd`` (if ``regions``) -> random flips and intensity scale/shift
+      (if ``augment``); batches of ``batch_size * num_samples`` patches, plain tensors;
+    * validation / test: whole volumes, batch size 1, ``MetaTensor`` values (for
+      ``sliding_window_inference`` and :meth:`invert_prediction`);
+    * predict: images only, whole volumes, batch size 1, ``MetaTensor`` values.
+
+    Batches are dicts:
+
+    * ``"image"``: ``(B, in_channels, *S)`` float32;
+    * ``"label"``: ``(B, 1, *S)`` float32 label map with integer values in ``[0, num_classes)``
+      (ignored voxels replaced by 0), or ``(B, R, *S)`` float32 0/1 regions in multi-label mode;
+    * ``"mask"``: ``(B, 1, *S)`` float32, 1 = voxel counts, 0 = ignored (ignore label, outside
+      the case's ROI mask, or padding).
+
+    Predict batches hold ``"image"`` only.
+
+    ``dataset.json`` ``"labels"`` may be in MSD form (``{"0": "background", "1": "liver"}``) or
+    nnU-Net v2 form (``{"background": 0, "liver": 1}``, list values define regions). An entry
+    named ``"ignore"`` defines the ignore label and is not a class. ``"training"`` entries are
+    ``{"image", "label"}`` with an optional ``"mask"`` (region-of-interest image, non-zero =
+    counts). ``"test"`` entries are image paths, or dicts with ``"image"`` and optionally
+    ``"label"``. The number of image channels comes from ``"modality"`` (or nnU-Net's
+    ``"channel_names"``), default 1.
+
+    The split into training and validation cases is a seeded shuffle: with ``val_fraction > 0``
+    and at least 2 cases there is at least one validation case (and one training case).
+
+    Args:
+        data_dir: folder holding ``dataset.json``.
+        synthetic: if True and ``data_dir`` has no ``dataset.json``, write a synthetic dataset
+            there first with :func:`make_synthetic_dataset` (an existing one is reused).
+        synthetic_kwargs: keyword arguments for :func:`make_synthetic_dataset`.
+        roi_size: training patch size ``(X, Y, Z)``; also the sliding-window size for the model.
+        batch_size: volumes per training batch (each gives ``num_samples`` patches).
+        num_samples: patches cropped per volume by ``RandCropByPosNegLabeld`` (pos:neg = 1:1).
+        num_workers: DataLoader worker processes (and cache-filling threads).
+        cache_rate: fraction of cases whose deterministic transforms are cached in memory.
+        val_fraction: fraction of the ``training`` cases held out for validation, in [0, 1).
+        seed: seed of the split and of the training augmentation.
+        spacing: target voxel size in mm; ``None`` keeps each volume's own voxel size.
+        intensity: ``"zscore"`` (per channel, over non-zero voxels), ``"ct"`` (clip to
+            ``ct_window`` and scale to [0, 1]) or ``"none"``.
+        ct_window: Hounsfield window ``(min, max)`` for ``intensity="ct"``.
+        ignore_index: label value to ignore; ``None`` takes it from a ``dataset.json`` label
+            named ``"ignore"`` (if any).
+        regions: multi-label mode: region name -> label values, e.g.
+            ``{"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]}``; ``None`` uses nnU-Net-style regions
+            from ``dataset.json`` if it has any, else single-label (softmax) mode.
+        predict_images: folder (``*.nii.gz``, ``*.nii``), file or glob pattern of images to
+            predict (relative to the working directory); ``None``: ``dataset.json`` ``"test"``.
+        augment: random flips and intensity scale/shift in training.
+
+    Attributes:
+        class_names: output channel names: class names (without ``"ignore"``), or region names
+            in multi-label mode.
+        num_classes: ``len(class_names)``, the number of output channels of the network.
+        multi_label: True when ``regions`` are used (sigmoid outputs).
+        ignore_index: the ignore label value in the files, or None.
+        in_channels: number of image channels (modalities).
+        label_names: names of the integer label values ``0..L-1`` in the files.
+        train_files, val_files, test_files: the case dicts of each split (paths joined to
+            ``data_dir``); ``test_files`` is empty when ``dataset.json`` has no labelled test
+            cases. ``predict_files`` is filled by ``setup("predict")``.
+
+    Raises:
+        FileNotFoundError: ``dataset.json`` is missing (and ``synthetic`` is False), or a file it
+            lists does not exist (all missing files are named).
+        ValueError: ``dataset.json`` is not valid JSON, lacks ``"labels"`` or has malformed labels
+            or entries (the message names ``dataset.json``); a region uses an unknown label value;
+            an argument is out of range. In :meth:`setup`: an unreadable NIfTI file or an
+            image/label/mask shape mismatch (naming the files).
+
+    Example:
+        >>> import tempfile
+        >>> dm = SegmentationDataModule(
+        ...     tempfile.mkdtemp(), synthetic=True, roi_size=(16, 16, 16),
+        ...     synthetic_kwargs={"num_cases": 3, "num_test": 1, "size": (16, 16, 16)},
+        ... )
+        >>> dm.class_names, dm.num_classes, dm.ignore_index, dm.in_channels
+        (['background', 'class_1', 'class_2'], 3, 255, 1)
+        >>> len(dm.train_files), len(dm.val_files)
+        (2, 1)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> [tuple(batch[k].shape) for k in ("image", "label", "mask")]
+        [(4, 1, 16, 16, 16), (4, 1, 16, 16, 16), (4, 1, 16, 16, 16)]
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike = "data/synthetic",
+        synthetic: bool = False,
+        synthetic_kwargs: dict[str, Any] | None = None,
+        roi_size: Sequence[int] = (96, 96, 96),
+        batch_size: int = 2,
+        num_samples: int = 2,
+        num_workers: int = 0,
+        cache_rate: float = 1.0,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        spacing: Sequence[float] | None = None,
+        intensity: Literal["zscore", "ct", "none"] = "zscore",
+        ct_window: Sequence[float] = (-175.0, 250.0),
+        ignore_index: int | None = None,
+        regions: dict[str, list[int]] | None = None,
+        predict_images: str | None = None,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.roi_size = tuple(int(s) for s in roi_size)
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size must be 3 positive sizes, got {tuple(roi_size)}.")
+        if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+            raise ValueError(f"spacing must be None or 3 positive sizes, got {tuple(spacing)}.")
+        if batch_size < 1 or num_samples < 1 or num_workers < 0:
+            raise ValueError(
+                f"need batch_size >= 1, num_samples >= 1, num_workers >= 0, got {batch_size}, "
+                f"{num_samples}, {num_workers}."
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}.")
+        if intensity not in ("zscore", "ct", "none"):
+            raise ValueError(f"intensity must be 'zscore', 'ct' or 'none', got {intensity!r}.")
+        if len(ct_window) != 2 or ct_window[0] >= ct_window[1]:
+            raise ValueError(f"ct_window must be (min, max) with min < max, got {ct_window}.")
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+        self.num_workers = num_workers
+        self.cache_rate = cache_rate
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.intensity = intensity
+        self.ct_window = (float(ct_window[0]), float(ct_window[1]))
+        self.predict_images = predict_images
+        self.augment = augment
+
+        self.dataset_json = self.data_dir / "dataset.json"
+        if not self.dataset_json.is_file():
+            if not synthetic:
+                raise FileNotFoundError(
+                    f"{self.dataset_json} not found: data_dir must hold a Medical Segmentation "
+                    "Decathlon style dataset.json (or pass synthetic=True to write a synthetic "
+                    "dataset there)."
+                )
+            make_synthetic_dataset(self.data_dir, **(synthetic_kwargs or {}))
+        info = self._read_json()
+
+        self.label_names, json_ignore, json_regions = _parse_labels(
+            info["labels"], self.dataset_json
+        )
+        self.ignore_index: int | None = json_ignore if ignore_index is None else int(ignore_index)
+        if self.ignore_index is not None and 0 <= self.ignore_index < len(self.label_names):
+            raise ValueError(
+                f"ignore_index {self.ignore_index} is a class index of {self.dataset_json} "
+                f"(classes 0..{len(self.label_names) - 1})."
+            )
+        regions = regions if regions is not None else json_regions
+        self.regions: dict[str, list[int]] | None = None
+        if regions is not None:
+            self.regions = {}
+            for name, values in dict(regions).items():
+                values = [values] if _is_int(values) else list(values)
+                bad = [
+                    v for v in values if not _is_int(v) or not 0 <= int(v) < len(self.label_names)
+                ]
+                if not values or bad:
+                    raise ValueError(
+                        f"region '{name}' must list label values in [0, {len(self.label_names)}) "
+                        f"of {self.dataset_json}, got {values}."
+                    )
+                self.regions[str(name)] = [int(v) for v in values]
+            if not self.regions:
+                raise ValueError("regions is empty; use None for single-label mode.")
+        self.multi_label = self.regions is not None
+        self.class_names: list[str] = (
+            list(self.regions) if self.regions is not None else list(self.label_names)
+        )
+        self.num_classes = len(self.class_names)
+        channels = info.get("modality", info.get("channel_names"))
+        if channels is None:
+            self.in_channels = 1
+        elif isinstance(channels, Mapping) and channels:
+            self.in_channels = len(channels)
+        else:
+            raise ValueError(
+                f"{self.dataset_json}: 'modality' must be a non-empty mapping, got {channels!r}."
+            )
+
+        self.all_train_files = self._cases(info.get("training", []), "training", need_label=True)
+        test = info.get("test", [])
+        labelled = bool(test) and all(isinstance(t, Mapping) and "label" in t for t in test)
+        self.test_files = self._cases(test, "test", need_label=True) if labelled else []
+        if not isinstance(test, list):
+            raise ValueError(f"{self.dataset_json}: 'test' must be a list, got {test!r}.")
+        test_images = [t.get("image") if isinstance(t, Mapping) else t for t in test]
+        self._json_predict_files = [
+            {"image": _resolve(self.data_dir, p, self.dataset_json, "a 'test' image")}
+            for p in test_images
+        ]
+        _check_exist(
+            [f for case in self.all_train_files + self.test_files for f in case.values()]
+            + [case["image"] for case in self._json_predict_files],
+            self.dataset_json,
+        )
+
+        order = list(range(len(self.all_train_files)))
+        random.Random(seed).shuffle(order)
+        n = len(order)
+        n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+        if val_fraction > 0 and n == 1:
+            warnings.warn(
+                f"{self.dataset_json} has a single training case: no validation split.",
+                stacklevel=2,
+            )
+        self.val_files = [self.all_train_files[i] for i in sorted(order[:n_val])]
+        self.train_files = [self.all_train_files[i] for i in sorted(order[n_val:])]
+
+        self._orientation = Orientationd(
+            keys=_KEYS, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True
+        )
+        self._spacing = (
+            None
+            if self.spacing is None
+            else Spacingd(
+                keys=_KEYS,
+                pixdim=self.spacing,
+                mode=("bilinear", "nearest", "nearest"),
+                allow_missing_keys=True,
+            )
+        )
+        self.predict_files: list[dict[str, str]] = []  # filled by setup("predict")
+        self._checked: set[str] = set()
+        self.train_ds: CacheDataset | None = None
+        self.val_ds: CacheDataset | None = None
+        self.test_ds: CacheDataset | None = None
+        self.predict_ds: CacheDataset | None = None
+
+    # ---------------------------------------------------------------------------- dataset.json
+    def _read_json(self) -> dict[str, Any]:
+        try:
+            info = json.loads(self.dataset_json.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.dataset_json} is not valid JSON: {err}") from err
+        if not isinstance(info, dict):
+            raise ValueError(f"{self.dataset_json} must hold a JSON object, got {type(info)}.")
+        if "labels" not in info:
+            raise ValueError(
+                f"{self.dataset_json} has no 'labels' entry; expected e.g. "
+                '"labels": {"0": "background", "1": "tumour"} (optionally "255": "ignore").'
+            )
+        return info
+
+    def _cases(self, entries: Any, field: str, need_label: bool) -> list[dict[str, str]]:
+        if not isinstance(entries, list):
+            raise ValueError(f"{self.dataset_json}: '{field}' must be a list, got {entries!r}.")
+        cases = []
+        for i, entry in enumerate(entries):
+            if (
+                not isinstance(entry, Mapping)
+                or "image" not in entry
+                or (need_label and "label" not in entry)
+            ):
+                raise ValueError(
+                    f"{self.dataset_json}: '{field}' entry {i} must be a dict with 'image' and "
+                    f"'label' (and optionally 'mask'), got {entry!r}."
+                )
+            case = {
+                key: _resolve(self.data_dir, entry[key], self.dataset_json, f"'{field}' {key}")
+                for key in _KEYS
+                if key in entry
+            }
+            cases.append(case)
+        return cases
+
+    def _resolve_predict_files(self) -> list[dict[str, str]]:
+        if self.predict_images is None:
+            files = self._json_predict_files
+            if not files:
+                raise FileNotFoundError(
+                    f"{self.dataset_json} lists no 'test' images to predict; set predict_images."
+                )
+            return files
+        path = Path(self.predict_images)
+        if path.is_dir():
+            found = sorted(path.glob("*.nii.gz")) + sorted(path.glob("*.nii"))
+            names = [str(p) for p in found if not p.name.startswith(".")]  # e.g. macOS "._x"
+        elif path.is_file():
+            names = [str(path)]
+        else:
+            names = sorted(glob.glob(self.predict_images))
+        if not names:
+            raise FileNotFoundError(
+                f"predict_images '{self.predict_images}' matches no image files."
+            )
+        return [{"image": os.path.normpath(p)} for p in names]
+
+    def _check_headers(self, cases: Sequence[Mapping[str, str]]) -> None:
+        """Read every file's NIfTI header (no voxel data): readable, matching spatial shapes."""
+        for case in cases:
+            key = "|".join(case.values())
+            if key in self._checked:
+                continue
+            shapes = {k: _header_shape(p) for k, p in case.items()}
+            image_shape = shapes["image"][:3]
+            for k in ("label", "mask"):
+                if k in shapes and shapes[k][:3] != image_shape:
+                    raise ValueError(
+                        f"spatial shape mismatch: image '{case['image']}' has {image_shape} but "
+                        f"{k} '{case[k]}' has {shapes[k][:3]}."
+                    )
+            self._checked.add(key)
+
+    # ---------------------------------------------------------------------------- transforms
+    def _pre_transforms(self, keys: Sequence[str]) -> list[Any]:
+        """Deterministic part shared by all stages (load, check, mask, orientation, spacing,
+        intensity)."""
+        labelled = "label" in keys
+        xforms: list[Any] = [
+            LoadImaged(keys=keys, reader="NibabelReader", image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
+            CheckImageLabeld(
+                keys=("label", "mask"),
+                num_channels=self.in_channels,
+                num_classes=len(self.label_names),
+                ignore_index=self.ignore_index,
+            ),
+        ]
+        if labelled:
+            xforms.append(
+                IgnoreMaskd(
+                    keys="label",
+                    ignore_index=self.ignore_index,
+                    mask_key="mask",
+                    roi_mask_key="mask",
+                    allow_missing_keys=True,
+                )
+            )
+        xforms.append(self._orientation)
+        if self._spacing is not None:
+            xforms.append(self._spacing)
+        if self.intensity == "zscore":
+            xforms.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+        elif self.intensity == "ct":
+            lo, hi = self.ct_window
+            xforms.append(
+                ScaleIntensityRanged(
+                    keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
+                )
+            )
+        return xforms
+
+    def _regions_transform(self) -> list[Any]:
+        return [] if self.regions is None else [LabelToRegionsd(keys="label", regions=self.regions)]
+
+    def train_transforms(self) -> Compose:
+        """The training pipeline (see the class docstring)."""
+        xforms = self._pre_transforms(_KEYS)
+        xforms += [
+            SpatialPadd(keys=_KEYS, spatial_size=self.roi_size),
+            RandCropByPosNegLabeld(
+                keys=_KEYS,
+                label_key="label",
+                spatial_size=self.roi_size,
+                pos=1.0,
+                neg=1.0,
+                num_samples=self.num_samples,
+                image_key="mask",
+                image_threshold=0.5,
+            ),
+        ]
+        xforms += self._regions_transform()
+        if self.augment:
+            xforms += [RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)]
+            xforms += [
+                RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            ]
+        xforms.append(EnsureTyped(keys=_KEYS, dtype=torch.float32, track_meta=False))
+        compose = _CaseCompose(xforms)
+        compose.set_random_state(seed=self.seed)
+        return compose
+
+    def eval_transforms(self) -> Compose:
+        """Validation/test pipeline: whole volumes, ``MetaTensor`` values kept."""
+        xforms = self._pre_transforms(_KEYS) + self._regions_transform()
+        xforms.append(EnsureTyped(keys=_KEYS, dtype=torch.float32, track_meta=True))
+        return _CaseCompose(xforms)
+
+    def predict_transforms(self) -> Compose:
+        """Prediction pipeline: image only, whole volume, ``MetaTensor`` kept."""
+        xforms = self._pre_transforms(("image",))
+        xforms.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=True))
+        return _CaseCompose(xforms)
+
+    # ---------------------------------------------------------------------------- Lightning
+    def _dataset(self, files: list[dict[str, str]], transform: Compose) -> CacheDataset:
+        self._check_headers(files)
+        return CacheDataset(
+            data=files,
+            transform=transform,
+            cache_rate=self.cache_rate,
+            num_workers=max(1, self.num_workers),
+            progress=False,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage`` ("fit", "validate", "test", "predict"; None: fit and
+        test). Reads every NIfTI header first, then fills the cache.
+
+        Raises:
+            ValueError: no training cases (fit), an unreadable NIfTI file, or mismatched
+                image/label/mask shapes (naming the files).
+            FileNotFoundError: nothing to predict (predict).
+        """
+        if stage in ("fit", None):
+            if not self.train_files:
+                raise ValueError(f"{self.dataset_json} lists no 'training' cases.")
+            if self.train_ds is None:
+                self.train_ds = self._dataset(self.train_files, self.train_transforms())
+        if stage in ("fit", "validate", None) and self.val_ds is None and self.val_files:
+            self.val_ds = self._dataset(self.val_files, self.eval_transforms())
+        if stage in ("test", None) and self.test_ds is None:
+            files = self.test_files or self.val_files
+            if files:
+                self.test_ds = self._dataset(files, self.eval_transforms())
+        if stage == "predict" and self.predict_ds is None:
+            self.predict_files = self._resolve_predict_files()
+            self.predict_ds = self._dataset(self.predict_files, self.predict_transforms())
+
+    def _loader(self, dataset: CacheDataset | None, stage: str, **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            self.setup(stage)
+            dataset = {
+                "fit": self.train_ds,
+                "validate": self.val_ds,
+                "test": self.test_ds,
+                "predict": self.predict_ds,
+            }[stage]
+        if dataset is None:
+            raise ValueError(f"no cases for stage '{stage}' in {self.dataset_json}.")
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            collate_fn=list_data_collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Patches: ``batch_size * num_samples`` per batch, shuffled, plain tensors."""
+        return self._loader(self.train_ds, "fit", batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Whole validation volumes, batch size 1; ``[]`` when there is no validation split
+        (``val_fraction=0`` or a single case)."""
+        if not self.val_files:
+            return []
+        return self._loader(self.val_ds, "validate", batch_size=1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Whole labelled volumes, batch size 1: the ``dataset.json`` ``"test"`` cases when they
+        all have labels, otherwise the validation split."""
+        return self._loader(self.test_ds, "test", batch_size=1, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Images only (``predict_images`` or ``dataset.json`` ``"test"``), batch size 1, with
+        metadata for :meth:`invert_prediction`."""
+        return self._loader(self.predict_ds, "predict", batch_size=1, shuffle=False)
+
+    # ---------------------------------------------------------------------------- inversion
+    def invert_prediction(
+        self, pred: torch.Tensor, image: MetaTensor, nearest: bool = True
+    ) -> MetaTensor:
+        """Map a prediction back to the original image space (undo orientation and spacing).
+
+        Args:
+            pred: ``(C, *S)`` or ``(1, C, *S)`` prediction on the grid of ``image``, e.g. an
+                argmax label map ``(1, *S)`` or probabilities ``(C, *S)``.
+            image: the ``"image"`` of a validation, test or predict batch, ``(C_in, *S)`` or
+                ``(1, C_in, *S)`` (batch size 1), a ``MetaTensor`` with its applied operations.
+            nearest: resample with nearest-neighbour (label maps); False uses the image's
+                interpolation (probabilities).
+
+        Returns:
+            ``MetaTensor`` ``(C, *S_orig)`` on the CPU with the original file's shape and affine;
+            write it with :func:`save_prediction`.
+
+        Raises:
+            TypeError: ``image`` is not a ``MetaTensor``.
+            ValueError: a batch holds more than one item, or ``pred`` and ``image`` differ in
+                spatial shape.
+        """
+        if not isinstance(image, MetaTensor):
+            raise TypeError(
+                f"image must be the MetaTensor of a batch (with its applied operations), got "
+                f"{type(image).__name__}."
+            )
+        image = image.detach().cpu()
+        if image.is_batch:
+            items = decollate_batch(image)
+            if len(items) != 1:
+                raise ValueError(f"invert one case at a time, got a batch of {len(items)}.")
+            image = items[0]
+        pred = pred.detach().cpu()
+        pred = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+        if pred.ndim == image.ndim + 1:
+            if pred.shape[0] != 1:
+                raise ValueError(f"invert one case at a time, got a batch of {pred.shape[0]}.")
+            pred = pred[0]
+        if pred.ndim != image.ndim or pred.shape[1:] != image.shape[1:]:
+            raise ValueError(
+                f"pred of shape {tuple(pred.shape)} does not fit image of shape "
+                f"{tuple(image.shape)} (spatial shapes must match)."
+            )
+        inverse = [self._orientation] + ([self._spacing] if self._spacing is not None else [])
+        inverter = Invertd(
+            keys="pred", transform=Compose(inverse), orig_keys="image", nearest_interp=nearest
+        )
+        out = inverter({"pred": MetaTensor(pred), "image": image})["pred"]
+        if pred.dtype != out.dtype and not pred.is_floating_point() and nearest:
+            out = out.round().to(pred.dtype)
+        return out
+
+    def __str__(self) -> str:  # Lightning's __str__ would build every dataloader
+        return repr(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(data_dir='{self.data_dir}', classes={self.class_names}, "
+            f"multi_label={self.multi_label}, ignore_index={self.ignore_index}, "
+            f"in_channels={self.in_channels}, train={len(self.train_files)}, "
+            f"val={len(self.val_files)})"
+        )

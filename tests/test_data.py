@@ -1,0 +1,547 @@
+"""Tests for lovasz_monai.data: the synthetic MSD writer and SegmentationDataModule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from monai.data import MetaTensor
+
+from lovasz_monai.data import SegmentationDataModule, make_synthetic_dataset, save_prediction
+
+IGNORE = 255
+SIZE = (24, 24, 24)
+ROI = (16, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """4 labelled cases + 2 test images of 24^3, 3 classes, ignore label 255, LPS-like affine."""
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("tiny"), num_cases=4, num_test=2, size=SIZE, seed=1
+    )
+
+
+@pytest.fixture
+def tiny_copy(tiny, tmp_path) -> Path:
+    """A private copy of the tiny dataset that a test may damage."""
+    return Path(shutil.copytree(tiny, tmp_path / "copy"))
+
+
+def _dm(root, **kwargs) -> SegmentationDataModule:
+    kwargs.setdefault("roi_size", ROI)
+    return SegmentationDataModule(root, **kwargs)
+
+
+def _array(path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _ras(path) -> np.ndarray:
+    """The file's voxels in RAS orientation, computed by nibabel (independent of MONAI)."""
+    return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+
+
+def _read_json(root) -> dict:
+    return json.loads((Path(root) / "dataset.json").read_text())
+
+
+def _write_json(root, info) -> None:
+    (Path(root) / "dataset.json").write_text(json.dumps(info))
+
+
+# ------------------------------------------------------------------------ make_synthetic_dataset
+
+
+def test_synthetic_layout_and_dataset_json(tiny):
+    info = _read_json(tiny)
+    for key in ("name", "description", "tensorImageSize", "modality", "labels", "numTraining"):
+        assert key in info
+    assert info["labels"] == {"0": "background", "1": "class_1", "2": "class_2", "255": "ignore"}
+    assert info["numTraining"] == len(info["training"]) == 4
+    assert info["numTest"] == len(info["test"]) == 2
+    assert info["tensorImageSize"] == "3D" and info["modality"] == {"0": "MRI"}
+    for entry in info["training"]:
+        assert entry["image"].startswith("./imagesTr/") and entry["label"].startswith("./labelsTr/")
+        image, label = nib.load(tiny / entry["image"]), nib.load(tiny / entry["label"])
+        assert image.shape == label.shape == SIZE
+        assert image.get_data_dtype() == np.float32
+        expected = np.diag([-1.5, -1.5, 2.0, 1.0])
+        np.testing.assert_allclose(image.affine[:3, :3], expected[:3, :3])
+        np.testing.assert_allclose(label.affine, image.affine)
+        assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+        values = np.unique(_array(tiny / entry["label"]))
+        assert set(values.tolist()) <= {0, 1, 2, IGNORE}
+        assert {0, IGNORE} <= set(values.tolist()) and len(values) >= 3
+        # the ignored voxels form whole slices (a slab along the last axis)
+        ignored = _array(tiny / entry["label"]) == IGNORE
+        slices = ignored.all(axis=(0, 1))
+        assert slices.any() and np.array_equal(ignored.any(axis=(0, 1)), slices)
+    for path in info["test"]:
+        assert nib.load(tiny / path).shape == SIZE
+
+
+def test_synthetic_deterministic_and_seed_dependent(tmp_path):
+    kwargs = dict(num_cases=2, num_test=1, size=(16, 16, 16))
+    a = make_synthetic_dataset(tmp_path / "a", seed=3, **kwargs)
+    b = make_synthetic_dataset(tmp_path / "b", seed=3, **kwargs)
+    c = make_synthetic_dataset(tmp_path / "c", seed=4, **kwargs)
+    assert _read_json(a) == _read_json(b)
+    files = [f.relative_to(a) for f in sorted(a.rglob("*.nii.gz"))]
+    assert len(files) == 5
+    for rel in files:
+        assert np.array_equal(_array(a / rel), _array(b / rel))
+        assert np.array_equal(nib.load(a / rel).affine, nib.load(b / rel).affine)
+    assert not np.array_equal(_array(a / files[0]), _array(c / files[0]))
+    assert not np.array_equal(
+        _array(a / "labelsTr/case_000.nii.gz"), _array(c / "labelsTr/case_000.nii.gz")
+    )
+
+
+def test_synthetic_options(tmp_path):
+    root = make_synthetic_dataset(
+        tmp_path,
+        num_cases=2,
+        num_test=0,
+        size=(16, 12, 10),
+        num_classes=2,
+        num_modalities=2,
+        spacing=(0.8, 1.0, 3.0),
+        ignore_index=None,
+        roi_masks=True,
+    )
+    info = _read_json(root)
+    assert info["labels"] == {"0": "background", "1": "class_1"}
+    assert info["tensorImageSize"] == "4D" and len(info["modality"]) == 2
+    assert info["test"] == [] and info["numTest"] == 0
+    entry = info["training"][0]
+    assert nib.load(root / entry["image"]).shape == (16, 12, 10, 2)
+    np.testing.assert_allclose(nib.load(root / entry["image"]).header.get_zooms()[:3], (0.8, 1, 3))
+    assert set(np.unique(_array(root / entry["label"])).tolist()) == {0, 1}
+    roi = _array(root / entry["mask"])
+    assert set(np.unique(roi).tolist()) == {0, 1} and roi.shape == (16, 12, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"size": (4, 16, 16)},
+        {"num_classes": 1},
+        {"ignore_index": 1},
+        {"ignore_fraction": 1.0},
+        {"num_cases": 0},
+    ],
+)
+def test_synthetic_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        make_synthetic_dataset(tmp_path, **kwargs)
+
+
+# ------------------------------------------------------------------------ attributes, labels
+
+
+def test_attributes_from_msd_json(tiny):
+    dm = _dm(tiny)
+    assert dm.class_names == ["background", "class_1", "class_2"]
+    assert dm.num_classes == 3 and dm.ignore_index == IGNORE and dm.in_channels == 1
+    assert not dm.multi_label
+    assert dm.roi_size == ROI
+    assert "class_1" in repr(dm) and str(dm) == repr(dm)
+    assert _dm(tiny, ignore_index=7).ignore_index == 7
+
+
+def test_attributes_from_nnunet_json(tiny_copy):
+    info = _read_json(tiny_copy)
+    info["labels"] = {"background": 0, "liver": 1, "tumour": 2, "ignore": IGNORE}
+    del info["modality"]
+    info["channel_names"] = {"0": "CT", "1": "PET"}
+    _write_json(tiny_copy, info)
+    dm = _dm(tiny_copy)
+    assert dm.class_names == ["background", "liver", "tumour"] and dm.num_classes == 3
+    assert dm.ignore_index == IGNORE and dm.in_channels == 2 and not dm.multi_label
+
+
+def test_nnunet_region_labels(tiny_copy):
+    info = _read_json(tiny_copy)
+    info["labels"] = {"background": 0, "whole": [1, 2], "core": 2, "ignore": IGNORE}
+    _write_json(tiny_copy, info)
+    dm = _dm(tiny_copy)
+    assert dm.multi_label and dm.class_names == ["whole", "core"] and dm.num_classes == 2
+    assert dm.regions == {"whole": [1, 2], "core": [2]} and dm.ignore_index == IGNORE
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ({"0": "background", "2": "gap"}, "without gaps"),
+        ({"background": 0, "a": "x"}, "must map index strings"),
+        ({"0": "background", "1": "ignore", "2": "b"}, "without gaps"),
+        ([], "non-empty mapping"),
+    ],
+)
+def test_bad_labels_name_dataset_json(tiny_copy, labels, match):
+    info = _read_json(tiny_copy)
+    info["labels"] = labels
+    _write_json(tiny_copy, info)
+    with pytest.raises(ValueError, match=match) as err:
+        _dm(tiny_copy)
+    assert "dataset.json" in str(err.value)
+
+
+def test_ignore_index_must_not_be_a_class(tiny):
+    with pytest.raises(ValueError, match="class index"):
+        _dm(tiny, ignore_index=1)
+
+
+# ------------------------------------------------------------------------ split
+
+
+def test_split_deterministic_and_complete(tmp_path):
+    root = make_synthetic_dataset(tmp_path, num_cases=10, num_test=0, size=(8, 8, 8))
+    splits = {}
+    for seed in range(4):
+        a, b = _dm(root, seed=seed, val_fraction=0.3), _dm(root, seed=seed, val_fraction=0.3)
+        assert a.val_files == b.val_files and a.train_files == b.train_files
+        names = [c["image"] for c in a.train_files + a.val_files]
+        assert sorted(names) == sorted(c["image"] for c in a.all_train_files)
+        assert len(a.val_files) == 3 and len(set(names)) == 10
+        splits[seed] = tuple(c["image"] for c in a.val_files)
+    assert len(set(splits.values())) > 1  # the seed matters
+    assert len(_dm(root, val_fraction=0.01).val_files) == 1  # at least one validation case
+    assert _dm(root, val_fraction=0.0).val_files == []
+    assert _dm(root, val_fraction=0.0).val_dataloader() == []
+
+
+# ------------------------------------------------------------------------ batches
+
+
+def test_train_batch_format(tiny):
+    dm = _dm(tiny, batch_size=2, num_samples=3, spacing=(2.0, 2.0, 2.0))
+    dm.setup("fit")
+    assert len(dm.train_files) == 3 and len(dm.val_files) == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "label", "mask"}
+    for key in ("image", "label", "mask"):
+        assert batch[key].shape == (6, 1, *ROI)
+        assert batch[key].dtype == torch.float32
+        assert not isinstance(batch[key], MetaTensor)
+    assert torch.isfinite(batch["image"]).all()
+    assert set(batch["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_train_whole_volume_mask_matches_ignored_voxels(tiny):
+    """With a crop as large as the volume, each training sample is a whole (RAS) volume: its
+    mask must be 0 exactly where the file's label is the ignore value."""
+    dm = _dm(tiny, roi_size=SIZE, batch_size=1, num_samples=1, augment=False)
+    dm.setup("fit")
+    references = [_ras(case["label"]) for case in dm.train_files]
+    seen = set()
+    for batch in dm.train_dataloader():
+        label, mask = batch["label"][0, 0].numpy(), batch["mask"][0, 0].numpy()
+        matches = [
+            i
+            for i, ref in enumerate(references)
+            if np.array_equal(np.where(ref == IGNORE, 0, ref), label)
+        ]
+        assert len(matches) == 1
+        ref = references[matches[0]]
+        np.testing.assert_array_equal(mask, (ref != IGNORE).astype(np.float32))
+        seen.add(matches[0])
+    assert seen == set(range(len(references)))
+
+
+def test_val_batch_whole_volume_with_meta(tiny):
+    dm = _dm(tiny)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert len(batches) == len(dm.val_files) == 1
+    batch = batches[0]
+    case = dm.val_files[0]
+    ref = _ras(case["label"])
+    for key in ("image", "label", "mask"):
+        assert isinstance(batch[key], MetaTensor) and batch[key].shape == (1, 1, *SIZE)
+        assert batch[key].dtype == torch.float32
+    assert batch["image"].meta["filename_or_obj"][0] == case["image"]
+    np.testing.assert_array_equal(batch["label"][0, 0].numpy(), np.where(ref == IGNORE, 0, ref))
+    np.testing.assert_array_equal(batch["mask"][0, 0].numpy(), (ref != IGNORE).astype(np.float32))
+    image = batch["image"][0, 0].as_tensor()
+    nonzero = image[_ras(case["image"]) != 0]
+    assert abs(float(nonzero.mean())) < 1e-3 and abs(float(nonzero.std()) - 1) < 1e-2  # z-score
+
+
+def test_ct_intensity_window(tiny):
+    dm = _dm(tiny, intensity="ct", ct_window=(100.0, 300.0))
+    dm.setup("validate")
+    image = next(iter(dm.val_dataloader()))["image"][0, 0].numpy()
+    raw = _ras(dm.val_files[0]["image"])
+    np.testing.assert_allclose(image, np.clip((raw - 100.0) / 200.0, 0, 1), atol=1e-5)
+
+
+def test_regions_mode(tiny):
+    regions = {"fg": [1, 2], "two": [2]}
+    dm = _dm(tiny, regions=regions, num_samples=2)
+    assert dm.multi_label and dm.class_names == ["fg", "two"] and dm.num_classes == 2
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["label"].shape == (4, 2, *ROI) and batch["mask"].shape == (4, 1, *ROI)
+    assert set(batch["label"].unique().tolist()) <= {0.0, 1.0}
+    assert bool((batch["label"][:, 1] <= batch["label"][:, 0]).all())  # "two" inside "fg"
+    val = next(iter(dm.val_dataloader()))
+    ref = _ras(dm.val_files[0]["label"])
+    for channel, values in enumerate(regions.values()):
+        expected = np.isin(ref, values).astype(np.float32)
+        np.testing.assert_array_equal(val["label"][0, channel].numpy(), expected)
+    np.testing.assert_array_equal(val["mask"][0, 0].numpy(), (ref != IGNORE).astype(np.float32))
+    with pytest.raises(ValueError, match="label values in"):
+        _dm(tiny, regions={"bad": [3]})
+
+
+def test_roi_masks_and_two_modalities(tmp_path):
+    root = make_synthetic_dataset(
+        tmp_path, num_cases=2, num_test=0, size=(16, 16, 16), num_modalities=2, roi_masks=True
+    )
+    dm = _dm(root, roi_size=(8, 8, 8), val_fraction=0.5)
+    assert dm.in_channels == 2
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 2, 8, 8, 8) and batch["mask"].shape == (2, 1, 8, 8, 8)
+    val = next(iter(dm.val_dataloader()))
+    case = dm.val_files[0]
+    label, roi = _ras(case["label"]), _ras(case["mask"])
+    expected = ((label != IGNORE) & (roi != 0)).astype(np.float32)
+    assert (roi == 0).any() and (label == IGNORE).any()
+    np.testing.assert_array_equal(val["mask"][0, 0].numpy(), expected)
+    assert val["image"].shape == (1, 2, 16, 16, 16)
+
+
+def test_num_workers(tiny):
+    dm = _dm(tiny, num_workers=2, batch_size=1, num_samples=2, cache_rate=0.5)
+    dm.setup("fit")
+    shapes = [tuple(b["image"].shape) for b in dm.train_dataloader()]
+    assert shapes == [(2, 1, *ROI)] * 3
+
+
+# ------------------------------------------------------------------------ test / predict
+
+
+def test_test_dataloader_falls_back_to_validation_split(tiny):
+    dm = _dm(tiny)
+    dm.setup("test")
+    assert dm.test_files == []
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].meta["filename_or_obj"][0] == dm.val_files[0]["image"]
+
+
+def test_test_dataloader_uses_labelled_test_cases(tiny_copy):
+    info = _read_json(tiny_copy)
+    info["test"] = [info["training"][3]]
+    _write_json(tiny_copy, info)
+    dm = _dm(tiny_copy, val_fraction=0.0)
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    assert len(batches) == 1 and set(batches[0]) == {"image", "label", "mask"}
+    assert batches[0]["label"].meta["filename_or_obj"][0] == dm.test_files[0]["label"]
+
+
+def test_predict_dataloader(tiny):
+    dm = _dm(tiny)
+    dm.setup("predict")
+    batches = list(dm.predict_dataloader())
+    test_images = [str(tiny / p[2:]) for p in _read_json(tiny)["test"]]
+    assert [b["image"].meta["filename_or_obj"][0] for b in batches] == test_images
+    for batch in batches:
+        assert set(batch) == {"image"}
+        assert isinstance(batch["image"], MetaTensor) and batch["image"].shape == (1, 1, *SIZE)
+    # a folder, a glob pattern, or a single file instead of dataset.json "test"
+    for pattern, count in [(tiny / "imagesTr", 4), (tiny / "imagesTr/case_00[01]*", 2)]:
+        other = _dm(tiny, predict_images=str(pattern))
+        other.setup("predict")
+        assert len(other.predict_files) == len(list(other.predict_dataloader())) == count
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        _dm(tiny, predict_images=str(tiny / "nothing_here*")).setup("predict")
+
+
+def test_invert_prediction_round_trip(tiny, tmp_path):
+    """Orientation (LPS -> RAS) and resampling to 1 mm are undone: a prediction equal to the
+    transformed label maps back onto the file's label and affine."""
+    dm = _dm(tiny, spacing=(1.0, 1.0, 1.0))
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["label"].shape == (1, 1, 36, 36, 47)  # 24 voxels of 1.5/1.5/2 mm at 1 mm
+    case = dm.val_files[0]
+    original = _array(case["label"])
+    affine = nib.load(case["label"]).affine
+    for pred in (batch["label"], batch["label"][0].as_tensor().long()):
+        out = dm.invert_prediction(pred, batch["image"])
+        assert isinstance(out, MetaTensor) and out.shape == (1, *SIZE)
+        np.testing.assert_array_equal(out[0].numpy(), np.where(original == IGNORE, 0, original))
+        np.testing.assert_allclose(out.affine.numpy(), affine)
+    path = save_prediction(out, tmp_path, postfix="_seg")
+    assert path.name == Path(case["image"]).name.replace(".nii.gz", "_seg.nii.gz")
+    written = nib.load(path)
+    np.testing.assert_allclose(written.affine, affine)
+    np.testing.assert_array_equal(_array(path), np.where(original == IGNORE, 0, original))
+    # probabilities / images: interpolated inversion keeps the original grid
+    dm.setup("predict")
+    image = next(iter(dm.predict_dataloader()))["image"]
+    probs = torch.softmax(torch.randn(1, 3, *image.shape[2:]), dim=1)
+    out = dm.invert_prediction(probs, image, nearest=False)
+    assert out.shape == (3, *SIZE)
+    np.testing.assert_allclose(out.affine.numpy(), nib.load(dm.predict_files[0]["image"]).affine)
+    with pytest.raises(ValueError, match="spatial shapes"):
+        dm.invert_prediction(probs[:, :, :-1], image)
+    with pytest.raises(TypeError):
+        dm.invert_prediction(probs, image.as_tensor())
+
+
+# ------------------------------------------------------------------------ bad data
+
+
+def test_missing_dataset_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        _dm(tmp_path)
+
+
+def test_synthetic_true_writes_then_reuses(tmp_path):
+    dm = _dm(tmp_path, synthetic=True, synthetic_kwargs={"num_cases": 2, "size": (8, 8, 8)})
+    assert (tmp_path / "dataset.json").is_file() and len(dm.all_train_files) == 2
+    stamp = (tmp_path / "dataset.json").stat().st_mtime_ns
+    _dm(tmp_path, synthetic=True, synthetic_kwargs={"num_cases": 5})
+    assert (tmp_path / "dataset.json").stat().st_mtime_ns == stamp
+
+
+def test_missing_file_listed(tiny_copy):
+    (tiny_copy / "labelsTr" / "case_002.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"labelsTr/case_002\.nii\.gz"):
+        _dm(tiny_copy)
+
+
+def test_missing_labels_entry(tiny_copy):
+    info = _read_json(tiny_copy)
+    del info["labels"]
+    _write_json(tiny_copy, info)
+    with pytest.raises(ValueError, match=r"dataset\.json.*'labels'"):
+        _dm(tiny_copy)
+
+
+def test_invalid_json(tiny_copy):
+    (tiny_copy / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"dataset\.json is not valid JSON"):
+        _dm(tiny_copy)
+
+
+def test_unreadable_nifti(tiny_copy):
+    (tiny_copy / "imagesTr" / "case_001.nii.gz").write_bytes(b"this is not a NIfTI file")
+    dm = _dm(tiny_copy, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"imagesTr/case_001\.nii\.gz"):
+        dm.setup("fit")
+
+
+def test_truncated_nifti(tiny_copy):
+    path = tiny_copy / "imagesTr" / "case_001.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header readable, voxel data cut off
+    dm = _dm(tiny_copy, val_fraction=0.0)
+    with pytest.raises(RuntimeError, match=r"imagesTr/case_001\.nii\.gz"):
+        dm.setup("fit")
+
+
+def test_shape_mismatch(tiny_copy):
+    path = tiny_copy / "labelsTr" / "case_003.nii.gz"
+    label = nib.load(path)
+    nib.save(nib.Nifti1Image(_array(path)[:, :, :20], label.affine), path)
+    dm = _dm(tiny_copy, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"imagesTr/case_003\.nii\.gz.*labelsTr/case_003\.nii\.gz"):
+        dm.setup("fit")
+
+
+def test_label_value_out_of_range(tiny_copy):
+    path = tiny_copy / "labelsTr" / "case_000.nii.gz"
+    array = _array(path).copy()
+    array[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(array, nib.load(path).affine), path)
+    dm = _dm(tiny_copy, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"labelsTr/case_000\.nii\.gz.*\[9\.0\]"):
+        dm.setup("fit")
+
+
+def test_bad_arguments(tiny):
+    for kwargs in (
+        {"roi_size": (16, 16)},
+        {"val_fraction": 1.0},
+        {"intensity": "minmax"},
+        {"batch_size": 0},
+        {"spacing": (1.0, 0.0, 1.0)},
+    ):
+        with pytest.raises(ValueError):
+            _dm(tiny, **kwargs)
+
+
+# ------------------------------------------------------------------------ Lightning
+
+
+class _TinyModule(pl.LightningModule):
+    """A 1x1x1 convolution trained with a masked cross-entropy: enough to drive every loop."""
+
+    def __init__(self, dm: SegmentationDataModule) -> None:
+        super().__init__()
+        self.dm = dm
+        self.net = torch.nn.Conv3d(dm.in_channels, dm.num_classes, kernel_size=1)
+        self.predicted: list[MetaTensor] = []
+
+    def _loss(self, batch):
+        logits = self.net(batch["image"])
+        ce = torch.nn.functional.cross_entropy(
+            logits, batch["label"][:, 0].long(), reduction="none"
+        )
+        return (ce * batch["mask"][:, 0]).sum() / batch["mask"].sum().clamp_min(1)
+
+    def training_step(self, batch, batch_idx):
+        assert batch["image"].shape[1:] == (1, *ROI)
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch), batch_size=1)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch), batch_size=1)
+
+    def predict_step(self, batch, batch_idx):
+        pred = self.net(batch["image"]).argmax(dim=1, keepdim=True)
+        out = self.dm.invert_prediction(pred, batch["image"])
+        self.predicted.append(out)
+        return out
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_loops(tiny, tmp_path):
+    dm = _dm(tiny, batch_size=2, num_samples=1)
+    module = _TinyModule(dm)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2  # 3 training cases, batches of 2
+    assert "val_loss" in trainer.callback_metrics
+    trainer.test(module, datamodule=dm, verbose=False)
+    assert torch.isfinite(trainer.callback_metrics["test_loss"])
+    trainer.predict(module, datamodule=dm)
+    assert len(module.predicted) == 2
+    for out, case in zip(module.predicted, dm.predict_files, strict=True):
+        assert out.shape == (1, *SIZE)
+        np.testing.assert_allclose(out.affine.numpy(), nib.load(case["image"]).affine)
