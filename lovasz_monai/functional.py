@@ -83,9 +83,16 @@ def lovasz_grad(
     return _lovasz_grad(fg, valid_sorted, dtype)[0]
 
 
-def _lovasz_grad(fg: Tensor, valid: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _lovasz_grad(
+    fg: Tensor,
+    valid: Tensor | None,
+    dtype: torch.dtype,
+    signed: bool = False,
+    has_valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_grad` of rows whose foreground is already masked, and the ``(..., 1)``
-    foreground counts."""
+    foreground counts. ``signed``: foreground weights negated. ``has_valid``: ``(..., 1)``,
+    False for rows (with ``valid=None``) that have no valid voxel at all."""
     # Counts are exact in float32 up to 2**24 voxels a row; longer rows count in float64.
     count_dtype = torch.float64 if fg.shape[-1] > 1 << 24 else dtype
     if valid is None:
@@ -94,16 +101,18 @@ def _lovasz_grad(fg: Tensor, valid: Tensor | None, dtype: torch.dtype) -> tuple[
         count = valid.cumsum(-1, dtype=count_dtype)
     fg_cum = fg.cumsum(-1, dtype=count_dtype)
     num_fg = fg_cum[..., -1:].clone()
-    union = count - fg_cum
-    union += num_fg  # G + B_k
-    grad = union.clamp_min(1).reciprocal_()
-    union -= 1
-    bg_grad = torch.sub(num_fg, fg_cum, out=fg_cum).mul_(grad).div_(union.clamp_min_(1))
-    grad = torch.where(fg, grad, bg_grad)
-    # A row without foreground: J jumps from 0 to 1 at its first valid voxel.
+    # union u_k = G + B_k >= 1 at every valid position, and G - F_k = u_k - k
+    union = torch.sub(count, fg_cum).add_(num_fg)
+    grad = union.reciprocal()  # foreground: 1 / u_k
+    bg_grad = torch.sub(union, count, out=fg_cum).mul_(grad).div_(union.sub_(1))
+    torch.where(fg, grad.neg_() if signed else grad, bg_grad, out=grad)
+    # A row without foreground: J jumps from 0 to 1 at its first valid voxel (the formula
+    # above gives 0/0 there).
     no_fg = num_fg == 0
     if valid is None:
-        grad[..., :1].masked_fill_(no_fg, 1.0)
+        grad[..., :1].masked_fill_(no_fg if has_valid is None else no_fg & has_valid, 1.0)
+        if has_valid is not None:
+            grad[..., :1].masked_fill_(~has_valid, 0.0)
     else:
         grad.masked_fill_(no_fg & (count == 1) & valid, 1.0)
         grad.masked_fill_(~valid, 0.0)
@@ -140,10 +149,12 @@ def _sort_key(errors: Tensor, valid: Tensor | None) -> Tensor:
     return errors if valid is None else torch.where(valid, errors, -1.0)
 
 
-def _sort_rows_torch(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(order, fg_sorted, key_sorted)`` of ``(n, S, P)`` rows sorted by decreasing key."""
+def _sort_rows_torch(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(order, fg_sorted, errors_sorted, has_valid)`` of ``(n, S, P)`` rows sorted by
+    decreasing key; ``errors_sorted`` is 0 at ignored voxels, ``has_valid`` is ``(n, 1)``."""
     key_sorted, order = torch.sort(key.reshape(key.shape[0], -1), dim=-1, descending=True)
-    return order, fg.reshape(order.shape).gather(-1, order), key_sorted
+    has_valid = key_sorted[:, :1] >= 0
+    return order, fg.reshape(order.shape).gather(-1, order), key_sorted.clamp_min_(0), has_valid
 
 
 _ERROR_BITS_MAX = 0x7F800000  # bit pattern of +inf: non-negative float32 bits are ordered
@@ -151,7 +162,7 @@ _IGNORED = _ERROR_BITS_MAX + 1
 _INDEX_MASK = 0x7FFFFFFF
 
 
-def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The same as :func:`_sort_rows_torch` for float32 CPU rows, several times faster.
 
     Each voxel becomes one int64: the inverted error bits (a value past them for ignored voxels)
@@ -175,9 +186,8 @@ def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     words = packed_t.reshape(-1).view(torch.int32).view(num_rows, -1)
     fg_sorted = words[:, 0::2] < 0
     error_bits = torch.sub(_ERROR_BITS_MAX, words[:, 1::2]).clamp_min_(0)  # ignored: 0.0
-    key_sorted = error_bits.view(torch.float32)
-    key_sorted.masked_fill_(words[:, 1::2] == _IGNORED, -1.0)
-    return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, key_sorted
+    has_valid = words[:, 1:2] != _IGNORED
+    return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, error_bits.view(torch.float32), has_valid
 
 
 def _use_numpy_sort(key: Tensor) -> bool:
@@ -208,26 +218,20 @@ def _sort_rows3(
     rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
-        order, fg_sorted, key_sorted = sort_rows(key[rows], fg[rows])
-        grad, counts[rows] = _lovasz_grad(fg_sorted, None, key.dtype)
-        # Ignored voxels sort last and are background: they get weight 0, except in a row
-        # where every voxel is ignored, whose first voxel would otherwise take weight 1.
-        grad.mul_(key_sorted[:, :1] >= 0)
-        losses[rows] = torch.bmm(key_sorted.clamp_min_(0)[:, None], grad[:, :, None]).view(-1)
-        if signed:
-            grad = _signed(grad, fg_sorted, key_sorted)
+        order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
+        # Ignored voxels sort last and are background: they get weight 0 (and so does the
+        # first voxel of a row where every voxel is ignored).
+        grad, counts[rows] = _lovasz_grad(fg_sorted, None, key.dtype, signed, has_valid)
+        weighted = torch.mul(errors_sorted, grad)
+        losses[rows] = (weighted.abs_() if signed else weighted).sum(-1, dtype=torch.float64)
+        if signed:  # the subgradient autograd takes where the error is 0 (abs, relu)
+            grad.masked_fill_(errors_sorted <= 0, 0.0)
         out = weights[rows]
         if out.is_contiguous():
             out.view(order.shape).scatter_(-1, order, grad)
         else:
             out.copy_(torch.empty_like(grad).scatter_(-1, order, grad).view(out.shape))
     return weights, losses, counts.view(-1)
-
-
-def _signed(weights: Tensor, fg: Tensor, errors: Tensor) -> Tensor:
-    """``d loss / d source`` for errors ``|y - p|`` or ``relu(1 -/+ x)``: ``-w`` on foreground,
-    ``w`` on background, and 0 where the error is 0 (the subgradient autograd takes there)."""
-    return torch.where(fg, -weights, weights).masked_fill_(errors <= 0, 0.0)
 
 
 def _histogram_rows3(
@@ -521,7 +525,8 @@ def lovasz_probability_class_losses(
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
         detached = probs.detach()
-        key = torch.where(fg, 1.0 - detached, detached).abs_()
+        key = torch.rsub(detached, 1.0)
+        torch.where(fg, key, detached, out=key).abs_()
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
     return _class_losses(probs, key, fg, batch, method, bins, chunk_elements, True, True)

@@ -92,7 +92,7 @@ class _LovaszLoss(_Loss):
         # also overflow for huge finite values).
         if (
             self.validate
-            and not torch.isfinite(input.sum(dtype=torch.float64))
+            and not torch.isfinite(input.sum())
             and not torch.isfinite(input).all()
         ):
             raise ValueError("input contains NaN or inf values")

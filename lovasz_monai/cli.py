@@ -1,0 +1,172 @@
+"""``lovasz-monai``: the LightningCLI for :class:`~lovasz_monai.module.LovaszSegmentationModule`.
+
+Usage (see ``lovasz-monai fit --help`` for every option)::
+
+    lovasz-monai fit --config configs/demo.yaml
+    lovasz-monai fit --config configs/demo.yaml --ckpt_path last --trainer.max_epochs 40
+    lovasz-monai validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/best.ckpt
+    lovasz-monai test --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/best.ckpt
+    lovasz-monai predict --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/best.ckpt \\
+        --prediction_writer.output_dir runs/demo/predictions
+
+What the CLI adds to a plain ``LightningCLI(LovaszSegmentationModule, SegmentationDataModule)``:
+
+* links: ``data.num_classes``, ``data.class_names``, ``data.in_channels`` and
+  ``data.multi_label`` (read from ``dataset.json`` when the datamodule is built) ->
+  ``model.*``; ``data.roi_size`` -> ``model.roi_size`` (the sliding-window size);
+* ``checkpoint`` (a ``ModelCheckpoint``, always present): best ``val/mIoU`` (mode max) as
+  ``best.ckpt`` plus ``last.ckpt``, in ``<trainer.default_root_dir>/checkpoints`` unless
+  ``--checkpoint.dirpath`` is given; a fixed folder, so ``--ckpt_path last`` resumes;
+* ``prediction_writer`` (a :class:`~lovasz_monai.writer.NiftiPredictionWriter`, always present):
+  ``predict`` writes one NIfTI file per input image;
+* loggers: with ``trainer.logger`` left at its default, a ``CSVLogger``
+  (``<default_root_dir>/csv/version_N/metrics.csv``) and, when ``tensorboard`` is importable, a
+  ``TensorBoardLogger`` (``<default_root_dir>/tensorboard/version_N``). Loggers listed in a
+  config are used as given, except that a ``TensorBoardLogger`` is dropped, with a warning, when
+  tensorboard is not installed;
+* ``predict`` does not keep the predictions in memory (``--return_predictions`` defaults to
+  false): the writer has written them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Any
+
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lovasz_monai.data import SegmentationDataModule
+from lovasz_monai.module import LovaszSegmentationModule
+from lovasz_monai.writer import NiftiPredictionWriter
+
+__all__ = ["LovaszCLI", "default_loggers", "main"]
+
+
+def _tensorboard_available() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def default_loggers(save_dir: str | os.PathLike) -> list[Logger]:
+    """The CLI's default loggers: CSV always, TensorBoard when tensorboard is importable.
+
+    Args:
+        save_dir: root folder; logs go to ``save_dir/csv/version_N`` and
+            ``save_dir/tensorboard/version_N``.
+
+    Example:
+        >>> [type(lg).__name__ for lg in default_loggers("runs/x")][0]
+        'CSVLogger'
+    """
+    loggers: list[Logger] = [CSVLogger(save_dir=save_dir, name="csv")]
+    if _tensorboard_available():
+        loggers.append(TensorBoardLogger(save_dir=save_dir, name="tensorboard"))
+    return loggers
+
+
+def _is_tensorboard(value: Any) -> bool:
+    path = value.get("class_path", "") if isinstance(value, (Namespace, dict)) else ""
+    return isinstance(path, str) and path.endswith("TensorBoardLogger")
+
+
+class LovaszCLI(LightningCLI):
+    """LightningCLI over :class:`LovaszSegmentationModule` and :class:`SegmentationDataModule`.
+
+    Subcommands ``fit``, ``validate``, ``test`` and ``predict``; see the module docstring for
+    the argument links, the checkpoint, writer and logger defaults.
+
+    Args:
+        args: arguments to parse instead of ``sys.argv[1:]`` (a list of strings, or a dict).
+        run: run the subcommand (False: only instantiate model, data and trainer).
+        **kwargs: further ``LightningCLI`` arguments (e.g. ``save_config_kwargs``).
+
+    Raises:
+        SystemExit: on ``--help``, ``--print_config`` and parse errors (jsonargparse).
+
+    Example:
+        >>> LovaszCLI(["fit", "--config", "configs/demo.yaml"])  # doctest: +SKIP
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": "Lovász-loss 3D segmentation"})
+        super().__init__(
+            LovaszSegmentationModule,
+            SegmentationDataModule,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/mIoU",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(NiftiPredictionWriter, "prediction_writer")
+        parser.link_arguments("data.roi_size", "model.roi_size")
+        for name in ("num_classes", "class_names", "in_channels", "multi_label"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.get("default_root_dir") or os.getcwd()
+        if config.checkpoint.get("dirpath") is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        logger = config.trainer.get("logger")
+        if not _tensorboard_available() and logger not in (None, True, False):
+            entries = logger if isinstance(logger, list) else [logger]
+            kept = [e for e in entries if not _is_tensorboard(e)]
+            if len(kept) != len(entries):
+                rank_zero_warn("tensorboard is not installed: TensorBoardLogger dropped")
+                config.trainer.logger = kept or False
+        # the CLI's optimizer section replaces the module's default configure_optimizers
+        warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden.*")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with the default loggers (when ``trainer.logger`` is left unset) and the
+        ``checkpoint`` and ``prediction_writer`` callbacks (``checkpoint`` is left out with
+        ``trainer.enable_checkpointing: false``)."""
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_config.get("logger") in (None, True):
+            root = trainer_config.get("default_root_dir") or os.getcwd()
+            trainer_config["logger"] = default_loggers(root)
+        keys = self._parser(self.subcommand).callback_keys
+        callbacks = [self._get(self.config_init, key) for key in keys]
+        if trainer_config.get("enable_checkpointing") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        return self._instantiate_trainer(trainer_config, callbacks)
+
+    def predict(self, model: Any, datamodule: Any = None, **kwargs: Any) -> Any:
+        """``trainer.predict`` with ``return_predictions=False`` unless asked for."""
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        return self.trainer.predict(model, datamodule=datamodule, **kwargs)
+
+
+def main(args: Any = None) -> None:
+    """Console entry point ``lovasz-monai``.
+
+    Args:
+        args: arguments instead of ``sys.argv[1:]``.
+
+    Example:
+        >>> main(["fit", "--config", "configs/demo.yaml"])  # doctest: +SKIP
+    """
+    LovaszCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()
