@@ -11,6 +11,8 @@ validation split, and writes a Markdown table, a JSON file with every number, an
     # any further arguments are LovaszCLI overrides, applied after the config:
     python -m lovasz_monai.experiments compare --config configs/demo.yaml --losses ce lovasz \\
         --seeds 0 --max-epochs 2 --data.num_samples 1 --trainer.precision 32
+    # rewrite the table and the plot from the JSON file (no training):
+    python -m lovasz_monai.experiments report experiments/compare_demo.json
 
 Losses (the keys of :data:`LOSSES`), all ignore-aware (the datamodule's ``mask``):
 
@@ -92,6 +94,7 @@ __all__ = [
     "main",
     "markdown_table",
     "plot_comparison",
+    "report",
     "run_one",
     "run_order",
     "schedule_epochs",
@@ -577,8 +580,8 @@ def benchmark_steps(
     losses: Sequence[str],
     run_dir: str | os.PathLike,
     overrides: Sequence[str] = (),
-    repeats: int = 10,
-    warmup: int = 2,
+    repeats: int = 50,
+    warmup: int = 5,
     seed: int = 0,
 ) -> dict[str, list[float]]:
     """Interleaved timing of one training step per loss, on one batch, in one process.
@@ -661,6 +664,8 @@ class ComparisonResult:
     torch_threads: int = 1
     total_time: float = 0.0
     bench_times: dict[str, list[float]] = field(default_factory=dict)
+    config_max_epochs: int | None = None
+    scaled_down: bool = True
 
     def by_loss(self, loss: str) -> list[RunResult]:
         """The runs of one loss, in seed order."""
@@ -670,6 +675,31 @@ class ComparisonResult:
         """A JSON-serialisable dict (NaN written as null)."""
         data = asdict(self)
         return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComparisonResult:
+        """Rebuild a result from :meth:`to_json` output (null read back as NaN).
+
+        Raises:
+            TypeError: a key that is not a field.
+        """
+
+        def nan(value: Any) -> Any:
+            if value is None:
+                return math.nan
+            if isinstance(value, list):
+                return [nan(v) for v in value]
+            return value
+
+        fields = dict(data)
+        runs = []
+        for run in fields.pop("runs", []):
+            run = dict(run)
+            for key in ("miou", "dice", "iou", "dice_per_class", "val_miou_curve"):
+                run[key] = nan(run.get(key))
+            run["logged_val_miou"] = nan(run.get("logged_val_miou"))
+            runs.append(RunResult(**run))
+        return cls(**fields, runs=runs)
 
 
 def markdown_table(result: ComparisonResult) -> str:
@@ -696,6 +726,15 @@ def markdown_table(result: ComparisonResult) -> str:
             f" `ce_to_lovasz`: CE for {result.warmup_epochs} epochs, a linear ramp over "
             f"{result.ramp_epochs}, then Lovász-Softmax alone."
         )
+    config_epochs = ""
+    if result.config_max_epochs is not None:
+        config_epochs = f" (the config: {result.config_max_epochs})"
+    scaled = ""
+    if result.scaled_down:
+        scaled = (
+            " Scaled down from the config so that the whole comparison runs on a CPU in "
+            "minutes; the numbers are not those of a full training."
+        )
     lines = [
         f"# Loss comparison on `{result.config}`",
         "",
@@ -704,10 +743,9 @@ def markdown_table(result: ComparisonResult) -> str:
         "```",
         "",
         f"Settings: {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), "
-        f"{result.max_epochs} epochs per run (the cosine `T_max` follows), overrides applied "
-        f"after the config: `{' '.join(result.overrides) or 'none'}`. Scaled down from the "
-        "config so that the whole comparison runs on a CPU in minutes; the numbers are not "
-        f"those of a full training.{warm}",
+        f"{result.max_epochs} epochs per run{config_epochs} (the cosine `T_max` follows), "
+        f"overrides applied after the config: `{' '.join(result.overrides) or 'none'}`.{scaled}"
+        f"{warm}",
         "",
         f"Evaluation: the final model on the {result.num_val_volumes} validation volume(s) "
         "(whole volumes, sliding window), voxels with mask = 1 only (the ignore label left "
@@ -813,6 +851,15 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
     return path
 
 
+def _scaled_down(max_epochs: int, config_epochs: int | None, overrides: Sequence[str]) -> bool:
+    """Whether a comparison runs fewer epochs than the config or with the default overrides."""
+    n = len(DEFAULT_OVERRIDES)
+    with_defaults = any(
+        tuple(overrides[i : i + n]) == DEFAULT_OVERRIDES for i in range(len(overrides))
+    )
+    return with_defaults or (config_epochs is not None and max_epochs < config_epochs)
+
+
 def _print_flush(message: str) -> None:
     print(message, flush=True)
 
@@ -844,7 +891,7 @@ def compare(
     ramp_epochs: int | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = _print_flush,
-    bench_repeats: int = 10,
+    bench_repeats: int = 50,
 ) -> ComparisonResult:
     """Train every (loss, seed) pair and write ``<output>.md``, ``.json`` and ``.png``.
 
@@ -882,6 +929,8 @@ def compare(
     config = str(config)
     runs_root = Path(runs_dir) if runs_dir is not None else Path("runs/compare") / Path(config).stem
     warmup, ramp = schedule_epochs(max_epochs, warmup_epochs, ramp_epochs)
+    trainer_config = _yaml_config(config).get("trainer") or {}
+    config_epochs = trainer_config.get("max_epochs") if isinstance(trainer_config, dict) else None
     if command is None:
         command = "python -m lovasz_monai.experiments " + shlex.join(sys.argv[1:])
     result: ComparisonResult | None = None
@@ -912,6 +961,8 @@ def compare(
                 warmup_epochs=warmup,
                 ramp_epochs=ramp,
                 torch_threads=torch.get_num_threads(),
+                config_max_epochs=config_epochs,
+                scaled_down=_scaled_down(max_epochs, config_epochs, overrides),
             )
         result.runs.append(run)
         if log is not None:
@@ -993,27 +1044,70 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--bench-repeats",
         type=int,
-        default=10,
+        default=50,
         help="rounds of the interleaved step timing after the runs (0: skip it)",
     )
     cmp.add_argument("--verbose", action="store_true", help="keep Lightning's messages")
+    rep = sub.add_parser(
+        "report",
+        help="rewrite the Markdown table and the plot of a comparison from its JSON file",
+    )
+    rep.add_argument("json", help="the <output>.json of a comparison")
+    rep.add_argument("--output", default=None, help="path without suffix (default: the JSON's)")
     return parser
 
 
+def report(path: str | os.PathLike, output: str | os.PathLike | None = None) -> ComparisonResult:
+    """Rewrite ``<output>.md`` and ``<output>.png`` from a comparison's JSON file (no training).
+
+    Args:
+        path: the ``<output>.json`` written by :func:`compare`.
+        output: path without suffix of the files to write; default: ``path`` without ``.json``.
+
+    Returns:
+        The :class:`ComparisonResult` read.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
+    """
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    # files written before these fields existed: derive them from the config
+    if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
+        trainer_config = _yaml_config(data["config"]).get("trainer") or {}
+        data["config_max_epochs"] = trainer_config.get("max_epochs")
+    if "scaled_down" not in data:
+        data["scaled_down"] = _scaled_down(
+            data["max_epochs"], data.get("config_max_epochs"), data.get("overrides", [])
+        )
+    result = ComparisonResult.from_json(data)
+    stem = Path(output) if output is not None else path.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".md").write_text(markdown_table(result), encoding="utf-8")
+    plot_comparison(result, stem.with_name(stem.name + ".png"))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> ComparisonResult:
-    """``python -m lovasz_monai.experiments compare ...`` (see the module docstring).
+    """``python -m lovasz_monai.experiments compare|report ...`` (see the module docstring).
 
     Args:
         argv: arguments instead of ``sys.argv[1:]``.
 
     Returns:
-        The :class:`ComparisonResult` of ``compare``.
+        The :class:`ComparisonResult` of ``compare`` (or the one ``report`` read).
 
     Raises:
         SystemExit: on ``--help`` and argument errors.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "report":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return report(args.json, args.output)
     if not args.verbose:
         for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)

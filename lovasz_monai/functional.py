@@ -251,12 +251,16 @@ def _histogram_rows3(
     slot += torch.arange(
         0, num_rows * slots_per_row, slots_per_row, dtype=torch.int32, device=key.device
     ).view(-1, 1, 1)
-    flat_slot = slot.reshape(-1)
+    # Elementwise results keep the memory layout of ``key``: flatten in memory order (a view,
+    # also for the transposed rows of batch mode) and restore the row view at the end.
+    memory_order = sorted(range(3), key=lambda dim: -slot.stride(dim))
+    flat_slot = slot.permute(memory_order).reshape(-1)
     count_dtype = torch.float64 if segments * num_voxels > 1 << 24 else dtype  # exact counts
     counts = torch.zeros(num_rows * slots_per_row, dtype=count_dtype, device=key.device)
     ones = torch.ones((), dtype=count_dtype, device=key.device).expand_as(flat_slot)
     counts.index_add_(0, flat_slot, ones)
-    error_sums = torch.zeros_like(counts).index_add_(0, flat_slot, key.reshape(-1).to(count_dtype))
+    flat_key = key.permute(memory_order).reshape(-1).to(count_dtype)
+    error_sums = torch.zeros_like(counts).index_add_(0, flat_slot, flat_key)
     n_fg, n_bg = counts.view(num_rows, bins + 1, 2)[:, :bins].unbind(-1)
     fg_before = n_fg.cumsum(-1) - n_fg
     bg_before = n_bg.cumsum(-1) - n_bg
@@ -274,7 +278,9 @@ def _histogram_rows3(
     losses = (table * error_sums.view(num_rows, -1)).sum(-1).to(dtype)
     if signed:
         table[:, 0::2] *= -1  # foreground slots
-    weights = table.to(dtype).view(-1).index_select(0, flat_slot).view(slot.shape)
+    weights = table.to(dtype).view(-1).index_select(0, flat_slot)
+    weights = weights.view([slot.shape[dim] for dim in memory_order])
+    weights = weights.permute([memory_order.index(dim) for dim in range(3)])
     if signed:
         weights.masked_fill_(key <= 0, 0.0)
     return weights, losses, num_fg.view(-1).to(torch.int64)
