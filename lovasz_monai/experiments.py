@@ -728,7 +728,7 @@ def markdown_table(result: ComparisonResult) -> str:
         )
     config_epochs = ""
     if result.config_max_epochs is not None:
-        config_epochs = f" (the config: {result.config_max_epochs})"
+        config_epochs = f"the config has {result.config_max_epochs}; "
     scaled = ""
     if result.scaled_down:
         scaled = (
@@ -743,7 +743,7 @@ def markdown_table(result: ComparisonResult) -> str:
         "```",
         "",
         f"Settings: {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), "
-        f"{result.max_epochs} epochs per run{config_epochs} (the cosine `T_max` follows), "
+        f"{result.max_epochs} epochs per run ({config_epochs}the cosine `T_max` follows), "
         f"overrides applied after the config: `{' '.join(result.overrides) or 'none'}`.{scaled}"
         f"{warm}",
         "",
@@ -818,10 +818,11 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
         bars = ax_bar.bar(x + offset, means, width, yerr=stds, capsize=3, label=label)
         ax_bar.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize=7, padding=2)
     ax_bar.set_xticks(x, losses, rotation=20)
-    ax_bar.set_ylim(0, 1.05)
+    ax_bar.set_ylim(0, 1.18)
+    ax_bar.set_yticks(np.linspace(0, 1, 6))
     ax_bar.set_ylabel("validation score (final model)")
     ax_bar.set_title(f"mean ± std over {len(result.seeds)} seed(s)")
-    ax_bar.legend(loc="upper right", fontsize=8)
+    ax_bar.legend(loc="upper center", ncol=2, fontsize=8)
     for loss in losses:
         curves = [r.val_miou_curve for r in result.by_loss(loss) if r.val_miou_curve]
         if not curves:

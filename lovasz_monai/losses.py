@@ -90,17 +90,14 @@ class _LovaszLoss(_Loss):
             )
         # A non-finite sum is cheap to test; only then look for NaN/inf voxel by voxel (a sum can
         # also overflow for huge finite values).
-        if (
-            self.validate
-            and not torch.isfinite(input.sum())
-            and not torch.isfinite(input).all()
-        ):
+        if self.validate and not torch.isfinite(input.sum()) and not torch.isfinite(input).all():
             raise ValueError("input contains NaN or inf values")
 
     def _prepare_target(
         self, input: Tensor, target: Tensor, mask: Tensor | None, one_hot_target: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Turn ``target`` (and ``mask``) into bool foreground ``(B, C, *S)`` and validity.
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Turn ``target`` (and ``mask``) into bool foreground ``(B, C, *S)``, validity, and the
+        ``(B, 1, *S)`` integer labels when the target is a label map (else ``None``).
 
         ``one_hot_target``: a C-channel target must have exactly one class per valid voxel.
         """
@@ -137,8 +134,8 @@ class _LovaszLoss(_Loss):
                 else (valid if label_valid is None else valid & label_valid)
             )
             if num_channels == 1:
-                return labels.bool(), valid
-            return one_hot(labels, num_channels, dtype=torch.bool, dim=1), valid
+                return labels.bool(), valid, labels
+            return one_hot(labels, num_channels, dtype=torch.bool, dim=1), valid, labels
 
         if self.to_onehot_y:
             raise ValueError(
@@ -161,7 +158,7 @@ class _LovaszLoss(_Loss):
                         "one-hot target must have exactly one class per voxel (the channels "
                         "sum to 1); for overlapping regions use sigmoid=True"
                     )
-        return target.bool(), valid
+        return target.bool(), valid, None
 
     def _label_map(self, target: Tensor, num_labels: int) -> tuple[Tensor, Tensor | None]:
         """Integer labels ``(B, 1, *S)`` with ignored voxels set to 0, and the validity mask."""
@@ -384,12 +381,12 @@ class LovaszSoftmaxLoss(_LovaszLoss):
 
     def _prepare(
         self, input: Tensor, target: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Checked float32+ input, bool foreground ``(B, C, *S)`` and validity mask."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Checked float32+ input, then what :meth:`_prepare_target` returns."""
         self._check_input(input)
-        fg, valid = self._prepare_target(input, target, mask, one_hot_target=self.softmax)
+        fg, valid, labels = self._prepare_target(input, target, mask, one_hot_target=self.softmax)
         dtype = torch.promote_types(input.dtype, torch.float32)
-        return input.to(dtype), fg, valid
+        return input.to(dtype), fg, valid, labels
 
     def _lovasz_softmax(self, input: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
         probs = self._probabilities(input)
@@ -420,7 +417,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         """
         input, target, mask = _plain(input, target, mask)
         with torch.autocast(device_type=input.device.type, enabled=False):
-            input, fg, valid = self._prepare(input, target, mask)
+            input, fg, valid, _ = self._prepare(input, target, mask)
             return self._lovasz_softmax(input, fg, valid)
 
 
@@ -507,7 +504,7 @@ class LovaszHingeLoss(_LovaszLoss):
         input, target, mask = _plain(input, target, mask)
         with torch.autocast(device_type=input.device.type, enabled=False):
             self._check_input(input)
-            fg, valid = self._prepare_target(input, target, mask, one_hot_target=False)
+            fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
             logits = input.to(torch.promote_types(input.dtype, torch.float32))
             channels = self._channels(logits.shape[1])
             weight = self._weight(logits.shape[1], channels)
@@ -610,7 +607,9 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         self.lambda_ce = float(lambda_ce)
         self.label_smoothing = float(label_smoothing)
 
-    def _cross_entropy(self, logits: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+    def _cross_entropy(
+        self, logits: Tensor, fg: Tensor, valid: Tensor | None, labels: Tensor | None
+    ) -> Tensor:
         num_channels = logits.shape[1]
         ce_weight = self.ce_weight
         if ce_weight is not None and ce_weight.numel() != num_channels:
@@ -627,7 +626,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             )
             voxel_weight = torch.ones_like(per_voxel[:, :1]) * num_channels
         else:
-            labels = fg.to(torch.uint8).argmax(dim=1)
+            labels = fg.to(torch.uint8).argmax(dim=1) if labels is None else labels[:, 0]
             weight = None if ce_weight is None else ce_weight.to(logits)
             per_voxel = F.cross_entropy(
                 logits,
@@ -663,7 +662,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         """
         input, target, mask = _plain(input, target, mask)
         with torch.autocast(device_type=input.device.type, enabled=False):
-            logits, fg, valid = self._prepare(input, target, mask)
+            logits, fg, valid, labels = self._prepare(input, target, mask)
             lovasz = self._lovasz_softmax(logits, fg, valid)
-            ce = self._cross_entropy(logits, fg, valid)
+            ce = self._cross_entropy(logits, fg, valid, labels)
             return self.lambda_lovasz * lovasz + self.lambda_ce * ce
