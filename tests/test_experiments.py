@@ -1,0 +1,424 @@
+"""Tests of lovasz_monai.experiments: aggregation, evaluation, the report, and a tiny `compare`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from lovasz_monai.experiments import (
+    LOSSES,
+    ComparisonResult,
+    MaskedDiceCELoss,
+    RunResult,
+    aggregate,
+    cli_args,
+    evaluate,
+    format_mean_std,
+    main,
+    markdown_table,
+    plot_comparison,
+    report,
+    run_order,
+    schedule_epochs,
+    write_results,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+
+
+def test_aggregate_mean_and_sample_std():
+    mean, std = aggregate([0.60, 0.70, 0.80, 0.90])
+    assert mean == pytest.approx(0.75)
+    # sample std (ddof=1): sqrt(((.15^2 + .05^2) * 2) / 3)
+    assert std == pytest.approx(math.sqrt((0.15**2 + 0.05**2) * 2 / 3))
+    assert aggregate([0.25, 0.75]) == pytest.approx((0.5, math.sqrt(0.125)))
+
+
+def test_aggregate_nan_single_and_empty():
+    assert aggregate([0.4, math.nan, 0.6]) == pytest.approx((0.5, math.sqrt(0.02)))
+    assert aggregate([0.3]) == (0.3, 0.0)
+    mean, std = aggregate([math.nan])
+    assert math.isnan(mean) and math.isnan(std)
+    assert math.isnan(aggregate([])[0])
+
+
+def test_format_mean_std():
+    assert format_mean_std([0.5, 0.7, 0.9]) == "0.700 ± 0.200"
+    assert format_mean_std([0.12345], digits=2) == "0.12 ± 0.00"
+    assert format_mean_std([math.nan, math.nan]) == "n/a"
+
+
+def test_run_order_rotates_losses_per_seed():
+    order = run_order(["a", "b", "c"], [0, 1, 2, 3])
+    assert order[:3] == [(0, "a"), (0, "b"), (0, "c")]
+    assert order[3:6] == [(1, "b"), (1, "c"), (1, "a")]
+    assert order[6:9] == [(2, "c"), (2, "a"), (2, "b")]
+    assert sorted(order) == sorted((s, loss) for s in range(4) for loss in "abc")
+
+
+def test_schedule_epochs_defaults_and_overrides():
+    assert schedule_epochs(20) == (10, 3)
+    assert schedule_epochs(2) == (1, 0)
+    assert schedule_epochs(20, 5, 1) == (5, 1)
+
+
+# -- CLI arguments ---------------------------------------------------------------------------------
+
+
+def _value(args: list[str], key: str) -> str:
+    for i, arg in enumerate(args):
+        if arg == key:
+            return args[i + 1]
+        if arg.startswith(key + "="):
+            return arg.split("=", 1)[1]
+    raise KeyError(key)
+
+
+def test_cli_args_per_loss():
+    args = cli_args(DEMO, "ce_to_lovasz", 3, 12, "runs/x", overrides=["--data.num_samples", "1"])
+    assert args[:4] == ["--config", str(DEMO), "--data.num_samples", "1"]
+    assert _value(args, "--seed_everything") == "3"
+    assert _value(args, "--trainer.max_epochs") == "12"
+    assert _value(args, "--lr_scheduler.init_args.T_max") == "12"  # the demo uses cosine
+    assert (
+        json.loads(_value(args, "--model.loss"))["class_path"] == "lovasz_monai.LovaszSoftmaxLoss"
+    )
+    warm = json.loads(_value(args, "--model.warmup_loss"))
+    assert warm == {"class_path": "torch.nn.CrossEntropyLoss"}
+    assert (_value(args, "--model.warmup_epochs"), _value(args, "--model.ramp_epochs")) == (
+        "6",
+        "2",
+    )
+
+    plain = cli_args(DEMO, "lovasz_ce", 0, 4, "runs/y")
+    assert json.loads(_value(plain, "--model.loss"))["class_path"] == "lovasz_monai.LovaszCELoss"
+    assert _value(plain, "--model.warmup_loss") == "null"
+    with pytest.raises(KeyError, match="unknown loss"):
+        cli_args(DEMO, "focal", 0, 1, "runs/z")
+
+
+def test_every_loss_builds_through_the_cli_parser():
+    """Each registered loss's class_path config instantiates (no training)."""
+    from jsonargparse import ArgumentParser
+    from torch import nn
+
+    parser = ArgumentParser()
+    parser.add_argument("--loss", type=nn.Module)
+    for name, spec in LOSSES.items():
+        config = spec.model(4, 2, 1)["loss"]
+        namespace = parser.parse_args(["--loss", json.dumps(config)])
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        loss = instantiate(namespace).loss
+        assert isinstance(loss, nn.Module), name
+
+
+# -- MaskedDiceCELoss ------------------------------------------------------------------------------
+
+
+def _tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 6, 7, 8, generator=g)
+    labels = torch.randint(0, 3, (2, 1, 6, 7, 8), generator=g)
+    return logits, labels
+
+
+def test_masked_dice_ce_equals_monai_without_mask():
+    logits, labels = _tensors()
+    reference = DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
+    ours = MaskedDiceCELoss()
+    assert torch.allclose(ours(logits, labels), reference, atol=1e-6)
+    assert torch.allclose(ours(logits, labels, mask=torch.ones_like(labels)), reference, atol=1e-6)
+    weighted = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.3, lambda_ce=2.0)
+    assert torch.allclose(
+        MaskedDiceCELoss(0.3, 2.0)(logits, labels), weighted(logits, labels), atol=1e-6
+    )
+
+
+def test_masked_dice_ce_ignores_masked_voxels():
+    logits, labels = _tensors(1)
+    mask = torch.ones_like(labels)
+    mask[..., 5:] = 0  # the last 3 slices take part in nothing
+    x = logits.clone().requires_grad_()
+    value = MaskedDiceCELoss()(x, labels, mask=mask)
+    value.backward()
+    assert (x.grad[..., 5:] == 0).all() and x.grad[..., :5].abs().sum() > 0
+    # the same loss as MONAI's on the volume cut down to the valid voxels
+    cropped = DiceCELoss(to_onehot_y=True, softmax=True)(logits[..., :5], labels[..., :5])
+    assert torch.allclose(value, cropped, atol=1e-6)
+    # whatever the labels and logits say there
+    other = labels.clone()
+    other[..., 5:] = 2
+    assert torch.allclose(MaskedDiceCELoss()(logits, other, mask=mask), value, atol=1e-6)
+
+
+def test_masked_dice_ce_one_hot_target_and_errors():
+    logits, labels = _tensors(2)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 3).movedim(-1, 1).float()
+    loss = MaskedDiceCELoss()
+    assert torch.allclose(loss(logits, onehot), loss(logits, labels), atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        loss(logits, onehot[:, :2])
+    with pytest.raises(ValueError, match="C >= 2"):
+        loss(logits[:, :1], labels)
+    with pytest.raises(ValueError, match=">= 0"):
+        MaskedDiceCELoss(lambda_ce=-1)
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+
+
+class _FixedModel:
+    """Stands in for LovaszSegmentationModule: returns given logits, foreground mean IoU."""
+
+    multi_label = False
+    binary = False
+    metric_include_background = False
+
+    def __init__(self, logits: list[torch.Tensor]) -> None:
+        self.num_classes = logits[0].shape[1]
+        self._logits = iter(logits)
+        self.training = True
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode: bool = True):
+        self.training = mode
+
+    def sliding_window(self, image):
+        return next(self._logits)
+
+    def discretize(self, logits):
+        return logits.argmax(1, keepdim=True)
+
+    def mean_iou(self, per_class):
+        return per_class[1:].nanmean()
+
+
+def test_evaluate_matches_hand_computation():
+    g = torch.Generator().manual_seed(3)
+    batches, logits, preds = [], [], []
+    for _ in range(2):  # two volumes, batch size 1
+        label = torch.randint(0, 3, (1, 1, 5, 5, 5), generator=g)
+        mask = (torch.rand(1, 1, 5, 5, 5, generator=g) > 0.2).float()
+        out = torch.randn(1, 3, 5, 5, 5, generator=g)
+        batches.append({"image": torch.zeros(1, 1, 5, 5, 5), "label": label.float(), "mask": mask})
+        logits.append(out)
+        preds.append(out.argmax(1)[0].numpy())
+    model = _FixedModel(logits)
+    result = evaluate(model, batches)
+    assert model.training  # restored
+
+    labels = [b["label"][0, 0].long().numpy() for b in batches]
+    valid = [b["mask"][0, 0].numpy() > 0 for b in batches]
+    iou, dice = [], []
+    for c in range(3):
+        tp = sum(
+            ((p == c) & (t == c) & v).sum() for p, t, v in zip(preds, labels, valid, strict=True)
+        )
+        union = sum(
+            (((p == c) | (t == c)) & v).sum() for p, t, v in zip(preds, labels, valid, strict=True)
+        )
+        iou.append(tp / union)
+        per_volume = []
+        for p, t, v in zip(preds, labels, valid, strict=True):
+            inter, size = (
+                ((p == c) & (t == c) & v).sum(),
+                ((p == c) & v).sum() + ((t == c) & v).sum(),
+            )
+            per_volume.append(2 * inter / size)
+        dice.append(np.mean(per_volume))
+    assert result["iou"] == pytest.approx(iou)
+    assert result["dice"] == pytest.approx(dice)
+    assert result["miou"] == pytest.approx(np.mean(iou[1:]), abs=1e-6)
+    assert result["dice_mean"] == pytest.approx(np.mean(dice[1:]), abs=1e-6)
+    assert result["num_volumes"] == 2
+
+
+def test_evaluate_absent_class_and_ignored_voxels():
+    label = torch.zeros(1, 1, 4, 4, 4)
+    label[..., :2] = 1  # class 2 absent from the label
+    mask = torch.ones(1, 1, 4, 4, 4)
+    mask[..., 3] = 0
+    logits = torch.zeros(1, 3, 4, 4, 4)
+    logits[:, 1, ..., :2] = 1  # class 1 exactly right
+    logits[:, 2, ..., 3] = 1  # class 2 predicted only where the mask is 0
+    batch = {"image": torch.zeros(1, 1, 4, 4, 4), "label": label, "mask": mask}
+    result = evaluate(_FixedModel([logits]), [batch])
+    assert result["iou"][:2] == [1.0, 1.0] and math.isnan(result["iou"][2])
+    assert result["dice"][:2] == [1.0, 1.0] and math.isnan(result["dice"][2])
+    assert result["miou"] == 1.0 and result["dice_mean"] == 1.0
+
+    logits[:, 2, 0, 0, 2] = 5  # now a false positive of class 2 on a valid voxel
+    result = evaluate(_FixedModel([logits]), [batch])
+    assert result["iou"][2] == 0.0 and result["dice"][2] == 0.0
+
+
+def test_evaluate_rejects_multi_label_and_empty():
+    model = _FixedModel([torch.zeros(1, 2, 2, 2, 2)])
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, [])
+    model.multi_label = True
+    with pytest.raises(ValueError, match="multi-class"):
+        evaluate(model, [])
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def _fake_result() -> ComparisonResult:
+    runs = []
+    for loss, base in (("ce", 0.5), ("lovasz", 0.7)):
+        for seed in (0, 1):
+            runs.append(
+                RunResult(
+                    loss=loss,
+                    seed=seed,
+                    miou=base + 0.1 * seed,
+                    dice=base + 0.05 + 0.1 * seed,
+                    iou=[0.9, base + 0.1 * seed, math.nan],
+                    dice_per_class=[0.95, base, math.nan],
+                    step_times=[9.0, 0.2, 0.2] if loss == "ce" else [9.0, 0.3, 0.3],
+                    val_miou_curve=[0.1, base],
+                    logged_val_miou=base,
+                    wall_time=1.0,
+                    run_dir="runs/x",
+                )
+            )
+    return ComparisonResult(
+        config="configs/demo.yaml",
+        losses=["ce", "lovasz"],
+        seeds=[0, 1],
+        max_epochs=2,
+        overrides=["--data.num_samples", "2"],
+        class_names=["background", "a", "b"],
+        counted_classes=[1, 2],
+        num_val_volumes=2,
+        command="python -m lovasz_monai.experiments compare --config configs/demo.yaml",
+        runs=runs,
+    )
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    return [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines]
+
+
+def test_markdown_table_hand_made():
+    result = _fake_result()
+    text = markdown_table(result)
+    assert "python -m lovasz_monai.experiments compare --config configs/demo.yaml" in text
+    header, rule, ce, lovasz = _table_rows(text)
+    assert header == [
+        "loss", "mIoU", "IoU background", "IoU a", "IoU b", "Dice", "train step (ms)",
+        "timed step (ms)", "ratio",
+    ]  # fmt: skip
+    assert set(rule[1:]) == {"---:"}
+    assert ce[:5] == ["`ce`", "0.550 ± 0.071", "0.900 ± 0.000", "0.550 ± 0.071", "n/a"]
+    assert lovasz[1] == "0.750 ± 0.071" and lovasz[5] == "0.800 ± 0.071"
+    # the first step of each run is left out: 200 ms and 300 ms; no interleaved timing
+    assert (ce[6], ce[7], ce[8], lovasz[6], lovasz[8]) == ("200", "n/a", "n/a", "300", "n/a")
+
+    result.bench_times = {"ce": [0.10, 0.12, 0.5], "lovasz": [0.15, 0.18, 0.2]}
+    _, _, ce, lovasz = _table_rows(markdown_table(result))
+    assert (ce[7], ce[8], lovasz[7], lovasz[8]) == ("120", "1.00", "180", "1.50")
+
+
+def test_markdown_states_scaling():
+    result = _fake_result()
+    result.config_max_epochs = 40
+    assert "2 epochs per run (the config has 40; the cosine" in markdown_table(result)
+    assert "Scaled down from the config" in markdown_table(result)
+    result.scaled_down = False
+    assert "Scaled down" not in markdown_table(result)
+
+
+def test_json_round_trip_and_report(tmp_path):
+    result = _fake_result()
+    result.bench_times = {"ce": [0.1], "lovasz": [0.2]}
+    md, js, png = write_results(result, tmp_path / "first")
+    assert (md.name, js.name, png.name) == ("first.md", "first.json", "first.png")
+    data = json.loads(js.read_text())
+    assert data["runs"][0]["iou"][2] is None  # NaN is written as null
+    again = report(js, tmp_path / "again")
+    assert math.isnan(again.runs[0].iou[2]) and again.runs[1].iou[1] == result.runs[1].iou[1]
+    assert (tmp_path / "again.md").read_text() == md.read_text()
+    assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
+    main(["report", str(js)])  # rewrites first.md in place
+    assert md.read_text() == (tmp_path / "again.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["report", str(js), "--data.num_samples", "1"])
+
+
+def test_plot_comparison_writes_png(tmp_path):
+    path = plot_comparison(_fake_result(), tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+# -- the command, on a tiny setting ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_command_tiny(tmp_path):
+    output = tmp_path / "results" / "cmp"
+    command = [
+        sys.executable, "-m", "lovasz_monai.experiments", "compare",
+        "--config", str(DEMO), "--losses", "ce", "lovasz", "--seeds", "0",
+        "--max-epochs", "1", "--output", str(output), "--runs-dir", str(tmp_path / "runs"),
+        "--data.data_dir", str(tmp_path / "data"),
+        "--data.synthetic_kwargs",
+        '{"num_cases": 3, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
+        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
+        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
+        "--bench-repeats", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[2/2]" in done.stdout
+
+    text = output.with_suffix(".md").read_text(encoding="utf-8")
+    assert "--losses ce lovasz --seeds 0 --max-epochs 1" in text
+    rows = _table_rows(text)
+    header, body = rows[0], rows[2:]
+    assert header == [
+        "loss", "mIoU", "IoU background", "IoU class_1", "IoU class_2", "Dice",
+        "train step (ms)", "timed step (ms)", "ratio",
+    ]  # fmt: skip
+    assert [r[0] for r in body] == ["`ce`", "`lovasz`"]
+    for row in body:
+        for cell in row[1:6]:
+            match = re.fullmatch(r"(\d+\.\d{3}) ± (\d+\.\d{3})", cell)
+            assert match, cell
+            assert 0.0 <= float(match.group(1)) <= 1.0 and float(match.group(2)) == 0.0
+        assert float(row[6]) > 0 and float(row[7]) > 0 and float(row[8]) > 0
+    assert body[0][8] == "1.00"
+
+    png = output.with_suffix(".png")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+    data = json.loads(output.with_suffix(".json").read_text())
+    assert {k: len(v) for k, v in data["bench_times"].items()} == {"ce": 2, "lovasz": 2}
+    assert [(r["loss"], r["seed"]) for r in data["runs"]] == [("ce", 0), ("lovasz", 0)]
+    for run in data["runs"]:
+        assert len(run["val_miou_curve"]) == 1 and len(run["step_times"]) >= 1
+        # our evaluation reproduces the module's logged val/mIoU of the same final model
+        assert run["miou"] == pytest.approx(run["logged_val_miou"], abs=1e-4)
+        assert (tmp_path / "runs" / run["loss"] / "seed0" / "checkpoints" / "last.ckpt").is_file()
