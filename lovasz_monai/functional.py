@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_CHUNK_ELEMENTS",
     "average_class_losses",
+    "class_weights",
     "lovasz_class_losses",
     "lovasz_extension",
     "lovasz_grad",
@@ -575,6 +576,46 @@ def lovasz_hinge_class_losses(
     return _class_losses(logits, key, fg, batch, method, bins, chunk_elements, True, True)
 
 
+def class_weights(
+    losses: Tensor,
+    fg_counts: Tensor,
+    present_only: bool = True,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Weight of each (row, class) loss in the class mean of its row.
+
+    Args:
+        losses: ``(R, C)`` per-class losses (their dtype and device are used).
+        fg_counts: ``(R, C)`` foreground voxel counts of the same rows.
+        present_only: classes without foreground in a row get weight 0.
+        weight: optional ``(C,)`` non-negative class weights.
+
+    Returns:
+        ``(R, C)`` weights: ``weight_c`` (or 1) for the classes that count, 0 for the others.
+
+    Example:
+        >>> counts = torch.tensor([[3, 1, 0]])
+        >>> class_weights(torch.zeros(1, 3), counts, weight=torch.tensor([1.0, 2.0, 3.0]))
+        tensor([[1., 2., 0.]])
+
+    Raises:
+        ValueError: when shapes do not match.
+    """
+    if losses.shape != fg_counts.shape or losses.ndim != 2:
+        raise ValueError(
+            f"losses and fg_counts must be (R, C) of the same shape, got {tuple(losses.shape)} "
+            f"and {tuple(fg_counts.shape)}"
+        )
+    counted = (fg_counts > 0).to(losses.dtype) if present_only else torch.ones_like(losses)
+    if weight is None:
+        return counted
+    if weight.shape != (losses.shape[1],):
+        raise ValueError(
+            f"weight must have one value per class ({losses.shape[1]}), got {tuple(weight.shape)}"
+        )
+    return counted * weight.to(losses)
+
+
 def average_class_losses(
     losses: Tensor,
     fg_counts: Tensor,
@@ -600,19 +641,7 @@ def average_class_losses(
     Raises:
         ValueError: when shapes do not match.
     """
-    if losses.shape != fg_counts.shape or losses.ndim != 2:
-        raise ValueError(
-            f"losses and fg_counts must be (R, C) of the same shape, got {tuple(losses.shape)} "
-            f"and {tuple(fg_counts.shape)}"
-        )
-    counted = (fg_counts > 0).to(losses.dtype) if present_only else torch.ones_like(losses)
-    if weight is not None:
-        if weight.shape != (losses.shape[1],):
-            raise ValueError(
-                f"weight must have one value per class ({losses.shape[1]}), got "
-                f"{tuple(weight.shape)}"
-            )
-        counted = counted * weight.to(losses)
+    counted = class_weights(losses, fg_counts, present_only, weight)
     total = counted.sum(-1)
     mean = (losses * counted).sum(-1) / total.clamp_min(torch.finfo(losses.dtype).tiny)
     return torch.where(total > 0, mean, torch.zeros_like(mean))

@@ -239,13 +239,10 @@ class _LovaszLoss(_Loss):
         losses, counts = class_losses(
             source, fg, valid, self.batch, self.method, self.bins, self.chunk_elements
         )
-        ndim = source.ndim
         present_only = self.classes == "present"
         if self.reduction == LossReduction.NONE.value:
-            counted = (counts > 0).to(losses) if present_only else torch.ones_like(losses)
-            if weight is not None:
-                counted = counted * weight.to(losses)
-            return (losses * counted).view(*losses.shape, *([1] * (ndim - 2)))
+            counted = functional.class_weights(losses, counts, present_only, weight)
+            return (losses * counted).view(*losses.shape, *([1] * (source.ndim - 2)))
         per_row = functional.average_class_losses(losses, counts, present_only, weight)
         if self.reduction == LossReduction.SUM.value:
             return per_row.sum()
