@@ -105,7 +105,25 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark size: ``batch`` volumes of ``classes`` channels and ``spatial`` voxels."""
+    """One benchmark size: ``batch`` volumes of ``classes`` channels and ``spatial`` voxels.
+
+    The inputs of a case are logits ``(batch, classes, *spatial)`` and labels
+    ``(batch, 1, *spatial)`` (see :func:`make_inputs`). The fields are not checked here;
+    :func:`parse_sizes` validates the ``--sizes`` syntax.
+
+    Args:
+        batch: number of volumes ``B``.
+        classes: number of classes ``C``.
+        spatial: spatial sizes ``(S1, ..., Sk)``.
+
+    Example:
+        >>> case = Case(1, 2, (4, 4, 4))
+        >>> case.name, case.voxels
+        ('1x2x4x4x4', 64)
+
+    Raises:
+        dataclasses.FrozenInstanceError: when a field is assigned (the dataclass is frozen).
+    """
 
     batch: int
     classes: int
@@ -518,7 +536,25 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
 
 @dataclass
 class Result:
-    """Measurements of one method at one size (times in seconds, memory in bytes)."""
+    """Measurements of one method at one size (times in seconds, memory in bytes).
+
+    Args:
+        name: key in :data:`METHODS`.
+        label: row label of the table.
+        times: wall-clock seconds of the timed forward + backward runs.
+        peak_bytes: peak extra memory, ``None`` when not measured.
+        value: the loss value.
+        diff: absolute difference to the reference loop, ``None`` when not compared.
+        notes: free-form remarks.
+
+    Example:
+        >>> result = Result("sort", "ours sort (batch)", [0.003, 0.001, 0.002])
+        >>> result.median
+        0.002
+
+    Raises:
+        statistics.StatisticsError: from :attr:`median` when ``times`` is empty.
+    """
 
     name: str
     label: str
@@ -553,6 +589,19 @@ def run_case(
 
     Returns:
         One :class:`Result` per method, in order.
+
+    Example:
+        >>> args = argparse.Namespace(
+        ...     repeats=1, warmup=0, skip_memory=True, bins=1024, chunk_elements=None, seed=0
+        ... )
+        >>> results = run_case(
+        ...     Case(1, 2, (4, 4, 4)), ["sort", "reference"], args, torch.device("cpu"),
+        ...     log=lambda message: None,
+        ... )
+        >>> [(r.name, len(r.times), r.peak_bytes) for r in results]
+        [('sort', 1, None), ('reference', 1, None)]
+        >>> results[0].diff < 1e-4
+        True
 
     Raises:
         KeyError: on an unknown method name.
@@ -618,6 +667,14 @@ def format_table(results: Sequence[Result], markdown: bool = False) -> str:
 
     Returns:
         The table, one line per method after the header.
+
+    Example:
+        >>> ref = Result("reference", "ref", [0.004, 0.002, 0.003], 2**20, 0.25, 0.0)
+        >>> ours = Result("sort", "sort", [0.001, 0.002], 2**19, 0.25, 1e-7)
+        >>> format_table([ref, ours]).splitlines()[3].split()
+        ['sort', '1.5', '1.0-2.0', '0.50', '-', '0.5', '0.50', '-', '0.250000', '1.0e-07']
+        >>> print(format_table([ref, ours], markdown=True).splitlines()[2])
+        | ref | 3.0 | 2.0-4.0 | 1.00 | - | 1.0 | 1.00 | - | 0.250000 | 0.0e+00 |
 
     Raises:
         statistics.StatisticsError: when a result has no times.
@@ -735,6 +792,12 @@ def markdown_header(device: torch.device, command: str, args: argparse.Namespace
 
     Returns:
         Markdown text ending with a blank line.
+
+    Example:
+        >>> args = argparse.Namespace(repeats=1, warmup=0, skip_memory=True)
+        >>> text = markdown_header(torch.device("cpu"), "python -m lovasz_monai.benchmark", args)
+        >>> text.splitlines()[:3]  # doctest: +ELLIPSIS
+        ['## Benchmark ... UTC, cpu', '', '- command: `python -m lovasz_monai.benchmark`']
 
     Raises:
         RuntimeError: when ``device`` is CUDA and no GPU is visible.
@@ -868,8 +931,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success; 1 when our sort method disagrees with the reference loop.
 
+    Example:
+        >>> import contextlib, io
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):  # the header and the table go to stdout
+        ...     status = main(
+        ...         ["--sizes", "1x2x4x4x4", "--repeats", "1", "--warmup", "0", "--skip-memory",
+        ...          "--methods", "sort,reference"]
+        ...     )
+        >>> status, "ours sort (batch)" in out.getvalue()
+        (0, True)
+
     Raises:
         SystemExit: on invalid arguments (argparse).
+        OSError: when the ``--markdown`` file cannot be written.
     """
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -62,6 +62,10 @@ def default_loggers(save_dir: str | os.PathLike) -> list[Logger]:
     Example:
         >>> [type(lg).__name__ for lg in default_loggers("runs/x")][0]
         'CSVLogger'
+
+    Raises:
+        TypeError: when ``save_dir`` is not a string or path-like (from the loggers'
+            ``os.fspath``).
     """
     loggers: list[Logger] = [CSVLogger(save_dir=save_dir, name="csv")]
     if _tensorboard_available():
@@ -164,6 +168,11 @@ def main(args: Any = None) -> None:
 
     Example:
         >>> main(["fit", "--config", "configs/demo.yaml"])  # doctest: +SKIP
+
+    Raises:
+        SystemExit: on ``--help``, ``--print_config`` and parse errors (jsonargparse), e.g. a
+            missing subcommand or config file. Errors of the run itself (building the data
+            module, training) propagate unchanged.
     """
     LovaszCLI(args=args)
 

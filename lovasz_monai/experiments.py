@@ -262,9 +262,22 @@ def schedule_epochs(
 ) -> tuple[int, int]:
     """Warm-up and ramp epochs of ``ce_to_lovasz``: by default half and a sixth of the epochs.
 
+    Args:
+        max_epochs: epochs of the run.
+        warmup_epochs: warm-up epochs; ``None``: ``max_epochs // 2``.
+        ramp_epochs: ramp epochs; ``None``: ``max_epochs // 6``.
+
+    Returns:
+        ``(warmup, ramp)`` as integers (not checked against ``max_epochs``).
+
     Example:
         >>> schedule_epochs(12), schedule_epochs(1), schedule_epochs(12, 4, 0)
         ((6, 2), (0, 0), (4, 0))
+
+    Raises:
+        TypeError: a default is needed and ``max_epochs`` is not a number (e.g. ``None``), or
+            ``warmup_epochs`` / ``ramp_epochs`` is of a type ``int()`` rejects.
+        ValueError: ``warmup_epochs`` or ``ramp_epochs`` is a string ``int()`` cannot parse.
     """
     warmup = max_epochs // 2 if warmup_epochs is None else int(warmup_epochs)
     ramp = max_epochs // 6 if ramp_epochs is None else int(ramp_epochs)
@@ -293,6 +306,10 @@ def aggregate(values: Sequence[float]) -> tuple[float, float]:
         (0.7, 0.2)
         >>> aggregate([0.4, float("nan")])
         (0.4, 0.0)
+
+    Raises:
+        ValueError: a value ``float()`` cannot parse (e.g. the string ``"a"``).
+        TypeError: a value ``float()`` does not accept (e.g. ``None``).
     """
     finite = [float(v) for v in values if not math.isnan(float(v))]
     if not finite:
@@ -310,6 +327,11 @@ def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
         '0.700 ± 0.200'
         >>> format_mean_std([float("nan")])
         'n/a'
+
+    Raises:
+        ValueError: a negative ``digits``, or a value ``float()`` cannot parse (see
+            :func:`aggregate`).
+        TypeError: a value ``float()`` does not accept (see :func:`aggregate`).
     """
     mean, std = aggregate(values)
     if math.isnan(mean):
@@ -324,7 +346,28 @@ def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
 
 @dataclass
 class RunResult:
-    """Outcome of one (loss, seed) run; IoU/Dice lists are per class (NaN where undefined)."""
+    """Outcome of one (loss, seed) run; IoU/Dice lists are per class (NaN where undefined).
+
+    Args:
+        loss, seed: the run's key of :data:`LOSSES` and seed.
+        miou, dice: mIoU and mean Dice of the final model (see :func:`evaluate`).
+        iou, dice_per_class: per-class values, ``C`` each.
+        step_times: wall-clock seconds of every training step.
+        val_miou_curve: logged ``val/mIoU`` of every validation epoch.
+        logged_val_miou: the last of them (NaN without one).
+        wall_time: seconds of the whole run.
+        run_dir: the run's ``default_root_dir``.
+        class_names, counted_classes, num_val_volumes: as in :class:`ComparisonResult`.
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> run.median_step  # the first step left out
+        0.2
+
+    Raises:
+        TypeError: a missing or unknown field (the dataclass constructor).
+    """
 
     loss: str
     seed: int
@@ -390,6 +433,18 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
 
     Raises:
         ValueError: a multi-label or one-channel binary model, or an empty loader.
+
+    Example:
+        >>> from lovasz_monai.module import LovaszSegmentationModule
+        >>> model = LovaszSegmentationModule(3, network=nn.Conv3d(1, 3, 1), roi_size=(4, 4, 4))
+        >>> batch = {
+        ...     "image": torch.randn(2, 1, 4, 4, 4),
+        ...     "label": torch.randint(0, 3, (2, 1, 4, 4, 4)),
+        ...     "mask": torch.ones(2, 1, 4, 4, 4),
+        ... }
+        >>> metrics = evaluate(model, [batch])
+        >>> sorted(metrics), len(metrics["iou"]), metrics["num_volumes"]
+        (['dice', 'dice_mean', 'iou', 'miou', 'num_volumes'], 3, 2)
     """
     if getattr(model, "multi_label", False) or getattr(model, "binary", False):
         raise ValueError("evaluate supports multi-class (softmax) models only")
@@ -527,6 +582,11 @@ def run_one(
         KeyError: an unknown loss.
         ValueError: a config whose model is not multi-class, or without a validation split.
         SystemExit: a LovaszCLI parse error (jsonargparse prints what is wrong).
+
+    Example:
+        >>> run = run_one("configs/demo.yaml", "lovasz", 0, 2, "runs/one")  # doctest: +SKIP
+        >>> run.loss, run.seed, len(run.val_miou_curve)  # doctest: +SKIP
+        ('lovasz', 0, 2)
     """
     from lovasz_monai.cli import LovaszCLI  # heavy import, only when a run is made
 
@@ -604,6 +664,13 @@ def benchmark_steps(
     Returns:
         Seconds per step, ``repeats`` values per loss.
 
+    Example:
+        >>> times = benchmark_steps(
+        ...     "configs/demo.yaml", ["ce", "lovasz"], "runs/bench", repeats=3, warmup=1
+        ... )  # doctest: +SKIP
+        >>> {loss: len(t) for loss, t in times.items()}  # doctest: +SKIP
+        {'ce': 3, 'lovasz': 3}
+
     Raises:
         KeyError: an unknown loss.
     """
@@ -647,7 +714,35 @@ def benchmark_steps(
 
 @dataclass
 class ComparisonResult:
-    """All runs of a comparison and what is needed to describe it."""
+    """All runs of a comparison and what is needed to describe it.
+
+    Args:
+        config, losses, seeds, max_epochs, overrides: the settings of :func:`compare`.
+        class_names: one name per class (``C``).
+        counted_classes: indices of the classes the means count.
+        num_val_volumes: validation volumes evaluated.
+        command: the command line written in the report.
+        runs: one :class:`RunResult` per (loss, seed).
+        warmup_epochs, ramp_epochs: schedule of ``ce_to_lovasz``.
+        torch_threads: ``torch.get_num_threads()`` of the runs.
+        total_time: seconds of the whole comparison.
+        bench_times: :func:`benchmark_steps` times per loss.
+        config_max_epochs: the config's ``trainer.max_epochs`` (``None`` when unset).
+        scaled_down: whether the runs were scaled down from the config.
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> [r.seed for r in result.by_loss("ce")]
+        [0]
+        >>> ComparisonResult.from_json(result.to_json()) == result
+        True
+
+    Raises:
+        TypeError: a missing or unknown field (the constructor, :meth:`from_json`).
+    """
 
     config: str
     losses: list[str]
@@ -717,6 +812,17 @@ def markdown_table(result: ComparisonResult) -> str:
 
     Raises:
         ValueError: a loss without runs.
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> lines = markdown_table(result).splitlines()
+        >>> print(lines[0])
+        # Loss comparison on `configs/demo.yaml`
+        >>> print(next(line for line in lines if line.startswith("| `ce`")))
+        | `ce` | 0.500 ± 0.000 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.600 ± 0.000 | 200 | n/a | n/a |
     """
     names = result.class_names
     counted = ", ".join(names[i] for i in result.counted_classes)
@@ -801,6 +907,20 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
 
     Returns:
         ``Path(path)``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> png = plot_comparison(result, pathlib.Path(tempfile.mkdtemp()) / "cmp.png")
+        >>> png.name, png.stat().st_size > 0
+        ('cmp.png', True)
+
+    Raises:
+        ImportError: matplotlib is not installed (it is a ``test`` extra).
+        OSError: the folder of ``path`` cannot be created or the file cannot be written.
     """
     import matplotlib
 
@@ -872,6 +992,9 @@ def run_order(losses: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, st
     Example:
         >>> run_order(["a", "b"], [0, 1])
         [(0, 'a'), (0, 'b'), (1, 'b'), (1, 'a')]
+
+    Raises:
+        TypeError: ``losses`` cannot be sliced (e.g. a set) while ``seeds`` is not empty.
     """
     order = []
     for k, seed in enumerate(seeds):
@@ -918,6 +1041,14 @@ def compare(
         KeyError: an unknown loss.
         ValueError: no losses or seeds, ``max_epochs < 1``, or a bad config (see
             :func:`run_one`).
+
+    Example:
+        >>> result = compare(
+        ...     "configs/demo.yaml", losses=["ce", "lovasz"], seeds=[0], max_epochs=2,
+        ...     output="experiments/compare_small", bench_repeats=0,
+        ... )  # doctest: +SKIP
+        >>> [(r.loss, r.seed) for r in result.runs]  # doctest: +SKIP
+        [('ce', 0), ('lovasz', 0)]
     """
     losses, seeds = list(losses), [int(s) for s in seeds]
     unknown = [loss for loss in losses if loss not in LOSSES]
@@ -992,8 +1123,27 @@ def compare(
 def write_results(result: ComparisonResult, output: str | os.PathLike) -> list[Path]:
     """Write ``<output>.md`` (:func:`markdown_table`), ``<output>.json`` and ``<output>.png``.
 
+    Args:
+        result: the comparison (at least one run per loss).
+        output: path without suffix; its folder is created.
+
     Returns:
         The three paths.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> paths = write_results(result, pathlib.Path(tempfile.mkdtemp()) / "cmp")
+        >>> [p.name for p in paths]
+        ['cmp.md', 'cmp.json', 'cmp.png']
+
+    Raises:
+        ValueError: a loss without runs (see :func:`markdown_table`).
+        ImportError: matplotlib is not installed (see :func:`plot_comparison`).
+        OSError: the files cannot be written.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -1071,6 +1221,17 @@ def report(path: str | os.PathLike, output: str | os.PathLike | None = None) -> 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> stem = pathlib.Path(tempfile.mkdtemp()) / "cmp"
+        >>> _ = write_results(result, stem)
+        >>> report(stem.with_suffix(".json")).runs[0].miou
+        0.5
     """
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -1101,6 +1262,18 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
 
     Raises:
         SystemExit: on ``--help`` and argument errors.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> stem = pathlib.Path(tempfile.mkdtemp()) / "cmp"
+        >>> _ = write_results(result, stem)
+        >>> main(["report", str(stem) + ".json"]).losses
+        ['ce']
+        >>> main(["compare", "--config", "configs/demo.yaml", "--seeds", "0"])  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
