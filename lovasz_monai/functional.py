@@ -224,7 +224,7 @@ def _sort_rows3(
         # first voxel of a row where every voxel is ignored).
         grad, counts[rows] = _lovasz_grad(fg_sorted, None, key.dtype, signed, has_valid)
         weighted = torch.mul(errors_sorted, grad)
-        losses[rows] = (weighted.abs_() if signed else weighted).sum(-1, dtype=torch.float64)
+        losses[rows] = (weighted.abs_() if signed else weighted).sum(-1)  # pairwise summation
         if signed:  # the subgradient autograd takes where the error is 0 (abs, relu)
             grad.masked_fill_(errors_sorted <= 0, 0.0)
         out = weights[rows]
