@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
+from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex, MultilabelJaccardIndex
@@ -50,8 +50,8 @@ def accepts_mask(loss: nn.Module) -> bool:
 
 
 def _plain(x: Tensor) -> Tensor:
-    """A plain ``torch.Tensor`` (no ``MetaTensor`` metadata tracking)."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
+    """A plain ``torch.Tensor`` (no ``MetaTensor`` metadata tracking; autograd kept)."""
+    return convert_to_tensor(x, track_meta=False)
 
 
 def _logits(output: Any) -> Tensor:
@@ -153,6 +153,7 @@ class LovaszSegmentationModule(pl.LightningModule):
     Example:
         >>> import torch
         >>> from monai.networks.nets import UNet
+from monai.utils import convert_to_tensor
         >>> net = UNet(3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
         >>> model = LovaszSegmentationModule(num_classes=3, network=net, roi_size=(16, 16, 16))
         >>> batch = {
