@@ -153,7 +153,6 @@ class LovaszSegmentationModule(pl.LightningModule):
     Example:
         >>> import torch
         >>> from monai.networks.nets import UNet
-from monai.utils import convert_to_tensor
         >>> net = UNet(3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
         >>> model = LovaszSegmentationModule(num_classes=3, network=net, roi_size=(16, 16, 16))
         >>> batch = {
