@@ -150,6 +150,15 @@ def _sort_key(errors: Tensor, valid: Tensor | None) -> Tensor:
     return errors if valid is None else torch.where(valid, errors, -1.0)
 
 
+def _key_and_foreground(
+    errors: Tensor, labels: Tensor, valid: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Sort key of ``errors`` (no autograd) and the foreground restricted to valid voxels."""
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        return _sort_key(errors.detach(), valid), fg
+
+
 def _sort_rows_torch(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(order, fg_sorted, errors_sorted, has_valid)`` of ``(n, S, P)`` rows sorted by
     decreasing key; ``errors_sorted`` is 0 at ignored voxels, ``has_valid`` is ``(n, 1)``."""
@@ -325,6 +334,22 @@ class _KnownGradient(torch.autograd.Function):
         return grad_source * scale, None, None
 
 
+def _extension_rows(
+    errors: Tensor,
+    labels: Tensor,
+    valid: Tensor | None,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+) -> tuple[Tensor, Tensor]:
+    """``(weights (N, P), losses (N,))`` of checked ``(N, P)`` rows, without autograd."""
+    _check_rows(errors, labels, valid)
+    key, fg = _key_and_foreground(errors, labels, valid)
+    with torch.no_grad():
+        weights, losses, _ = _lovasz_rows3(key[:, None], fg[:, None], method, bins, chunk_elements)
+    return weights[:, 0], losses
+
+
 def lovasz_weights(
     errors: Tensor,
     labels: Tensor,
@@ -361,12 +386,7 @@ def lovasz_weights(
     Raises:
         ValueError: on shape mismatches, an unknown ``method`` or non-positive ``bins``.
     """
-    _check_rows(errors, labels, valid)
-    with torch.no_grad():
-        fg = labels.bool() if valid is None else labels.bool() & valid
-        key = _sort_key(errors.detach(), valid)
-        weights = _lovasz_rows3(key[:, None], fg[:, None], method, bins, chunk_elements)[0]
-        return weights[:, 0]
+    return _extension_rows(errors, labels, valid, method, bins, chunk_elements)[0]
 
 
 def lovasz_extension(
@@ -399,12 +419,8 @@ def lovasz_extension(
     Raises:
         ValueError: see :func:`lovasz_weights`.
     """
-    _check_rows(errors, labels, valid)
-    with torch.no_grad():
-        fg = labels.bool() if valid is None else labels.bool() & valid
-        key = _sort_key(errors.detach(), valid)
-        weights, losses, _ = _lovasz_rows3(key[:, None], fg[:, None], method, bins, chunk_elements)
-    return _KnownGradient.apply(errors, losses, weights[:, 0])
+    weights, losses = _extension_rows(errors, labels, valid, method, bins, chunk_elements)
+    return _KnownGradient.apply(errors, losses, weights)
 
 
 def _row_view(x: Tensor, batch: bool) -> Tensor:
@@ -488,9 +504,7 @@ def lovasz_class_losses(
         ValueError: when the shapes do not match.
     """
     valid = _check_class_inputs(errors, labels, valid)
-    with torch.no_grad():
-        fg = labels.bool() if valid is None else labels.bool() & valid
-        key = _sort_key(errors.detach(), valid)
+    key, fg = _key_and_foreground(errors, labels, valid)
     # a key made by _sort_key may be overwritten; the errors themselves may not
     return _class_losses(
         errors, key, fg, batch, method, bins, chunk_elements, False, valid is not None
