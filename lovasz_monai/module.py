@@ -276,21 +276,12 @@ class LovaszSegmentationModule(pl.LightningModule):
         self.save_hyperparameters(ignore=ignore, frame=inspect.currentframe().f_back)
 
     def _make_metric(self) -> Metric:
-        if self.multi_label:
-            return MultilabelJaccardIndex(
-                num_labels=self.num_classes,
-                average="none",
-                ignore_index=METRIC_IGNORE,
-                validate_args=False,
-                zero_division=math.nan,
-            )
-        return MulticlassJaccardIndex(
-            num_classes=self.num_classes,
-            average="none",
-            ignore_index=METRIC_IGNORE,
-            validate_args=False,
-            zero_division=math.nan,
+        options = dict(
+            average="none", ignore_index=METRIC_IGNORE, validate_args=False, zero_division=math.nan
         )
+        if self.multi_label:
+            return MultilabelJaccardIndex(num_labels=self.num_classes, **options)
+        return MulticlassJaccardIndex(num_classes=self.num_classes, **options)
 
     # -- core -------------------------------------------------------------------------------
 
