@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import platform
 import shlex
 import statistics
@@ -735,6 +736,17 @@ def _processor_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def _cpu_features() -> str:
+    """The CPU's vector ISA as torch dispatches it, and whether oneDNN computes bf16 natively."""
+    from lovasz_monai.precision import cpu_has_native_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"ISA {isa}, native bf16 {cpu_has_native_bf16()}" + (
+        f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else ""
+    )
+
+
 def _versions() -> str:
     import monai
 
@@ -822,6 +834,7 @@ def markdown_header(device: torch.device, command: str, args: argparse.Namespace
             "",
             f"- command: `{command}`",
             f"- device: {where}",
+            f"- CPU features: {_cpu_features()}",
             f"- torch threads: {torch.get_num_threads()}",
             f"- versions: {_versions()}",
             f"- lovasz_monai source: {_source_version()}",

@@ -11,9 +11,17 @@ Usage (see ``lovasz-monai fit --help`` for every option)::
 
 What the CLI adds to a plain ``LightningCLI(LovaszSegmentationModule, SegmentationDataModule)``:
 
+* ``trainer.precision: auto`` (the default): ``bf16-mixed`` on CUDA with bf16 and on CPUs
+  with native bf16, ``16-mixed`` on other CUDA devices, ``32-true`` elsewhere
+  (:mod:`lovasz_monai.precision`); printed once and saved in the run's ``config.yaml``. A
+  pinned bf16 precision on a CPU that emulates bf16 gets a warning;
 * links: ``data.num_classes``, ``data.class_names``, ``data.in_channels`` and
   ``data.multi_label`` (read from ``dataset.json`` when the datamodule is built) ->
   ``model.*``; ``data.roi_size`` -> ``model.roi_size`` (the sliding-window size);
+* a ``model.network`` given by ``class_path`` (e.g. ``configs/networks/dynunet.yaml``) gets
+  ``in_channels`` and ``out_channels`` from the dataset (``out_channels`` from
+  ``model.out_channels`` when set, e.g. 1 for the binary hinge), so one network file serves
+  every dataset;
 * ``checkpoint`` (a ``ModelCheckpoint``, always present): best ``val/mIoU`` (mode max) as
   ``best.ckpt`` plus ``last.ckpt``, in ``<trainer.default_root_dir>/checkpoints`` unless
   ``--checkpoint.dirpath`` is given; a fixed folder, so ``--ckpt_path last`` resumes;
@@ -39,10 +47,11 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lovasz_monai.data import SegmentationDataModule
 from lovasz_monai.module import LovaszSegmentationModule
+from lovasz_monai.precision import LovaszTrainer, resolve_precision
 from lovasz_monai.writer import NiftiPredictionWriter
 
 __all__ = ["LovaszCLI", "default_loggers", "main"]
@@ -78,6 +87,24 @@ def _is_tensorboard(value: Any) -> bool:
     return isinstance(path, str) and path.endswith("TensorBoardLogger")
 
 
+def _set_network_channels(config: Namespace) -> None:
+    """Give a ``model.network`` configured by ``class_path`` the dataset's channels.
+
+    ``in_channels`` = the dataset's image channels, ``out_channels`` = ``model.out_channels``
+    or the dataset's classes/regions, read from ``dataset.json`` by a
+    :class:`SegmentationDataModule` built from ``config.data``. (A Lightning instantiation link
+    into ``model.network.init_args`` would fail whenever ``model.network`` is left unset.)
+    """
+    network = config.model.get("network")
+    if not isinstance(network, Namespace) or network.get("class_path") is None:
+        return
+    data = SegmentationDataModule(**config.data.clone().as_dict())
+    if network.get("init_args") is None:
+        network.init_args = Namespace()
+    network.init_args.in_channels = data.in_channels
+    network.init_args.out_channels = config.model.get("out_channels") or data.num_classes
+
+
 class LovaszCLI(LightningCLI):
     """LightningCLI over :class:`LovaszSegmentationModule` and :class:`SegmentationDataModule`.
 
@@ -99,6 +126,7 @@ class LovaszCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": "Lovász-loss 3D segmentation"})
+        kwargs.setdefault("trainer_class", LovaszTrainer)
         super().__init__(
             LovaszSegmentationModule,
             SegmentationDataModule,
@@ -126,6 +154,14 @@ class LovaszCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        precision = config.trainer.get("precision")
+        if precision in (None, "auto"):  # resolved here, so the saved config.yaml holds it
+            config.trainer.precision = resolve_precision(precision, config.trainer.accelerator)
+            rank_zero_info(
+                f"precision 'auto' resolved to '{config.trainer.precision}' "
+                f"(accelerator '{config.trainer.accelerator}')"
+            )
+        _set_network_channels(config)
         root = config.trainer.get("default_root_dir") or os.getcwd()
         if config.checkpoint.get("dirpath") is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")

@@ -14,23 +14,33 @@ import inspect
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 from monai.utils import convert_to_tensor
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex, MultilabelJaccardIndex
 
+from lovasz_monai.deep_supervision import (
+    deep_supervision_loss,
+    head_weights,
+    split_heads,
+)
 from lovasz_monai.losses import LovaszCELoss
+from lovasz_monai.metrics import CaseMetrics, batch_cases
 
 __all__ = ["LovaszSegmentationModule"]
 
 #: target value given to masked (ignored) voxels for the torchmetrics IoU
 METRIC_IGNORE = -1
+#: file name of the per-case test metrics, written in ``trainer.log_dir``
+CASES_CSV = "test_cases.csv"
 
 
 def accepts_mask(loss: nn.Module) -> bool:
@@ -52,15 +62,6 @@ def accepts_mask(loss: nn.Module) -> bool:
 def _plain(x: Tensor) -> Tensor:
     """A plain ``torch.Tensor`` (no ``MetaTensor`` metadata tracking; autograd kept)."""
     return convert_to_tensor(x, track_meta=False)
-
-
-def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    raise TypeError(
-        "the network must return one (B, C, *spatial) tensor of logits, got "
-        f"{type(output).__name__} (deep-supervision outputs are not supported)"
-    )
 
 
 class LovaszSegmentationModule(pl.LightningModule):
@@ -85,6 +86,15 @@ class LovaszSegmentationModule(pl.LightningModule):
     sees the ignored voxels as labelled background (the datamodule writes 0 there). Logits are
     cast to float32 before the loss, so losses run in float32 under ``bf16-mixed``/``16-mixed``.
 
+    **Deep supervision.** A network may return several heads in training: MONAI
+    ``DynUNet(..., deep_supervision=True)``'s stacked ``(B, heads, C, *S)`` tensor, or a
+    list/tuple of ``(B, C, *S_l)`` tensors at decreasing resolution (full resolution first). Each
+    head gets the training objective against the label and the mask resized to its size by
+    nearest-neighbour interpolation, and the heads are summed with the weights of
+    ``monai.losses.DeepSupervisionLoss`` (``deep_supervision_weight_mode``, or explicit
+    ``deep_supervision_weights``); see :mod:`lovasz_monai.deep_supervision`. Validation,
+    test and prediction use the full-resolution head only.
+
     **CE -> Lovász schedule** (the paper's recipe: train with cross-entropy, then fine-tune with
     Lovász). With a ``warmup_loss`` the training objective at epoch ``e`` is
     ``w * loss + (1 - w) * warmup_loss`` with ``w = lovasz_weight(e)``: 0 for
@@ -102,6 +112,18 @@ class LovaszSegmentationModule(pl.LightningModule):
     (background) out of ``mIoU`` in the multi-class and binary modes; its IoU is still logged.
     Multi-label regions have no background channel: every region enters the mean.
 
+    **Per-case metrics** (:mod:`lovasz_monai.metrics`, MONAI's metrics): the Dice of each case
+    and class (ignored voxels left out), averaged over cases, the convention of medical
+    challenges: ``val/Dice/<class name>`` and ``val/mDice`` (same class rule as ``mIoU``; and
+    ``test/...``). A class absent from both the prediction and the label of a case is NaN there
+    and left out of the means. The cases of all DDP processes are gathered first. With
+    ``surface_metrics``, ``test`` also logs the 95th-percentile Hausdorff distance and the
+    average symmetric surface distance in mm (voxel size from the image's affine), on the
+    masked prediction and label: ``test/HD95/<class>``, ``test/mHD95``, ``test/ASD/<class>``,
+    ``test/mASD``. ``test`` writes each case's values (Dice, IoU, HD95, ASD) to
+    ``test_cases.csv`` in ``trainer.log_dir`` (the CSVLogger's ``version_N`` folder, next to
+    ``metrics.csv``; ``default_root_dir`` without a logger), on rank 0.
+
     **Optimizer.** Under :class:`~lovasz_monai.cli.LovaszCLI` the ``optimizer`` /
     ``lr_scheduler`` sections configure it; without them (or outside the CLI)
     :meth:`configure_optimizers` uses ``AdamW(lr=1e-3, weight_decay=1e-5)``.
@@ -110,7 +132,8 @@ class LovaszSegmentationModule(pl.LightningModule):
         num_classes: output classes: label values including background (multi-class/binary),
             or regions (multi-label). Linked from the datamodule by the CLI.
         network: any ``nn.Module`` mapping ``(B, in_channels, *S)`` to ``(B, out_channels, *S)``
-            logits; ``None`` builds a MONAI ``UNet(spatial_dims=3, in_channels, out_channels,
+            logits, or to several heads in training (deep supervision, see above); ``None``
+            builds a MONAI ``UNet(spatial_dims=3, in_channels, out_channels,
             channels=unet_channels, strides=unet_strides, num_res_units=unet_num_res_units)``.
         loss: training/validation loss taking ``(logits, label[, mask])``; ``None``:
             ``LovaszCELoss(to_onehot_y=True)`` (multi-class) or ``LovaszCELoss(sigmoid=True)``
@@ -131,12 +154,19 @@ class LovaszSegmentationModule(pl.LightningModule):
             ``None``: no schedule.
         warmup_epochs: epochs trained with ``warmup_loss`` only.
         ramp_epochs: epochs of linear mixing after the warm-up (0 = hard switch).
+        deep_supervision_weight_mode: head weights, as ``DeepSupervisionLoss``'s ``weight_mode``:
+            ``"exp"`` (1, 0.5, 0.25, ...), ``"same"`` or ``"two"`` (1, 0.5, 0.5, ...).
+        deep_supervision_weights: explicit head weights (full resolution first); used when
+            they cover every head.
         metric_include_background: include class 0 in ``mIoU`` (multi-class/binary modes).
+        surface_metrics: also compute HD95 and ASD per case in ``test`` (slow on a CPU). Not
+            saved in the checkpoint's hyperparameters: give it when testing.
 
     Attributes:
         network, loss, warmup_loss: the modules in use.
         binary: True in the one-channel binary mode.
         val_iou, test_iou: the torchmetrics IoU metrics (per class, ``average="none"``).
+        val_cases, test_cases: the per-case metrics (:class:`~lovasz_monai.metrics.CaseMetrics`).
 
     Shapes:
         forward: ``(B, in_channels, *S)`` -> ``(B, out_channels, *S)`` logits.
@@ -146,9 +176,10 @@ class LovaszSegmentationModule(pl.LightningModule):
     Raises:
         ValueError: invalid sizes or counts (``num_classes < 1``, ``out_channels`` other than
             ``num_classes`` or the binary 1, ``class_names`` of the wrong length, negative
-            epochs, ``warmup_epochs > 0`` without ``warmup_loss``, overlap outside [0, 1)); in
+            epochs, ``warmup_epochs > 0`` without ``warmup_loss``, overlap outside [0, 1), an
+            unknown ``deep_supervision_weight_mode``); in
             the steps: a batch whose image channels or network outputs do not match.
-        TypeError: a network output that is not a tensor.
+        TypeError: a network output that is not a tensor or a list/tuple of tensors.
 
     Example:
         >>> import torch
@@ -186,7 +217,10 @@ class LovaszSegmentationModule(pl.LightningModule):
         warmup_loss: nn.Module | None = None,
         warmup_epochs: int = 0,
         ramp_epochs: int = 0,
+        deep_supervision_weight_mode: Literal["exp", "same", "two"] = "exp",
+        deep_supervision_weights: list[float] | None = None,
         metric_include_background: bool = False,
+        surface_metrics: bool = False,
     ) -> None:
         super().__init__()
         self._save_hparams(network=network, loss=loss, warmup_loss=warmup_loss)
@@ -217,6 +251,7 @@ class LovaszSegmentationModule(pl.LightningModule):
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        head_weights(1, deep_supervision_weight_mode)  # validates the mode
 
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
@@ -235,6 +270,12 @@ class LovaszSegmentationModule(pl.LightningModule):
         self.warmup_epochs = int(warmup_epochs)
         self.ramp_epochs = int(ramp_epochs)
         self.metric_include_background = bool(metric_include_background)
+        self.deep_supervision_weight_mode = deep_supervision_weight_mode
+        self.deep_supervision_weights = (
+            None
+            if deep_supervision_weights is None
+            else [float(w) for w in deep_supervision_weights]
+        )
 
         if network is None:
             network = UNet(
@@ -256,6 +297,17 @@ class LovaszSegmentationModule(pl.LightningModule):
 
         self.val_iou = self._make_metric()
         self.test_iou = self._make_metric()
+        # an evaluation switch, not saved: LightningCLI would let a checkpoint's value override
+        # `test --ckpt_path ... --model.surface_metrics true`
+        self.hparams.pop("surface_metrics", None)
+        self.surface_metrics = bool(surface_metrics)
+        cases = dict(
+            class_names=self.class_names,
+            multi_label=self.multi_label,
+            include_background=self.metric_include_background,
+        )
+        self.val_cases = CaseMetrics(self.num_classes, **cases)
+        self.test_cases = CaseMetrics(self.num_classes, surface=self.surface_metrics, **cases)
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -286,8 +338,9 @@ class LovaszSegmentationModule(pl.LightningModule):
     # -- core -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """Network logits ``(B, out_channels, *S)`` for an image batch ``(B, in_channels, *S)``."""
-        return _logits(self.network(x))
+        """Network logits ``(B, out_channels, *S)`` for an image batch ``(B, in_channels, *S)``:
+        the full-resolution head of a deep-supervision network."""
+        return split_heads(self.network(x), spatial_dims=x.ndim - 2)[0]
 
     def lovasz_weight(self, epoch: int) -> float:
         """Weight ``w`` of ``loss`` in the training objective at ``epoch`` (1 without warm-up).
@@ -372,7 +425,7 @@ class LovaszSegmentationModule(pl.LightningModule):
             overlap=self.overlap,
             mode=self.sw_mode,
         )
-        logits = _plain(_logits(logits)).float()
+        logits = _plain(logits).float()
         self._check(image, logits)
         return logits
 
@@ -382,16 +435,30 @@ class LovaszSegmentationModule(pl.LightningModule):
         """Loss on a batch of patches (``image``, ``label``, ``mask``), with the schedule."""
         image, label, mask = _plain(batch["image"]), _plain(batch["label"]), _plain(batch["mask"])
         self._check(image)
-        logits = self(image)
-        self._check(image, logits)
+        heads = split_heads(self.network(image), spatial_dims=image.ndim - 2)
+        for head in heads:
+            self._check(image, head)
         weight = self.lovasz_weight(self.current_epoch)
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if weight > 0:
-            loss = loss + weight * self._call_loss(self.loss, self._loss_mask, logits, label, mask)
-        if weight < 1:
-            assert self.warmup_loss is not None
-            warm = self._call_loss(self.warmup_loss, self._warmup_mask, logits, label, mask)
-            loss = loss + (1.0 - weight) * warm
+
+        def objective(logits: Tensor, label: Tensor, mask: Tensor) -> Tensor:
+            loss = logits.new_zeros((), dtype=torch.float32)
+            if weight > 0:
+                loss = loss + weight * self._call_loss(
+                    self.loss, self._loss_mask, logits, label, mask
+                )
+            if weight < 1:
+                assert self.warmup_loss is not None
+                warm = self._call_loss(self.warmup_loss, self._warmup_mask, logits, label, mask)
+                loss = loss + (1.0 - weight) * warm
+            return loss
+
+        if len(heads) == 1:
+            loss = objective(heads[0], label, mask)
+        else:
+            weights = head_weights(
+                len(heads), self.deep_supervision_weight_mode, self.deep_supervision_weights
+            )
+            loss = deep_supervision_loss(heads, label, mask, objective, weights)
         size = image.shape[0]
         if self._trainer is None:  # called outside a Trainer (e.g. a unit test): nothing to log
             return loss
@@ -401,11 +468,15 @@ class LovaszSegmentationModule(pl.LightningModule):
             self.log("train/lovasz_weight", weight, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str, metric: Metric) -> Tensor:
+    def _evaluate(
+        self, batch: dict[str, Tensor], stage: str, metric: Metric, cases: CaseMetrics
+    ) -> Tensor:
         label, mask = _plain(batch["label"]), _plain(batch["mask"])
         logits = self.sliding_window(batch["image"])
         loss = self._call_loss(self.loss, self._loss_mask, logits, label, mask)
         self.update_metric(metric, logits, label, mask)
+        sources, spacing = batch_cases(batch["image"])
+        cases.update(self.discretize(logits), label, mask, spacing=spacing, sources=sources)
         if self._trainer is None:
             return loss
         self.log(
@@ -419,33 +490,41 @@ class LovaszSegmentationModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Sliding-window logits of whole volumes; updates ``val/`` loss and IoU."""
-        return self._evaluate(batch, "val", self.val_iou)
+        """Sliding-window logits of whole volumes; updates ``val/`` loss, IoU and Dice."""
+        return self._evaluate(batch, "val", self.val_iou, self.val_cases)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """As :meth:`validation_step`, logging under ``test/``."""
-        return self._evaluate(batch, "test", self.test_iou)
+        return self._evaluate(batch, "test", self.test_iou, self.test_cases)
 
-    def _log_iou(self, stage: str, metric: Metric) -> None:
+    def _log_metrics(self, stage: str, metric: Metric, cases: CaseMetrics) -> None:
         if not metric.update_called:
             return
         per_class = metric.compute()  # synchronised over processes
         metric.reset()
+        results = cases.gather()  # the cases of all processes
+        cases.reset()
         values = {
             f"{stage}/IoU/{name.replace('/', '_')}": value
             for name, value in zip(self.class_names, per_class, strict=True)
         }
+        values.update({f"{stage}/{key}": value for key, value in results.summary().items()})
         # the values are already reduced over processes (identical on every rank): no sync_dist
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log(f"{stage}/mIoU", self.mean_iou(per_class), prog_bar=True, sync_dist=False)
             self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        if stage == "test":
+            folder = self.trainer.log_dir or self.trainer.default_root_dir  # a DDP broadcast
+            if self.trainer.is_global_zero:
+                path = results.write_csv(Path(folder) / CASES_CSV)
+                rank_zero_info(f"per-case test metrics of {len(results.cases)} cases: {path}")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_iou("val", self.val_iou)
+        self._log_metrics("val", self.val_iou, self.val_cases)
 
     def on_test_epoch_end(self) -> None:
-        self._log_iou("test", self.test_iou)
+        self._log_metrics("test", self.test_iou, self.test_cases)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Discrete prediction of whole volumes: ``(B, 1, *S)`` (or ``(B, R, *S)``) uint8, CPU."""

@@ -190,7 +190,6 @@ def test_config_runs_one_step_on_synthetic_stand_in(config, tmp_path, monkeypatc
             "--model.unet_channels=[4,8]",
             "--model.unet_strides=[2]",
             "--trainer.accelerator=cpu",
-            "--trainer.precision=bf16-mixed",
             "--trainer.fast_dev_run=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[]",
@@ -219,6 +218,87 @@ def test_config_runs_one_step_on_synthetic_stand_in(config, tmp_path, monkeypatc
     assert pred.shape == ((*spatial, num_classes) if multi_label else spatial)
     np.testing.assert_allclose(affine, image_affine, atol=1e-5)
     assert pred.max() < (2 if multi_label or out_channels == 1 else num_classes)
+
+
+NETWORKS = {
+    "dynunet.yaml": ("DynUNet", ["--model.network.init_args.filters=[4,8,8,8]"]),
+    "segresnet.yaml": ("SegResNet", []),
+    "swinunetr.yaml": ("SwinUNETR", []),
+}
+
+
+def test_every_network_config_has_a_smoke_test():
+    assert set(NETWORKS) == {p.name for p in (CONFIGS / "networks").glob("*.yaml")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("network", "config"),
+    [(n, "demo.yaml") for n in sorted(NETWORKS)]
+    + [("dynunet.yaml", "brats_multilabel.yaml"), ("segresnet.yaml", "msd_spleen.yaml")],
+)
+def test_network_config_trains_one_step_on_any_experiment(network, config, tmp_path, monkeypatch):
+    """A configs/networks/ file composed with an experiment config: the CLI gives the network the
+    dataset's channels, one training step (every deep-supervision head) and a validation run."""
+    kwargs, num_classes, multi_label, _ = CONFIG_DATA[config]
+    data = make_synthetic_dataset(
+        tmp_path / "data", num_cases=2, num_test=1, size=(32, 32, 32), **kwargs
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    name, extra = NETWORKS[network]
+    cli = LovaszCLI(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--config",
+            str(CONFIGS / "networks" / network),
+            *extra,
+            f"--data.data_dir={data}",
+            "--data.roi_size=[32,32,32]",
+            "--data.batch_size=1",
+            "--data.num_samples=1",
+            "--data.num_workers=0",
+            "--data.val_fraction=0.5",
+            "--trainer.accelerator=cpu",
+            "--trainer.fast_dev_run=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        ]
+    )
+    net = cli.model.network
+    assert type(net).__name__ == name
+    assert (cli.model.num_classes, cli.model.multi_label) == (num_classes, multi_label)
+    image = torch.zeros(1, kwargs.get("num_modalities", 1), 32, 32, 32)
+    with torch.no_grad():
+        assert cli.model.eval()(image).shape == (1, num_classes, 32, 32, 32)
+    assert cli.trainer.state.finished
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/mIoU"]) <= 1.0
+
+
+def test_network_config_with_the_binary_hinge_gets_one_output(tmp_path, monkeypatch):
+    data = make_synthetic_dataset(
+        tmp_path / "data", num_cases=2, num_test=0, size=(16, 16, 16), num_classes=2
+    )
+    monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    cli = LovaszCLI(
+        args=[
+            "--config",
+            str(CONFIGS / "msd_spleen_hinge.yaml"),
+            "--config",
+            str(CONFIGS / "networks" / "segresnet.yaml"),
+            f"--data.data_dir={data}",
+            "--data.roi_size=[16,16,16]",
+            "--trainer.accelerator=cpu",
+        ],
+        run=False,
+    )
+    assert cli.model.out_channels == 1 and cli.model.binary
+    with torch.no_grad():
+        assert cli.model.network(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
 
 
 def build(dataset: Path, root: Path, *extra: str) -> LovaszCLI:

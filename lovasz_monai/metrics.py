@@ -1,0 +1,481 @@
+"""Per-case segmentation metrics: Dice, IoU, HD95 and ASD per class, with MONAI, DDP-gathered.
+
+The numbers medical challenges report are computed per case (one volume) and per class, then
+averaged over cases. This module computes them from discrete predictions with MONAI's metric
+functions (``compute_dice``, ``compute_iou``, ``compute_hausdorff_distance(percentile=95)``,
+``compute_average_surface_distance(symmetric=True)``, the functions behind ``DiceMetric``,
+``MeanIoU``, ``HausdorffDistanceMetric`` and ``SurfaceDistanceMetric``), gathers the per-case
+values of all DDP processes with MONAI's ``evenly_divisible_all_gather`` /
+``string_list_all_gather``, and writes them as a CSV table. It knows nothing of Lightning:
+:class:`~lovasz_monai.module.LovaszSegmentationModule` feeds it in ``validation_step`` /
+``test_step`` and logs :meth:`CaseResults.summary`.
+
+Conventions, per case and per class:
+
+* **Ignored voxels** (``mask == 0``) are removed from the prediction and from the label: both
+  binary class masks are set to 0 there. For Dice and IoU this is exactly "leave the voxel out":
+  a voxel that is 0 in both adds nothing to the intersection, to ``|P| + |L|`` or to the union.
+* **Surface metrics** (HD95 and ASD, in mm: the voxel spacing of each case is used) are computed
+  on the same masked segmentations, i.e. on prediction and label both restricted to the valid
+  region (what MONAI's ``HausdorffDistanceMetric(ignore_index=...)`` does too: it multiplies both
+  by the mask). A structure cut by the border of the valid region gets a boundary there in the
+  prediction and in the label alike; where both are cut at the same place these boundary voxels
+  coincide (distance 0), where only one reaches the border the distance is a real disagreement
+  inside the valid region. An ignore mask that crosses structures therefore lowers HD95/ASD a
+  little (more zero distances); with a region-of-interest mask that contains the structures
+  nothing changes.
+* **Definitions** (MONAI's): HD95 is the larger of the two directed 95th percentiles
+  (``torch.quantile``, linear interpolation) of the distances from the boundary voxels of one
+  segmentation to the nearest boundary voxel of the other; ASD is the mean of the distances of
+  both directions together (symmetric). Boundary voxels: foreground voxels with a background
+  neighbour (the volume's outside counts as background).
+* **Empty classes.** A class absent from both the (masked) prediction and label of a case has
+  no defined value: NaN for every metric, left out of every mean (MONAI's convention: NaN marks
+  an undefined case, e.g. ``DiceMetric(ignore_empty=True)``, and MONAI's reductions skip NaN).
+  A class present in only one of them is a complete miss or a pure false positive: Dice = IoU
+  = 0 and HD95 = ASD = inf (so the class mean of HD95/ASD is inf too; the CSV shows the case).
+  Unlike ``DiceMetric(ignore_empty=True)``, false positives on a case whose label lacks the
+  class count (Dice 0 rather than NaN), as they do in the dataset-level IoU.
+* **Means.** Per class: the mean over cases, NaN left out. Over classes (``mDice``, ...): the
+  mean of the per-class means over the counted classes, NaN left out; the background (class 0)
+  is not counted unless ``include_background`` (multi-class and binary label maps), multi-label
+  regions are all counted. Surface metrics are computed for the counted classes only.
+
+Shapes: ``pred`` and ``label`` are ``(B, 1, *S)`` integer label maps with values in
+``[0, num_classes)``, or ``(B, C, *S)`` 0/1 regions with ``multi_label=True``; ``mask`` is
+``(B, 1, *S)`` (non-zero = the voxel counts); ``S`` has any number of spatial dimensions.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+)
+from monai.utils import evenly_divisible_all_gather, string_list_all_gather
+from torch import Tensor
+
+__all__ = ["CaseMetrics", "CaseResults", "batch_cases", "case_id", "case_metrics"]
+
+#: the metrics of a case; HD95 and ASD only with surface metrics on
+METRICS = ("Dice", "IoU", "HD95", "ASD")
+SURFACE_METRICS = ("HD95", "ASD")
+
+Spacing = Sequence[float] | Sequence[Sequence[float]] | None
+
+
+def case_id(source: str | os.PathLike) -> str:
+    """Case id of an image file: its name without folder and extension (``.nii.gz`` counts as
+    one extension).
+
+    Example:
+        >>> case_id("/data/imagesTr/liver_007.nii.gz"), case_id("scan.v2.mha")
+        ('liver_007', 'scan.v2')
+    """
+    name = Path(source).name
+    for compression in (".gz", ".bz2", ".xz"):
+        name = name.removesuffix(compression)
+    return Path(name).stem if "." in name.strip(".") else name
+
+
+def batch_cases(image: Tensor) -> tuple[list[str] | None, list[tuple[float, ...]] | None]:
+    """Source file names and voxel spacings of the cases of a batch image.
+
+    Args:
+        image: ``(B, C_in, *S)``; a MONAI ``MetaTensor`` (as in the validation/test batches of
+            :class:`~lovasz_monai.data.SegmentationDataModule`) gives the file names (meta
+            ``"filename_or_obj"``) and the spacing of its current ``affine`` (after orientation
+            and resampling: the grid the metrics are computed on).
+
+    Returns:
+        ``(sources, spacings)``: ``B`` file names and ``B`` tuples of ``len(S)`` voxel sizes, or
+        ``None`` for what the tensor does not carry (a plain tensor: ``(None, None)``).
+
+    Example:
+        >>> import torch
+        >>> from monai.data import MetaTensor
+        >>> affine = torch.diag(torch.tensor([-1.5, 1.5, 3.0, 1.0]))
+        >>> meta = {"filename_or_obj": "a/case_1.nii.gz"}
+        >>> img = MetaTensor(torch.zeros(1, 4, 4, 4), affine=affine, meta=meta)
+        >>> batch_cases(img[None])
+        (['a/case_1.nii.gz'], [(1.5, 1.5, 3.0)])
+    """
+    if not isinstance(image, MetaTensor):
+        return None, None
+    batch, dims = image.shape[0], image.ndim - 2
+    affine = torch.as_tensor(image.affine).detach().cpu()
+    affines = affine.expand(batch, *affine.shape) if affine.ndim == 2 else affine
+    spacings = [tuple(float(s) for s in affine_to_spacing(a, r=dims)) for a in affines]
+    if len(spacings) != batch:
+        spacings = None
+    names = image.meta.get("filename_or_obj")
+    if isinstance(names, (str, os.PathLike)):
+        names = [names]
+    sources = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+    if sources is not None and len(sources) != batch:
+        sources = None
+    return sources, spacings
+
+
+def _class_masks(pred: Tensor, label: Tensor, mask: Tensor | None, c: int, multi_label: bool):
+    if multi_label:
+        p, y = pred[:, c : c + 1] != 0, label[:, c : c + 1] != 0
+    else:
+        p, y = pred == c, label == c
+    if mask is not None:
+        valid = mask != 0
+        p, y = p & valid, y & valid
+    return p.float(), y.float()
+
+
+def _check_inputs(
+    pred: Tensor, label: Tensor, mask: Tensor | None, num_classes: int, multi_label: bool
+) -> None:
+    channels = num_classes if multi_label else 1
+    what = f"(B, {channels}, *S) " + ("0/1 regions" if multi_label else "label maps")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if pred.ndim < 3 or pred.shape != label.shape or pred.shape[1] != channels:
+        raise ValueError(
+            f"pred and label must be {what} of the same shape, got {tuple(pred.shape)} and "
+            f"{tuple(label.shape)}"
+        )
+    if mask is not None and (
+        mask.shape[0] != pred.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != pred.shape[2:]
+    ):
+        raise ValueError(
+            f"mask must be (B, 1, *S) = {(pred.shape[0], 1, *pred.shape[2:])}, got "
+            f"{tuple(mask.shape)}"
+        )
+    for name, x in (("pred", pred), ("label", label)):
+        if x.numel() == 0:
+            continue
+        if multi_label:
+            bad = not bool(((x == 0) | (x == 1)).all())
+            expected = "0/1 values"
+        else:
+            bad = bool((x < 0).any() or (x >= num_classes).any() or (x != x.round()).any())
+            expected = f"integer values in [0, {num_classes})"
+        if bad:
+            raise ValueError(
+                f"{name} must hold {expected}, got values in [{float(x.min())}, {float(x.max())}]"
+            )
+
+
+def case_metrics(
+    pred: Tensor,
+    label: Tensor,
+    mask: Tensor | None = None,
+    *,
+    num_classes: int,
+    multi_label: bool = False,
+    spacing: Spacing = None,
+    surface_classes: Sequence[int] | None = None,
+) -> dict[str, Tensor]:
+    """Dice and IoU (and HD95, ASD) of each case and class, ignored voxels left out.
+
+    See the module docstring for the conventions (masking, empty classes -> NaN, inf).
+
+    Args:
+        pred: ``(B, 1, *S)`` predicted label map (values in ``[0, num_classes)``), or
+            ``(B, num_classes, *S)`` 0/1 regions with ``multi_label``.
+        label: the ground truth, same shape and kind as ``pred``.
+        mask: ``(B, 1, *S)``, non-zero where the voxel counts; ``None``: every voxel counts.
+        num_classes: classes (label values including background) or regions.
+        multi_label: ``pred``/``label`` hold one independent 0/1 channel per region.
+        spacing: voxel size for the surface metrics: one size per spatial axis for all cases, or
+            one such sequence per case; ``None``: 1 (distances in voxels).
+        surface_classes: classes for which HD95 and ASD are computed; ``None``: no surface
+            metrics.
+
+    Returns:
+        ``{"Dice": (B, C), "IoU": (B, C)}`` float32 on the CPU, plus ``"HD95"`` and ``"ASD"``
+        ``(B, C)`` when ``surface_classes`` is given (NaN in the other classes' columns).
+
+    Raises:
+        ValueError: ``pred``/``label``/``mask`` of the wrong shapes, values outside
+            ``[0, num_classes)`` (label maps) or other than 0/1 (regions), a class of
+            ``surface_classes`` outside ``[0, num_classes)``, or a ``spacing`` that does not fit
+            (from MONAI).
+
+    Example:
+        >>> import torch
+        >>> label = torch.tensor([[[[0, 1, 1, 1, 2, 2]]]])  # (B=1, 1, 1, 6): one row of voxels
+        >>> pred = torch.tensor([[[[0, 1, 1, 2, 2, 0]]]])
+        >>> mask = torch.tensor([[[[1, 1, 1, 1, 1, 0]]]])  # the last voxel is ignored
+        >>> out = case_metrics(pred, label, mask, num_classes=3, spacing=(1.0, 2.0),
+        ...                    surface_classes=[1, 2])
+        >>> out["Dice"]  # class 1: 2*2/(2+3); class 2: 2*1/(2+1) (the ignored voxel left out)
+        tensor([[1.0000, 0.8000, 0.6667]])
+        >>> out["HD95"]  # class 1: 95th percentiles of (0, 0) and (0, 0, 2) mm -> max(0, 1.8)
+        tensor([[   nan, 1.8000, 1.9000]])
+    """
+    _check_inputs(pred, label, mask, num_classes, multi_label)
+    batch = pred.shape[0]
+    surface = sorted(set(surface_classes)) if surface_classes is not None else None
+    if surface is not None and any(not 0 <= c < num_classes for c in surface):
+        raise ValueError(f"surface_classes must lie in [0, {num_classes}), got {surface}")
+    keys = METRICS if surface is not None else METRICS[:2]
+    out = {k: torch.full((batch, num_classes), math.nan, dtype=torch.float32) for k in keys}
+    for c in range(num_classes):
+        p, y = _class_masks(pred, label, mask, c, multi_label)
+        p_any, y_any = p.flatten(1).any(1).cpu(), y.flatten(1).any(1).cpu()
+        empty, one_sided = ~(p_any | y_any), p_any ^ y_any
+        values = {
+            "Dice": compute_dice(p, y, include_background=True, ignore_empty=False),
+            "IoU": compute_iou(p, y, include_background=True, ignore_empty=False),
+        }
+        if surface is not None and c in surface:
+            with warnings.catch_warnings():  # empty masks (handled below), MONAI deprecations
+                warnings.filterwarnings("ignore", message=".*(is all 0|always_return_as_numpy)")
+                values["HD95"] = compute_hausdorff_distance(
+                    p, y, include_background=True, percentile=95, spacing=spacing
+                )
+                values["ASD"] = compute_average_surface_distance(
+                    p, y, include_background=True, symmetric=True, spacing=spacing
+                )
+        for key, value in values.items():
+            value = value.reshape(batch).float().cpu()
+            if key in SURFACE_METRICS:
+                value = value.masked_fill(one_sided, math.inf)
+            out[key][:, c] = value.masked_fill(empty, math.nan)
+    return out
+
+
+@dataclass
+class CaseResults:
+    """Per-case metrics of a whole evaluation (all processes), with the class means.
+
+    Attributes:
+        cases: ``N`` case ids (image file stems; ``case_000``, ... when unknown).
+        sources: ``N`` image paths (``""`` when unknown).
+        values: metric name -> ``(N, C)`` float32 (``NaN``: undefined, see the module docs).
+        class_names: ``C`` class names.
+        counted: the classes that enter the means over classes.
+    """
+
+    cases: list[str]
+    sources: list[str]
+    values: dict[str, Tensor]
+    class_names: list[str]
+    counted: list[int] = field(default_factory=list)
+
+    def class_means(self, metric: str) -> Tensor:
+        """``(C,)`` mean over cases of each class, NaN (undefined cases) left out; a class
+        undefined in every case (or no cases) gives NaN.
+
+        Raises:
+            KeyError: a metric that was not computed.
+        """
+        values = self.values[metric]
+        if values.shape[0] == 0:
+            return torch.full((values.shape[1],), math.nan)
+        return values.nanmean(dim=0)
+
+    def summary(self, metrics: Sequence[str] = ("Dice", "HD95", "ASD")) -> dict[str, Tensor]:
+        """Logged values: ``"<metric>/<class>"`` (mean over cases) for every class (surface
+        metrics: the counted classes) and ``"m<metric>"`` (mean over the counted classes, NaN
+        left out), for those of ``metrics`` that were computed. ``/`` in class names becomes
+        ``_``.
+
+        Example:
+            >>> r = CaseResults(["a", "b"], ["", ""], {"Dice": torch.tensor(
+            ...     [[1.0, 0.5, float("nan")], [1.0, 0.7, 0.2]])}, ["bg", "x", "y"], [1, 2])
+            >>> {k: round(float(v), 3) for k, v in r.summary().items()}
+            {'Dice/bg': 1.0, 'Dice/x': 0.6, 'Dice/y': 0.2, 'mDice': 0.4}
+        """
+        out: dict[str, Tensor] = {}
+        for metric in metrics:
+            if metric not in self.values:
+                continue
+            means = self.class_means(metric)
+            shown = self.counted if metric in SURFACE_METRICS else range(len(self.class_names))
+            for c in shown:
+                out[f"{metric}/{self.class_names[c].replace('/', '_')}"] = means[c]
+            counted = means[self.counted] if self.counted else means
+            out[f"m{metric}"] = counted.nanmean()
+        return out
+
+    def columns(self) -> list[tuple[str, int]]:
+        """``(metric, class)`` of each value column of the table."""
+        cols = []
+        for metric in self.values:
+            shown = self.counted if metric in SURFACE_METRICS else range(len(self.class_names))
+            cols += [(metric, c) for c in shown]
+        return cols
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """Write one row per case: ``case``, ``image``, then ``<metric>/<class>`` columns
+        (``Dice`` and ``IoU`` of every class, ``HD95``/``ASD`` of the counted classes), values
+        at full float precision (``nan``, ``inf`` as Python writes them). Creates the folder.
+
+        Returns:
+            the path written.
+
+        Raises:
+            OSError: the file cannot be written.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cols = self.columns()
+        header = ["case", "image"] + [f"{m}/{self.class_names[c]}" for m, c in cols]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for i, (case, source) in enumerate(zip(self.cases, self.sources, strict=True)):
+                row = [repr(float(self.values[m][i, c])) for m, c in cols]
+                writer.writerow([case, source, *row])
+        return path
+
+
+class CaseMetrics:
+    """Accumulates per-case Dice and IoU (and HD95/ASD) over an evaluation; gathers them
+    across DDP processes.
+
+    Args:
+        num_classes: classes (label values including background) or regions (multi-label).
+        class_names: ``num_classes`` names; ``None``: ``class_0, class_1, ...``.
+        multi_label: ``pred``/``label`` are ``(B, num_classes, *S)`` 0/1 regions.
+        include_background: count class 0 in the means over classes (label maps only; every
+            region counts in multi-label mode).
+        surface: also compute HD95 and ASD (for the counted classes): slow on a CPU.
+
+    Attributes:
+        counted: the classes that enter the means (and get surface metrics).
+        metrics: the metric names computed: ``("Dice", "IoU")`` plus ``("HD95", "ASD")``.
+
+    Raises:
+        ValueError: ``num_classes < 1`` or ``class_names`` of the wrong length; in
+            :meth:`update`, as :func:`case_metrics`.
+
+    Example:
+        >>> import torch
+        >>> m = CaseMetrics(3, ["background", "liver", "tumour"])
+        >>> label = torch.tensor([[[[0, 1, 1, 2]]], [[[0, 1, 1, 1]]]])  # 2 cases of 1 x 4 voxels
+        >>> pred = torch.tensor([[[[0, 1, 2, 2]]], [[[0, 1, 1, 1]]]])
+        >>> _ = m.update(pred, label, sources=["x/c1.nii.gz", "x/c2.nii.gz"])
+        >>> results = m.gather()  # all processes under DDP
+        >>> results.cases, results.values["Dice"][:, 2]  # tumour absent from case 2: NaN
+        (['c1', 'c2'], tensor([0.6667,    nan]))
+        >>> {k: round(float(v), 4) for k, v in results.summary().items()}
+        {'Dice/background': 1.0, 'Dice/liver': 0.8333, 'Dice/tumour': 0.6667, 'mDice': 0.75}
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        multi_label: bool = False,
+        include_background: bool = False,
+        surface: bool = False,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"need {num_classes} class_names, got {list(class_names)}")
+        self.num_classes = int(num_classes)
+        self.class_names = (
+            [f"class_{i}" for i in range(num_classes)]
+            if class_names is None
+            else [str(n) for n in class_names]
+        )
+        self.multi_label = bool(multi_label)
+        self.surface = bool(surface)
+        first = 0 if (multi_label or include_background or num_classes == 1) else 1
+        self.counted = list(range(first, self.num_classes))
+        self.metrics = METRICS if self.surface else METRICS[:2]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cases added so far (this process)."""
+        self._values: list[Tensor] = []
+        self._sources: list[str] = []
+
+    def __len__(self) -> int:
+        """Cases added by this process."""
+        return len(self._sources)
+
+    def update(
+        self,
+        pred: Tensor,
+        label: Tensor,
+        mask: Tensor | None = None,
+        spacing: Spacing = None,
+        sources: Sequence[str] | None = None,
+    ) -> dict[str, Tensor]:
+        """Add a batch of cases (arguments as :func:`case_metrics`; ``sources``: the ``B``
+        image paths, used for the case ids and to drop the duplicates a distributed sampler
+        adds). Returns the batch's ``{metric: (B, C)}`` values.
+
+        Raises:
+            ValueError: as :func:`case_metrics`, or ``len(sources) != B``.
+        """
+        values = case_metrics(
+            pred,
+            label,
+            mask,
+            num_classes=self.num_classes,
+            multi_label=self.multi_label,
+            spacing=spacing,
+            surface_classes=self.counted if self.surface else None,
+        )
+        batch = pred.shape[0]
+        if sources is not None and len(sources) != batch:
+            raise ValueError(f"got {len(sources)} sources for a batch of {batch} cases")
+        self._values.append(torch.stack([values[m] for m in self.metrics], dim=1))
+        start = len(self._sources)
+        sources = [None] * batch if sources is None else list(sources)
+        # unknown sources get unique placeholders "\t<n>" (no real name holds a tab)
+        self._sources.extend(
+            str(s).replace("\t", " ").replace("\n", " ") if s else f"\t{start + i}"
+            for i, s in enumerate(sources)
+        )
+        return values
+
+    def gather(self) -> CaseResults:
+        """The cases of all processes (rank order), each source path once (the first
+        occurrence: a ``DistributedSampler`` repeats cases to even out the ranks; cases without
+        a source are all kept). Without an initialised ``torch.distributed`` group: this
+        process's cases. Under DDP every process must call it (collective).
+
+        Raises:
+            RuntimeError: the gathered names and values do not match (inconsistent updates).
+        """
+        shape = (0, len(self.metrics), self.num_classes)
+        local = torch.cat(self._values) if self._values else torch.zeros(shape)
+        values = evenly_divisible_all_gather(local, concat=True)
+        # placeholders become "\t<rank>:<n>": unique across processes
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        names = [f"\t{rank}:{s[1:]}" if s.startswith("\t") else s for s in self._sources]
+        names = [n for n in string_list_all_gather(names, delimiter="\n") if n]  # "" = none
+        if len(names) != values.shape[0]:
+            raise RuntimeError(f"gathered {len(names)} case names for {values.shape[0]} cases")
+        keep, seen = [], set()
+        for i, name in enumerate(names):
+            if name.startswith("\t") or name not in seen:
+                keep.append(i)
+                seen.add(name)
+        values = values[keep].float().cpu()
+        names = [names[i] for i in keep]
+        sources = ["" if n.startswith("\t") else n for n in names]
+        cases = [case_id(s) if s else f"case_{i:03d}" for i, s in enumerate(sources)]
+        return CaseResults(
+            cases=cases,
+            sources=sources,
+            values={m: values[:, k] for k, m in enumerate(self.metrics)},
+            class_names=list(self.class_names),
+            counted=list(self.counted),
+        )

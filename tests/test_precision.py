@@ -1,0 +1,136 @@
+"""``precision="auto"``: resolution from the hardware, the emulated-bf16 warning, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lovasz_monai import precision as precision_module
+from lovasz_monai.cli import LovaszCLI
+from lovasz_monai.data import make_synthetic_dataset
+from lovasz_monai.precision import (
+    LovaszTrainer,
+    cpu_has_native_bf16,
+    emulated_bf16_warning,
+    resolve_precision,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def patch_hardware(monkeypatch, *, cuda: bool, cuda_bf16: bool = False, cpu_bf16: bool = False):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: cpu_bf16)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cuda_bf16", "cpu_bf16", "accelerator", "expected"),
+    [
+        (True, True, False, "auto", "bf16-mixed"),
+        (True, False, True, "auto", "16-mixed"),
+        (True, True, False, "gpu", "bf16-mixed"),
+        (True, False, False, "cuda", "16-mixed"),
+        (False, False, True, "auto", "bf16-mixed"),
+        (False, False, False, "auto", "32-true"),
+        (True, True, True, "cpu", "bf16-mixed"),
+        (True, True, False, "cpu", "32-true"),
+        (False, False, True, "cpu", "bf16-mixed"),
+        (False, False, False, "cpu", "32-true"),
+        (False, False, True, "mps", "32-true"),
+    ],
+)
+def test_auto_resolves_from_the_hardware(
+    monkeypatch, cuda, cuda_bf16, cpu_bf16, accelerator, expected
+):
+    patch_hardware(monkeypatch, cuda=cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
+    assert resolve_precision("auto", accelerator) == expected
+    assert resolve_precision(None, accelerator) == expected
+
+
+@pytest.mark.parametrize("pinned", ["32-true", "16-mixed", "bf16-mixed", 16, "64-true"])
+def test_a_pinned_precision_is_kept(monkeypatch, pinned):
+    patch_hardware(monkeypatch, cuda=False)
+    assert resolve_precision(pinned, "cpu") == pinned
+
+
+def test_onednn_isa_limit_turns_native_bf16_off():
+    """The capability check is the one oneDNN makes: capping oneDNN at AVX2 (what a CPU without
+    AVX-512 BF16 has) reports no native bf16, whatever this CPU is."""
+    code = "from lovasz_monai.precision import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+    assert isinstance(cpu_has_native_bf16(), bool)
+
+
+def test_warning_fires_for_emulated_bf16_only(monkeypatch):
+    patch_hardware(monkeypatch, cuda=False, cpu_bf16=False)
+    message = emulated_bf16_warning("bf16-mixed", "cpu")
+    assert message is not None and "32-true" in message and "15-46x" in message
+    with pytest.warns(UserWarning, match="without native bf16"):
+        trainer = LovaszTrainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    assert trainer.precision == "bf16-mixed"  # warned, not overridden
+    assert emulated_bf16_warning("32-true", "cpu") is None
+    assert emulated_bf16_warning("16-mixed", "gpu") is None
+
+    patch_hardware(monkeypatch, cuda=False, cpu_bf16=True)
+    assert emulated_bf16_warning("bf16-mixed", "cpu") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(GPU|TPU|HPU|bfloat16|litlogger).*")
+        trainer = LovaszTrainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    assert trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_trainer_default_is_auto(monkeypatch, cpu_bf16):
+    patch_hardware(monkeypatch, cuda=False, cpu_bf16=cpu_bf16)
+    trainer = LovaszTrainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert trainer.precision == ("bf16-mixed" if cpu_bf16 else "32-true")
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cli_resolves_auto_prints_it_and_saves_it_in_the_config(
+    monkeypatch, tmp_path, caplog, cpu_bf16
+):
+    patch_hardware(monkeypatch, cuda=False, cpu_bf16=cpu_bf16)
+    data = make_synthetic_dataset(tmp_path / "data", num_cases=2, num_test=0, size=(16, 16, 16))
+    monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    expected = "bf16-mixed" if cpu_bf16 else "32-true"
+    with caplog.at_level("INFO"):
+        cli = LovaszCLI(
+            args=[
+                "fit",
+                "--config",
+                str(DEMO),
+                f"--data.data_dir={data}",
+                "--data.roi_size=[16,16,16]",
+                "--data.num_samples=1",
+                "--data.val_fraction=0.5",
+                "--model.unet_channels=[4,8]",
+                "--model.unet_strides=[2]",
+                "--trainer.max_steps=1",
+                "--trainer.limit_val_batches=0",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.callbacks=[]",
+                f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            ]
+        )
+    assert cli.trainer.precision == expected
+    assert [r.getMessage() for r in caplog.records].count(
+        f"precision 'auto' resolved to '{expected}' (accelerator 'cpu')"
+    ) == 1
+    (saved,) = (tmp_path / "runs").rglob("config.yaml")
+    assert yaml.safe_load(saved.read_text())["trainer"]["precision"] == expected
