@@ -17,7 +17,6 @@ UNet 16-32-64-128 (2 residual units) of the issue that asked for this measuremen
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -28,17 +27,7 @@ import yaml
 
 from lovasz_monai.data import SegmentationDataModule, make_synthetic_dataset
 from lovasz_monai.module import LovaszSegmentationModule
-from lovasz_monai.precision import cpu_has_native_bf16
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from lovasz_monai.precision import cpu_description
 
 
 def measure(args: argparse.Namespace, workers: int, data_dir: Path) -> dict[str, float]:
@@ -101,8 +90,7 @@ def main() -> None:
     if args.size:
         synthetic["size"] = args.size
     print(
-        f"# {cpu_model()}, {torch.get_num_threads()} torch threads, native bf16: "
-        f"{cpu_has_native_bf16()}, torch {torch.__version__}, float32"
+        f"# {cpu_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
     print(f"# config {args.config}, synthetic {synthetic}, roi {args.roi}, unet {args.unet}")
     print("| num_workers | data wait per step (ms) | compute per step (ms) | wait / step | steps |")

@@ -12,7 +12,6 @@ Run it a second time with oneDNN capped at AVX2 to see a CPU without native bf16
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -20,7 +19,7 @@ import torch
 from monai.networks.nets import UNet
 
 from lovasz_monai.losses import LovaszCELoss
-from lovasz_monai.precision import cpu_has_native_bf16, resolve_precision
+from lovasz_monai.precision import cpu_description, resolve_precision
 
 # (name, batch, patch, UNet channels, residual units): the demo's network and batch, and a
 # real-data-sized one (MONAI UNet 16-32-64-128 on 2 patches of 64^3)
@@ -28,17 +27,6 @@ CASES = [
     ("demo UNet 8-16-32, 8 x 1 x 32^3", 8, 32, (8, 16, 32), 1),
     ("UNet 16-32-64-128, 2 x 1 x 64^3", 2, 64, (16, 32, 64, 128), 2),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def step_time(net, loss_fn, image, label, bf16: bool) -> float:
@@ -55,10 +43,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
     print(
-        f"# {cpu_model()}, {torch.get_num_threads()} threads, ONEDNN_MAX_CPU_ISA={isa}, native "
-        f"bf16: {cpu_has_native_bf16()}, precision auto -> {resolve_precision('auto', 'cpu')}"
+        f"# {cpu_description()}, {torch.get_num_threads()} torch threads, "
+        f"precision auto -> {resolve_precision('auto', 'cpu')}"
     )
     print("| network, batch | float32 (ms) | bf16 autocast (ms) | bf16 / float32 |")
     print("|---|---:|---:|---:|")

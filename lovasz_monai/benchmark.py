@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
 import platform
 import shlex
 import statistics
@@ -71,6 +70,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from lovasz_monai.precision import cpu_description
 
 __all__ = [
     "CPU_GRID",
@@ -725,28 +726,6 @@ def format_table(results: Sequence[Result], markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _processor_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _cpu_features() -> str:
-    """The CPU's vector ISA as torch dispatches it, and whether oneDNN computes bf16 natively."""
-    from lovasz_monai.precision import cpu_has_native_bf16
-
-    isa = torch.backends.cpu.get_cpu_capability()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"ISA {isa}, native bf16 {cpu_has_native_bf16()}" + (
-        f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else ""
-    )
-
-
 def _versions() -> str:
     import monai
 
@@ -815,9 +794,9 @@ def markdown_header(device: torch.device, command: str, args: argparse.Namespace
         RuntimeError: when ``device`` is CUDA and no GPU is visible.
     """
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    where = f"cpu ({_processor_name()})"
+    where = f"cpu ({cpu_description()})"
     if device.type == "cuda":
-        where = f"cuda ({torch.cuda.get_device_name(device)}; host CPU {_processor_name()})"
+        where = f"cuda ({torch.cuda.get_device_name(device)}; host CPU {cpu_description()})"
     memory = (
         "not measured (--skip-memory)"
         if args.skip_memory
@@ -834,7 +813,6 @@ def markdown_header(device: torch.device, command: str, args: argparse.Namespace
             "",
             f"- command: `{command}`",
             f"- device: {where}",
-            f"- CPU features: {_cpu_features()}",
             f"- torch threads: {torch.get_num_threads()}",
             f"- versions: {_versions()}",
             f"- lovasz_monai source: {_source_version()}",

@@ -38,7 +38,9 @@ What the CLI adds to a plain ``LightningCLI(LovaszSegmentationModule, Segmentati
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 import os
 import warnings
 from typing import Any
@@ -47,11 +49,11 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lovasz_monai.data import SegmentationDataModule
 from lovasz_monai.module import LovaszSegmentationModule
-from lovasz_monai.precision import LovaszTrainer, resolve_precision
+from lovasz_monai.precision import LovaszTrainer, resolve_and_report
 from lovasz_monai.writer import NiftiPredictionWriter
 
 __all__ = ["LovaszCLI", "default_loggers", "main"]
@@ -92,17 +94,33 @@ def _set_network_channels(config: Namespace) -> None:
 
     ``in_channels`` = the dataset's image channels, ``out_channels`` = ``model.out_channels``
     or the dataset's classes/regions, read from ``dataset.json`` by a
-    :class:`SegmentationDataModule` built from ``config.data``. (A Lightning instantiation link
-    into ``model.network.init_args`` would fail whenever ``model.network`` is left unset.)
+    :class:`SegmentationDataModule` built from ``config.data``; each is set only when the
+    network's constructor has a parameter of that name. (A Lightning instantiation link into
+    ``model.network.init_args`` would fail whenever ``model.network`` is left unset.)
+
+    Raises:
+        FileNotFoundError, ValueError: from :class:`SegmentationDataModule` (a missing or
+            malformed ``dataset.json``), as the CLI would raise them a moment later.
     """
     network = config.model.get("network")
     if not isinstance(network, Namespace) or network.get("class_path") is None:
         return
-    data = SegmentationDataModule(**config.data.clone().as_dict())
+    module_name, _, class_name = str(network.class_path).rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module_name), class_name)).parameters
+    wanted = {"in_channels", "out_channels"} & set(params)
+    if not wanted:
+        return
+    with warnings.catch_warnings():  # the datamodule the CLI builds next warns again
+        warnings.simplefilter("ignore")
+        data = SegmentationDataModule(**config.data.clone().as_dict())
     if network.get("init_args") is None:
         network.init_args = Namespace()
-    network.init_args.in_channels = data.in_channels
-    network.init_args.out_channels = config.model.get("out_channels") or data.num_classes
+    channels = {
+        "in_channels": data.in_channels,
+        "out_channels": config.model.get("out_channels") or data.num_classes,
+    }
+    for name in wanted:
+        network.init_args[name] = channels[name]
 
 
 class LovaszCLI(LightningCLI):
@@ -156,11 +174,7 @@ class LovaszCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         precision = config.trainer.get("precision")
         if precision in (None, "auto"):  # resolved here, so the saved config.yaml holds it
-            config.trainer.precision = resolve_precision(precision, config.trainer.accelerator)
-            rank_zero_info(
-                f"precision 'auto' resolved to '{config.trainer.precision}' "
-                f"(accelerator '{config.trainer.accelerator}')"
-            )
+            config.trainer.precision = resolve_and_report(precision, config.trainer.accelerator)
         _set_network_channels(config)
         root = config.trainer.get("default_root_dir") or os.getcwd()
         if config.checkpoint.get("dirpath") is None:

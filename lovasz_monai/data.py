@@ -513,7 +513,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         roi_size: training patch size ``(X, Y, Z)``; also the sliding-window size for the model.
         batch_size: volumes per training batch (each gives ``num_samples`` patches).
         num_samples: patches cropped per volume by ``RandCropByPosNegLabeld`` (pos:neg = 1:1).
-        num_workers: DataLoader worker processes (and cache-filling threads).
+        num_workers: DataLoader worker processes (and cache-filling threads); workers are
+            persistent. Default 2: on 2 CPU cores, loading in the main process made the loop
+            wait 22 ms per 63 ms step of the demo, 2 workers 2 ms (``benchmarks/RESULTS.md``).
         cache_rate: fraction of cases whose deterministic transforms are cached in memory.
         val_fraction: fraction of the ``training`` cases held out for validation, in [0, 1).
         seed: seed of the split and of the training augmentation.
@@ -574,7 +576,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         roi_size: Sequence[int] = (96, 96, 96),
         batch_size: int = 2,
         num_samples: int = 2,
-        num_workers: int = 0,
+        num_workers: int = 2,
         cache_rate: float = 1.0,
         val_fraction: float = 0.2,
         seed: int = 0,

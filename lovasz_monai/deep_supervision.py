@@ -76,10 +76,12 @@ def head_weights(
         num_heads: number of output heads.
         weight_mode: ``"exp"`` (1, 0.5, 0.25, ..., at least 0.0625), ``"same"`` (all 1) or
             ``"two"`` (1, 0.5, 0.5, ...).
-        weights: explicit weights; used when they cover ``num_heads`` heads.
+        weights: explicit weights, at least one per head (the first ``num_heads`` are used);
+            they replace ``weight_mode``.
 
     Raises:
-        ValueError: unknown ``weight_mode``.
+        ValueError: unknown ``weight_mode``, or fewer ``weights`` than heads (MONAI would fall
+            back to ``weight_mode`` silently).
 
     Example:
         >>> head_weights(4)
@@ -87,6 +89,11 @@ def head_weights(
     """
     if weight_mode not in ("exp", "same", "two"):
         raise ValueError(f"weight_mode must be 'exp', 'same' or 'two', got {weight_mode!r}")
+    if weights is not None and len(weights) < num_heads:
+        raise ValueError(
+            f"deep supervision weights {list(weights)} cover {len(weights)} heads, the network "
+            f"returned {num_heads}"
+        )
     helper = DeepSupervisionLoss(
         nn.Identity(), weight_mode=weight_mode, weights=None if weights is None else list(weights)
     )
@@ -94,13 +101,24 @@ def head_weights(
 
 
 def resize_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
-    """``x`` ``(B, C, *S)`` resized to ``size`` by nearest-neighbour (``"nearest-exact"``)
-    interpolation, dtype kept; unchanged when the size already matches.
+    """``x`` resized by nearest-neighbour (``"nearest-exact"``) interpolation, dtype kept.
+
+    Args:
+        x: ``(B, C, *S)`` label map, regions or mask (any dtype).
+        size: the new spatial size ``S'`` (as many values as ``x`` has spatial dimensions).
+
+    Returns:
+        ``(B, C, *S')`` of ``x``'s dtype; ``x`` itself when ``S' == S``.
+
+    Raises:
+        ValueError: ``size`` has another number of dimensions than ``x``'s spatial shape.
 
     Example:
         >>> resize_nearest(torch.arange(4.0).view(1, 1, 4), (2,)).tolist()
         [[[1.0, 3.0]]]
     """
+    if len(size) != x.ndim - 2:
+        raise ValueError(f"size {tuple(size)} does not fit the spatial shape {tuple(x.shape[2:])}")
     if tuple(x.shape[2:]) == tuple(size):
         return x
     resized = F.interpolate(x.float(), size=tuple(size), mode="nearest-exact")

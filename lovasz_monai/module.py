@@ -156,8 +156,8 @@ class LovaszSegmentationModule(pl.LightningModule):
         ramp_epochs: epochs of linear mixing after the warm-up (0 = hard switch).
         deep_supervision_weight_mode: head weights, as ``DeepSupervisionLoss``'s ``weight_mode``:
             ``"exp"`` (1, 0.5, 0.25, ...), ``"same"`` or ``"two"`` (1, 0.5, 0.5, ...).
-        deep_supervision_weights: explicit head weights (full resolution first); used when
-            they cover every head.
+        deep_supervision_weights: explicit head weights (full resolution first), at least one
+            per head; they replace ``deep_supervision_weight_mode``.
         metric_include_background: include class 0 in ``mIoU`` (multi-class/binary modes).
         surface_metrics: also compute HD95 and ASD per case in ``test`` (slow on a CPU). Not
             saved in the checkpoint's hyperparameters: give it when testing.
@@ -177,8 +177,9 @@ class LovaszSegmentationModule(pl.LightningModule):
         ValueError: invalid sizes or counts (``num_classes < 1``, ``out_channels`` other than
             ``num_classes`` or the binary 1, ``class_names`` of the wrong length, negative
             epochs, ``warmup_epochs > 0`` without ``warmup_loss``, overlap outside [0, 1), an
-            unknown ``deep_supervision_weight_mode``); in
-            the steps: a batch whose image channels or network outputs do not match.
+            unknown ``deep_supervision_weight_mode``); in the steps: a batch whose image
+            channels or network outputs do not match, a first output head that is not at the
+            image's resolution, fewer ``deep_supervision_weights`` than heads.
         TypeError: a network output that is not a tensor or a list/tuple of tensors.
 
     Example:
@@ -438,6 +439,11 @@ class LovaszSegmentationModule(pl.LightningModule):
         heads = split_heads(self.network(image), spatial_dims=image.ndim - 2)
         for head in heads:
             self._check(image, head)
+        if heads[0].shape[2:] != image.shape[2:]:
+            raise ValueError(
+                f"the first output head must have the image's spatial size {tuple(image.shape[2:])}"
+                f" (full resolution first), got {tuple(heads[0].shape[2:])}"
+            )
         weight = self.lovasz_weight(self.current_epoch)
 
         def objective(logits: Tensor, label: Tensor, mask: Tensor) -> Tensor:

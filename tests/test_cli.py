@@ -496,3 +496,18 @@ def test_resume_from_last_checkpoint(trained, dataset):
     assert after["global_step"] > before["global_step"] > 0
     rows = latest_metrics(root)  # the resumed run's log: only the new epoch
     assert {int(r["epoch"]) for r in rows} == {2}
+
+
+def test_network_channels_are_set_only_where_the_constructor_takes_them(tmp_path):
+    from jsonargparse import Namespace
+
+    data = make_synthetic_dataset(tmp_path / "data", num_cases=2, num_test=0, size=(16, 16, 16))
+    data_config = Namespace(data_dir=str(data), roi_size=[16, 16, 16])
+    conv = Namespace(class_path="torch.nn.Conv3d", init_args=Namespace(kernel_size=1))
+    config = Namespace(model=Namespace(network=conv, out_channels=None), data=data_config)
+    cli_module._set_network_channels(config)
+    assert (conv.init_args.in_channels, conv.init_args.out_channels) == (1, 3)
+    identity = Namespace(class_path="torch.nn.Identity", init_args=Namespace())
+    config = Namespace(model=Namespace(network=identity, out_channels=None), data=data_config)
+    cli_module._set_network_channels(config)
+    assert dict(identity.init_args) == {}

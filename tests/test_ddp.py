@@ -14,7 +14,16 @@ import torch.distributed as dist
 from lovasz_monai.data import make_synthetic_dataset
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-KEYS = ("val/mIoU", "val/loss", "val/IoU/background", "val/IoU/class_1", "val/IoU/class_2")
+KEYS = (
+    "val/mIoU",
+    "val/loss",
+    "val/IoU/background",
+    "val/IoU/class_1",
+    "val/IoU/class_2",
+    "val/mDice",
+    "val/Dice/class_1",
+    "val/Dice/class_2",
+)
 
 
 def run_cli(*args: str, cwd: Path) -> str:

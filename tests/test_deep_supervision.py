@@ -198,3 +198,63 @@ def test_network_output_channels_are_checked_in_every_head():
     model = LovaszSegmentationModule(num_classes=3, network=BadHead(), roi_size=S)
     with pytest.raises(ValueError, match="returned 2 channels"):
         model.training_step(batch(), 0)
+
+
+def test_too_few_explicit_weights_and_a_coarse_first_head_raise():
+    model = LovaszSegmentationModule(
+        num_classes=3, network=MultiScaleNet(), roi_size=S, deep_supervision_weights=[1.0, 0.5]
+    )
+    with pytest.raises(ValueError, match="cover 2 heads, the network returned 3"):
+        model.training_step(batch(), 0)
+
+    class CoarseFirst(MultiScaleNet):
+        def forward(self, x):
+            return super().forward(x)[::-1]
+
+    model = LovaszSegmentationModule(num_classes=3, network=CoarseFirst(), roi_size=S)
+    with pytest.raises(ValueError, match="full resolution first"):
+        model.training_step(batch(), 0)
+
+
+def test_deep_supervision_with_the_ce_to_lovasz_schedule():
+    """In the ramp (w = 0.5) every head gets w * Lovász + (1 - w) * CE, CE on valid voxels."""
+    data = batch(seed=3)
+    net = MultiScaleNet()
+    model = LovaszSegmentationModule(
+        num_classes=3,
+        network=net,
+        roi_size=S,
+        warmup_loss=nn.CrossEntropyLoss(),
+        warmup_epochs=1,
+        ramp_epochs=1,
+    )
+    model.train()
+    assert model.lovasz_weight(1) == 0.5
+    model.lovasz_weight = lambda epoch: 0.5  # the epoch in the ramp, without a Trainer
+    loss = model.training_step(data, 0)
+    lovasz, ce = LovaszCELoss(to_onehot_y=True), nn.CrossEntropyLoss(ignore_index=-100)
+    total = 0.0
+    for i, (head, w) in enumerate(zip(net(data["image"]), [1.0, 0.5, 0.25], strict=True)):
+        label, mask = strided(data["label"], 2**i), strided(data["mask"], 2**i)
+        target = label[:, 0].long().masked_fill(mask[:, 0] == 0, -100)
+        total = total + w * (0.5 * lovasz(head, label, mask=mask) + 0.5 * ce(head, target))
+    torch.testing.assert_close(loss, total, rtol=1e-6, atol=1e-6)
+
+
+def test_multi_label_regions_are_resized_per_channel():
+    """Multi-label (B, R, *S) regions with a list of heads: each region channel resized alike."""
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(2, 1, *S, generator=g)
+    regions = (torch.rand(2, 3, *S, generator=g) > 0.6).float()
+    mask = torch.ones(2, 1, *S)
+    mask[..., :3] = 0
+    net = MultiScaleNet()
+    model = LovaszSegmentationModule(num_classes=3, network=net, roi_size=S, multi_label=True)
+    model.train()
+    loss = model.training_step({"image": image, "label": regions, "mask": mask}, 0)
+    fn = LovaszCELoss(sigmoid=True)
+    by_hand = sum(
+        w * fn(head, strided(regions, 2**i), mask=strided(mask, 2**i))
+        for i, (head, w) in enumerate(zip(net(image), [1.0, 0.5, 0.25], strict=True))
+    )
+    torch.testing.assert_close(loss, by_hand, rtol=1e-6, atol=1e-6)

@@ -27,7 +27,12 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 def patch_hardware(monkeypatch, *, cuda: bool, cuda_bf16: bool = False, cpu_bf16: bool = False):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        # like torch >= 2.3 on a V100/T4: True when emulation counts, whatever the chip
+        return True if including_emulation else cuda_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: cpu_bf16)
     if getattr(torch.backends, "mps", None) is not None:
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -63,6 +68,41 @@ def test_a_pinned_precision_is_kept(monkeypatch, pinned):
     assert resolve_precision(pinned, "cpu") == pinned
 
 
+def test_accelerator_given_as_a_config_mapping(monkeypatch):
+    patch_hardware(monkeypatch, cuda=True, cuda_bf16=False)
+    spec = {"class_path": "pytorch_lightning.accelerators.CUDAAccelerator"}
+    assert resolve_precision("auto", spec) == "16-mixed"
+    spec = {"class_path": "pytorch_lightning.accelerators.CPUAccelerator"}
+    assert resolve_precision("auto", spec) == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("onednn_bf16", "avx512_bf16", "amx", "cap", "expected"),
+    [
+        (True, True, False, None, True),  # AVX-512 BF16 (Cooper Lake, Zen 4/5)
+        (True, False, True, None, True),  # AMX (Sapphire Rapids and newer)
+        (True, False, False, None, False),  # AVX-512 without BF16: oneDNN runs bf16, emulated
+        (False, False, False, None, False),  # AVX2 only
+        (True, True, False, "AVX512_CORE", False),  # oneDNN capped below its bf16 instructions
+        (True, True, False, "AVX512_CORE_BF16", True),
+        (False, True, False, "AVX2", False),  # what the capability check reports under the cap
+    ],
+)
+def test_native_bf16_needs_the_bf16_instructions(
+    monkeypatch, onednn_bf16, avx512_bf16, amx, cap, expected
+):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu_has_native_bf16() is expected
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if expected else "32-true")
+
+
 def test_onednn_isa_limit_turns_native_bf16_off():
     """The capability check is the one oneDNN makes: capping oneDNN at AVX2 (what a CPU without
     AVX-512 BF16 has) reports no native bf16, whatever this CPU is."""
@@ -79,6 +119,7 @@ def test_warning_fires_for_emulated_bf16_only(monkeypatch):
     patch_hardware(monkeypatch, cuda=False, cpu_bf16=False)
     message = emulated_bf16_warning("bf16-mixed", "cpu")
     assert message is not None and "32-true" in message and "15-46x" in message
+    assert "native bf16" in message  # names the CPU it ran on
     with pytest.warns(UserWarning, match="without native bf16"):
         trainer = LovaszTrainer(accelerator="cpu", precision="bf16-mixed", logger=False)
     assert trainer.precision == "bf16-mixed"  # warned, not overridden
@@ -129,8 +170,32 @@ def test_cli_resolves_auto_prints_it_and_saves_it_in_the_config(
             ]
         )
     assert cli.trainer.precision == expected
-    assert [r.getMessage() for r in caplog.records].count(
-        f"precision 'auto' resolved to '{expected}' (accelerator 'cpu')"
-    ) == 1
+    resolved = [m for m in caplog.messages if m.startswith("precision 'auto' resolved to")]
+    assert len(resolved) == 1, caplog.messages
+    assert resolved[0].startswith(f"precision 'auto' resolved to '{expected}' (accelerator 'cpu';")
     (saved,) = (tmp_path / "runs").rglob("config.yaml")
     assert yaml.safe_load(saved.read_text())["trainer"]["precision"] == expected
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_every_subcommand_resolves_auto(monkeypatch, tmp_path, subcommand):
+    patch_hardware(monkeypatch, cuda=False, cpu_bf16=False)
+    data = make_synthetic_dataset(tmp_path / "data", num_cases=2, num_test=1, size=(16, 16, 16))
+    monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    cli = LovaszCLI(
+        args=[
+            subcommand,
+            "--config",
+            str(DEMO),
+            f"--data.data_dir={data}",
+            "--data.roi_size=[16,16,16]",
+            "--model.unet_channels=[4,8]",
+            "--model.unet_strides=[2]",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        ]
+    )
+    assert cli.trainer.state.finished
+    assert cli.trainer.precision == "32-true"
+    assert cli.config[subcommand].trainer.precision == "32-true"
