@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,3 +163,24 @@ def test_bundle_train_and_inference(tmp_path, restore_global_state):
         values = np.asarray(pred.dataobj)
         assert set(np.unique(values)) <= {0, 1, 2}
         np.testing.assert_array_equal(values, _reference_prediction(net, image_file))
+
+
+@pytest.mark.slow
+def test_bundle_command_line_as_the_readme_gives_it(tmp_path):
+    """`python -m monai.bundle run --config_file configs/bundle/train.json ...` (the README's
+    command) trains one epoch and writes the checkpoints; the inference command writes the
+    predictions."""
+    common = [f"--dataset_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}"]
+    for config, extra in ((TRAIN, ["--epochs=1"]), (INFERENCE, [])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config)]
+            + ["--meta_file", str(META), *common, *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "out" / "models" / "model.pt").is_file()
+    assert (tmp_path / "out" / "models" / "model_final.pt").is_file()
+    assert len(list((tmp_path / "out" / "predictions").glob("*.nii.gz"))) == 2
