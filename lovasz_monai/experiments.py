@@ -116,6 +116,11 @@ _LOVASZ = {"class_path": "lovasz_monai.LovaszSoftmaxLoss", "init_args": {"to_one
 _NO_SCHEDULE = {"warmup_loss": None, "warmup_epochs": 0, "ramp_epochs": 0}
 
 
+def _lovasz(name: str, **init_args: Any) -> dict[str, Any]:
+    """``class_path`` dict of ``lovasz_monai.<name>(to_onehot_y=True, **init_args)``."""
+    return {"class_path": f"lovasz_monai.{name}", "init_args": {"to_onehot_y": True, **init_args}}
+
+
 # --------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------
@@ -252,6 +257,45 @@ LOSSES: dict[str, LossSpec] = {
             "warmup_epochs": w,
             "ramp_epochs": r,
         },
+    ),
+    # Lovász variants (issue 9: which settings matter on real anatomy)
+    "ce_to_lovasz_lr01": LossSpec(
+        "ce_to_lovasz with the learning rates scaled by 0.1 when the Lovász phase starts",
+        lambda e, w, r: {
+            "loss": _LOVASZ,
+            "warmup_loss": _CE,
+            "warmup_epochs": w,
+            "ramp_epochs": r,
+            "finetune_lr_scale": 0.1,
+        },
+    ),
+    "lovasz_batch": LossSpec(
+        "LovaszSoftmaxLoss(to_onehot_y=True, batch=True): the batch as one set of voxels",
+        lambda e, w, r: {"loss": _lovasz("LovaszSoftmaxLoss", batch=True), **_NO_SCHEDULE},
+    ),
+    "lovasz_all": LossSpec(
+        'LovaszSoftmaxLoss(to_onehot_y=True, classes="all")',
+        lambda e, w, r: {"loss": _lovasz("LovaszSoftmaxLoss", classes="all"), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_batch": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, batch=True)",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", batch=True), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_nobg": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, include_background=False): class weight 0 on the "
+        "background in the Lovász mean",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", include_background=False),
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_lowce": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3): more Lovász in the balance",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.3), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_highce": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=3.0): more CE in the balance",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
     ),
 }
 """The losses ``compare`` knows, by key."""

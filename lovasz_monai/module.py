@@ -101,6 +101,8 @@ class LovaszSegmentationModule(pl.LightningModule):
     ``e < warmup_epochs``, then ``(e - warmup_epochs + 1) / (ramp_epochs + 1)`` capped at 1, i.e.
     ``ramp_epochs`` epochs with a linear mix, then the Lovász loss alone (``ramp_epochs=0``: a
     hard switch). ``w`` is logged as ``train/lovasz_weight``. Validation always reports ``loss``.
+    ``finetune_lr_scale`` multiplies every learning rate once, at the first epoch with
+    ``w > 0`` (a learning-rate scheduler then continues from the scaled rates).
 
     **Metrics.** IoU per class with torchmetrics (``MulticlassJaccardIndex`` /
     ``MultilabelJaccardIndex``, ``average="none"``), accumulated over the whole epoch (a
@@ -154,6 +156,8 @@ class LovaszSegmentationModule(pl.LightningModule):
             ``None``: no schedule.
         warmup_epochs: epochs trained with ``warmup_loss`` only.
         ramp_epochs: epochs of linear mixing after the warm-up (0 = hard switch).
+        finetune_lr_scale: factor applied to the learning rates when the Lovász phase starts
+            (with a ``warmup_loss`` only), > 0.
         deep_supervision_weight_mode: head weights, as ``DeepSupervisionLoss``'s ``weight_mode``:
             ``"exp"`` (1, 0.5, 0.25, ...), ``"same"`` or ``"two"`` (1, 0.5, 0.5, ...).
         deep_supervision_weights: explicit head weights (full resolution first), at least one
@@ -218,6 +222,7 @@ class LovaszSegmentationModule(pl.LightningModule):
         warmup_loss: nn.Module | None = None,
         warmup_epochs: int = 0,
         ramp_epochs: int = 0,
+        finetune_lr_scale: float = 1.0,
         deep_supervision_weight_mode: Literal["exp", "same", "two"] = "exp",
         deep_supervision_weights: list[float] | None = None,
         metric_include_background: bool = False,
@@ -248,6 +253,8 @@ class LovaszSegmentationModule(pl.LightningModule):
             raise ValueError(
                 "warmup_epochs/ramp_epochs > 0 need a warmup_loss (e.g. torch.nn.CrossEntropyLoss)"
             )
+        if finetune_lr_scale <= 0:
+            raise ValueError(f"finetune_lr_scale must be > 0, got {finetune_lr_scale}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
         if sw_batch_size < 1:
@@ -270,6 +277,7 @@ class LovaszSegmentationModule(pl.LightningModule):
         self.sw_mode = sw_mode
         self.warmup_epochs = int(warmup_epochs)
         self.ramp_epochs = int(ramp_epochs)
+        self.finetune_lr_scale = float(finetune_lr_scale)
         self.metric_include_background = bool(metric_include_background)
         self.deep_supervision_weight_mode = deep_supervision_weight_mode
         self.deep_supervision_weights = (
@@ -525,6 +533,16 @@ class LovaszSegmentationModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 path = results.write_csv(Path(folder) / CASES_CSV)
                 rank_zero_info(f"per-case test metrics of {len(results.cases)} cases: {path}")
+
+    def on_train_epoch_start(self) -> None:
+        """Scale the learning rates by ``finetune_lr_scale`` when the Lovász phase starts."""
+        start = self.warmup_epochs
+        if self.warmup_loss is None or self.finetune_lr_scale == 1.0 or self.current_epoch != start:
+            return
+        optimizers = self.optimizers(use_pl_optimizer=False)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.finetune_lr_scale
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_iou, self.val_cases)

@@ -159,6 +159,7 @@ CONFIG_DATA = {
     "multiorgan_ct.yaml": ({"num_classes": 14}, 14, False, 14),
     "brats_multilabel.yaml": ({"num_classes": 4, "num_modalities": 4}, 3, True, 3),
     "finetune_ce_to_lovasz.yaml": ({"num_classes": 2}, 2, False, 2),
+    "brain_tissue.yaml": ({"num_classes": 4}, 4, False, 4),
 }
 
 

@@ -304,3 +304,33 @@ def test_validate_logs_mean_iou_of_the_sliding_window_predictions(tmp_path):
     (tested,) = trainer.test(model, DataLoader(cases, batch_size=1), verbose=False)
     for key, value in metrics.items():
         assert tested[key.replace("val/", "test/")] == pytest.approx(value, rel=1e-6)
+
+
+def test_finetune_lr_scale_applies_once_when_the_lovasz_phase_starts():
+    """warmup 2 epochs, ramp 1: w = 0, 0, 0.5, 1, 1 -> the rate is scaled at epoch 2 only."""
+    seen: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = tiny_model(
+        warmup_loss=nn.CrossEntropyLoss(), warmup_epochs=2, ramp_epochs=1, finetune_lr_scale=0.1
+    )
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader([make_batch(batch=1, seed=i) for i in range(2)], batch_size=None)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    # the rate of each epoch's first step
+    assert seen == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.05])
+    with pytest.raises(ValueError, match="finetune_lr_scale"):
+        tiny_model(finetune_lr_scale=0.0)
