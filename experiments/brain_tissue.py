@@ -18,8 +18,16 @@ Cases are written in the Medical Segmentation Decathlon layout (``dataset.json``
 :class:`lovasz_monai.data.SegmentationDataModule` reads; the same ``seed`` always gives the same
 files. ::
 
-    python experiments/brain_tissue.py --output data/brain_tissue            # 24 + 8 cases
-    python experiments/brain_tissue.py --output /tmp/bt --train 2 --test 1   # a quick look
+    python experiments/brain_tissue.py build --output data/brain_tissue         # 24 + 8 cases
+    python experiments/brain_tissue.py build --output /tmp/bt --train 2 --test 1  # a quick look
+    python experiments/brain_tissue.py compare    # every loss and variant, 3 seeds (~1 h, 2 cores)
+    python experiments/brain_tissue.py table      # experiments/brain_tissue/results.md from JSON
+
+``compare`` runs ``python -m lovasz_monai.experiments compare --config configs/brain_tissue.yaml``
+once per group of losses below (same network, data, steps and seeds for all), writing
+``experiments/brain_tissue/<group>.json`` (+ ``.md``, ``.png``); ``table`` merges those JSON
+files into one table: mean +/- std over seeds of the foreground mIoU, the per-class IoU and the
+mean Dice on the validation volumes, and each loss's difference to Dice+CE.
 
 Needs ``nilearn`` (``pip install -e ".[experiments]"``) for its packaged template files.
 """
@@ -29,6 +37,10 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import math
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -191,15 +203,105 @@ def build(output: str | Path, num_train: int = 24, num_test: int = 8, seed: int 
     return root
 
 
+#: the comparison: group name -> losses (keys of lovasz_monai.experiments.LOSSES)
+GROUPS = {
+    "main": ["dicece", "lovasz_ce", "lovasz", "ce", "ce_to_lovasz"],
+    "lovasz_ce_batch": ["lovasz_ce_batch"],
+    "lovasz_ce_nobg": ["lovasz_ce_nobg"],
+    "lovasz_ce_lowce": ["lovasz_ce_lowce"],
+    "lovasz_batch": ["lovasz_batch"],
+    "lovasz_all": ["lovasz_all"],
+    "ce_to_lovasz_lr01": ["ce_to_lovasz_lr01"],
+}
+RESULTS = Path(__file__).resolve().parent / "brain_tissue"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "brain_tissue.yaml"
+
+
+def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
+    """Run ``lovasz_monai.experiments compare`` for each group (see :data:`GROUPS`)."""
+    for group in groups:
+        cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
+        cmd += ["--config", str(CONFIG), "--seeds", *map(str, seeds)]
+        cmd += ["--max-epochs", str(epochs), "--losses", *GROUPS[group]]
+        cmd += ["--output", str(RESULTS / group), "--runs-dir", f"runs/brain_tissue/{group}"]
+        cmd += ["--bench-repeats", "20" if group == "main" else "0"]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str:
+    """One Markdown table from every comparison JSON in ``folder``: per loss, mean +/- std over
+    seeds of mIoU (foreground), IoU per class, mean Dice, and the differences to ``baseline``.
+
+    Raises:
+        FileNotFoundError: no ``*.json`` in ``folder``.
+    """
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no comparison JSON files in {folder}")
+    runs: dict[str, list[dict]] = {}
+    names: list[str] = []
+    counted: list[int] = []
+    for path in files:
+        data = json.loads(path.read_text())
+        names, counted = data["class_names"], data["counted_classes"]
+        for run in data["runs"]:
+            runs.setdefault(run["loss"], []).append(run)
+    per_class = [names[c] for c in counted]
+    head = ["loss", "seeds", "mIoU", *[f"IoU {n}" for n in per_class], "Dice"]
+    head += [f"mIoU - {baseline}", f"IoU {per_class[0]} - {baseline}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = runs.get(baseline, [])
+    base_miou = _mean_std([r["miou"] for r in base])[0]
+    base_first = _mean_std([r["iou"][counted[0]] for r in base])[0]
+    order = sorted(runs, key=lambda k: -_mean_std([r["miou"] for r in runs[k]])[0])
+    for loss in order:
+        rs = runs[loss]
+        cells = [loss, str(len(rs))]
+        for values in (
+            [r["miou"] for r in rs],
+            *[[r["iou"][c] for r in rs] for c in counted],
+            [r["dice"] for r in rs],
+        ):
+            m, s = _mean_std(values)
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        cells.append(f"{_mean_std([r['miou'] for r in rs])[0] - base_miou:+.3f}")
+        cells.append(f"{_mean_std([r['iou'][counted[0]] for r in rs])[0] - base_first:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="data/brain_tissue")
-    parser.add_argument("--train", type=int, default=24)
-    parser.add_argument("--test", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write the dataset")
+    b.add_argument("--output", default="data/brain_tissue")
+    b.add_argument("--train", type=int, default=24)
+    b.add_argument("--test", type=int, default=8)
+    b.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("compare", help="run the loss comparison (after build)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--max-epochs", type=int, default=56)
+    c.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    t = sub.add_parser("table", help="merge the comparison JSON files into results.md")
+    t.add_argument("--folder", default=str(RESULTS))
     args = parser.parse_args()
-    root = build(args.output, args.train, args.test, args.seed)
-    print(f"wrote {args.train} training and {args.test} test cases to {root}")
+    if args.command == "build":
+        root = build(args.output, args.train, args.test, args.seed)
+        print(f"wrote {args.train} training and {args.test} test cases to {root}")
+    elif args.command == "compare":
+        run_comparison(args.seeds, args.max_epochs, args.groups)
+    else:
+        text = results_table(args.folder)
+        (Path(args.folder) / "results.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

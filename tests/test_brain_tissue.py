@@ -55,3 +55,28 @@ def test_build_is_deterministic_and_readable(brain_tissue, tmp_path):
     assert len(dm.test_files) == 1  # the labelled test case is used by `test`
     with pytest.raises(ValueError, match="num_train"):
         brain_tissue.build(tmp_path / "d", num_train=0)
+
+
+def test_results_table_merges_comparisons(brain_tissue, tmp_path):
+    def run(loss, seed, miou, csf):
+        return {
+            "loss": loss,
+            "seed": seed,
+            "miou": miou,
+            "dice": miou + 0.1,
+            "iou": [0.99, csf, 0.8, 0.8],
+        }
+
+    common = {"class_names": list(brain_tissue.CLASSES), "counted_classes": [1, 2, 3]}
+    runs_a = [run("dicece", s, m, c) for s, (m, c) in enumerate([(0.70, 0.50), (0.72, 0.52)])]
+    runs_b = [run("lovasz_ce", s, m, c) for s, (m, c) in enumerate([(0.73, 0.56), (0.75, 0.58)])]
+    (tmp_path / "a.json").write_text(json.dumps({**common, "runs": runs_a}))
+    (tmp_path / "b.json").write_text(json.dumps({**common, "runs": runs_b}))
+    lines = brain_tissue.results_table(tmp_path).splitlines()
+    assert lines[0].startswith("| loss | seeds | mIoU | IoU CSF | IoU grey matter |")
+    best, base = lines[2].split(" | "), lines[3].split(" | ")
+    assert best[0] == "| lovasz_ce" and base[0] == "| dicece"
+    assert best[2] == "0.740 ± 0.014"  # mean and sample std of 0.73, 0.75
+    assert best[-2:] == ["+0.030", "+0.060 |"]  # mIoU and CSF IoU above Dice+CE
+    with pytest.raises(FileNotFoundError):
+        brain_tissue.results_table(tmp_path / "none")
