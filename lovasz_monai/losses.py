@@ -7,15 +7,16 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from monai.losses import MaskedDiceLoss
 from monai.networks.utils import one_hot
 from monai.utils import LossReduction
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
 from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
 
-__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss"]
+__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss", "MaskedDiceCELoss"]
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -663,3 +664,81 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             lovasz = self._lovasz_softmax(logits, fg, valid)
             ce = self._cross_entropy(logits, fg, valid, labels)
             return self.lambda_lovasz * lovasz + self.lambda_ce * ce
+
+
+class MaskedDiceCELoss(nn.Module):
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` with an ignore mask.
+
+    ``lambda_dice * Dice + lambda_ce * CE`` where Dice is MONAI's ``MaskedDiceLoss(softmax=True)``
+    on the one-hot target (the mask zeroes probabilities and target of ignored voxels, so they are
+    in no intersection or sum) and CE is the softmax cross-entropy averaged over the valid
+    voxels. With no mask, or an all-ones mask, the value equals ``DiceCELoss(to_onehot_y=True,
+    softmax=True, lambda_dice=..., lambda_ce=...)`` (MONAI's defaults: background included,
+    ``smooth_nr = smooth_dr = 1e-5``, mean over volumes and classes).
+
+    Args:
+        lambda_dice: weight of the Dice term, >= 0.
+        lambda_ce: weight of the cross-entropy term, >= 0.
+
+    Shapes:
+        input: ``(B, C, *spatial)`` logits, ``C >= 2``.
+        target: ``(B, 1, *spatial)`` label map with values in ``[0, C)``, or ``(B, C, *spatial)``
+        one-hot.
+        mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+    Example:
+        >>> logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+        >>> mask = torch.ones(2, 1, 8, 8, 8)
+        >>> mask[..., :2] = 0
+        >>> MaskedDiceCELoss()(logits, labels, mask=mask).backward()
+
+    Raises:
+        ValueError: negative lambdas; in ``forward``, a single input channel or a target whose
+            channel count is neither 1 nor ``C``.
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> None:
+        super().__init__()
+        if lambda_dice < 0 or lambda_ce < 0:
+            raise ValueError(
+                f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}"
+            )
+        self.lambda_dice = float(lambda_dice)
+        self.lambda_ce = float(lambda_ce)
+        self.dice = MaskedDiceLoss(softmax=True)
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot.
+            mask: optional ``(B, 1, *spatial)``.
+
+        Returns:
+            The scalar loss.
+
+        Raises:
+            ValueError: see the class docstring.
+        """
+        num_classes = input.shape[1]
+        if num_classes < 2:
+            raise ValueError(f"input must have C >= 2 softmax channels, got {input.shape[1]}")
+        if target.shape[1] == 1:
+            labels = target[:, 0].long()
+            onehot = one_hot(target, num_classes=num_classes)
+        elif target.shape[1] == num_classes:
+            labels = target.argmax(dim=1)
+            onehot = target
+        else:
+            raise ValueError(
+                f"target must have 1 (label map) or {num_classes} (one-hot) channels, got "
+                f"shape {tuple(target.shape)}"
+            )
+        ce_per_voxel = F.cross_entropy(input, labels, reduction="none")
+        if mask is None:
+            mask = torch.ones_like(ce_per_voxel).unsqueeze(1)
+        valid = (mask[:, 0] != 0).to(ce_per_voxel.dtype)
+        dice = self.dice(input, onehot, mask=mask)
+        ce = (ce_per_voxel * valid).sum() / valid.sum().clamp_min(1.0)
+        return self.lambda_dice * dice + self.lambda_ce * ce
