@@ -46,23 +46,11 @@ class _LovaszLoss(_Loss):
         chunk_elements: int,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
-        if isinstance(classes, str):
-            if classes not in ("present", "all"):
-                raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
-        else:
-            classes = [int(c) for c in classes]
-            if not classes or min(classes) < 0:
-                raise ValueError(
-                    f"classes must be a non-empty list of class indices, got {classes}"
-                )
-            if not include_background and 0 in classes:
-                raise ValueError("classes lists class 0 but include_background=False excludes it")
-        if method not in ("sort", "histogram"):
-            raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
-        if int(bins) < 1:
-            raise ValueError(f"bins must be a positive integer, got {bins}")
-        if int(chunk_elements) < 1:
-            raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements}")
+        classes = functional.check_lovasz_arguments(
+            classes=classes, method=method, bins=bins, chunk_elements=chunk_elements
+        )
+        if not include_background and not isinstance(classes, str) and 0 in classes:
+            raise ValueError("classes lists class 0 but include_background=False excludes it")
         class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         if class_weight is not None and (class_weight.ndim > 1 or (class_weight < 0).any()):
             raise ValueError(f"weight must be a non-negative scalar or 1-D sequence, got {weight}")
