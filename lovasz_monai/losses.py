@@ -33,6 +33,7 @@ class _LovaszLoss(_Loss):
 
     def __init__(
         self,
+        *,
         include_background: bool,
         to_onehot_y: bool,
         reduction: LossReduction | str,
@@ -189,31 +190,34 @@ class _LovaszLoss(_Loss):
 
     # -- classes and reduction -----------------------------------------------------------------
 
-    def _channels(self, num_channels: int) -> list[int]:
-        """Input channels that enter the average, in order."""
+    def _select_channels(self, source: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``source`` and ``fg`` restricted to the channels that enter the class mean
+        (``include_background``, ``classes``), and the class weights of those channels."""
+        num_channels = source.shape[1]
         first = 0 if self.include_background or num_channels == 1 else 1
         if isinstance(self.classes, str):
-            return list(range(first, num_channels))
-        bad = [c for c in self.classes if c >= num_channels]
-        if bad:
-            raise ValueError(
-                f"classes {bad} out of range for an input with {num_channels} channels"
-            )
-        return list(self.classes)
-
-    def _weight(self, num_channels: int, channels: list[int]) -> Tensor | None:
-        if self.class_weight is None:
-            return None
-        if self.class_weight.ndim == 0:
-            return self.class_weight.expand(len(channels))
-        first = 0 if self.include_background or num_channels == 1 else 1
-        if self.class_weight.numel() != num_channels - first:
-            raise ValueError(
-                f"weight must have one value per channel ({num_channels - first}"
-                + ("" if first == 0 else ", background excluded")
-                + f"), got {self.class_weight.numel()}"
-            )
-        return self.class_weight[[c - first for c in channels]]
+            channels = list(range(first, num_channels))
+        else:
+            bad = [c for c in self.classes if c >= num_channels]
+            if bad:
+                raise ValueError(
+                    f"classes {bad} out of range for an input with {num_channels} channels"
+                )
+            channels = list(self.classes)
+        weight = self.class_weight
+        if weight is not None and weight.ndim == 0:
+            weight = weight.expand(len(channels))
+        elif weight is not None:
+            if weight.numel() != num_channels - first:
+                raise ValueError(
+                    f"weight must have one value per channel ({num_channels - first}"
+                    + ("" if first == 0 else ", background excluded")
+                    + f"), got {weight.numel()}"
+                )
+            weight = weight[[c - first for c in channels]]
+        if len(channels) != num_channels:
+            source, fg = source[:, channels], fg[:, channels]
+        return source, fg, weight
 
     def _lovasz(
         self,
@@ -331,17 +335,17 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(
-            include_background,
-            to_onehot_y,
-            reduction,
-            batch,
-            weight,
-            ignore_index,
-            classes,
-            validate,
-            method,
-            bins,
-            chunk_elements,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
         )
         self.sigmoid, self.softmax = _resolve_activation(sigmoid, softmax, other_act)
         self.other_act = other_act
@@ -375,11 +379,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         return input.to(dtype), fg, valid, labels
 
     def _lovasz_softmax(self, input: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
-        probs = self._probabilities(input)
-        channels = self._channels(input.shape[1])
-        weight = self._weight(input.shape[1], channels)
-        if len(channels) != input.shape[1]:
-            probs, fg = probs[:, channels], fg[:, channels]
+        probs, fg, weight = self._select_channels(self._probabilities(input), fg)
         if self.softmax or self.sigmoid:
             return self._lovasz(
                 functional.lovasz_probability_class_losses, probs, fg, valid, weight
@@ -461,17 +461,17 @@ class LovaszHingeLoss(_LovaszLoss):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(
-            include_background,
-            to_onehot_y,
-            reduction,
-            batch,
-            weight,
-            ignore_index,
-            classes,
-            validate,
-            method,
-            bins,
-            chunk_elements,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
         )
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -492,10 +492,7 @@ class LovaszHingeLoss(_LovaszLoss):
             self._check_input(input)
             fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
             logits = input.to(torch.promote_types(input.dtype, torch.float32))
-            channels = self._channels(logits.shape[1])
-            weight = self._weight(logits.shape[1], channels)
-            if len(channels) != logits.shape[1]:
-                logits, fg = logits[:, channels], fg[:, channels]
+            logits, fg, weight = self._select_channels(logits, fg)
             return self._lovasz(functional.lovasz_hinge_class_losses, logits, fg, valid, weight)
 
 
