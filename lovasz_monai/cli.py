@@ -46,13 +46,13 @@ import warnings
 from typing import Any
 
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lovasz_monai.data import SegmentationDataModule
-from lovasz_monai.module import LovaszSegmentationModule
+from lovasz_monai.module import LovaszSegmentationModule, modules_from_config
 from lovasz_monai.precision import LovaszTrainer, resolve_and_report
 from lovasz_monai.writer import NiftiPredictionWriter
 
@@ -189,19 +189,23 @@ class LovaszCLI(LightningCLI):
         # the CLI's optimizer section replaces the module's default configure_optimizers
         warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden.*")
 
+    def instantiate_classes(self) -> None:
+        """LightningCLI's instantiation, with the model keeping its configured ``network`` and
+        losses (``class_path`` dicts) in its hparams (:func:`modules_from_config`)."""
+        with modules_from_config():
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The Trainer, with the default loggers (when ``trainer.logger`` is left unset) and the
-        ``checkpoint`` and ``prediction_writer`` callbacks (``checkpoint`` is left out with
-        ``trainer.enable_checkpointing: false``)."""
-        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        if trainer_config.get("logger") in (None, True):
-            root = trainer_config.get("default_root_dir") or os.getcwd()
-            trainer_config["logger"] = default_loggers(root)
-        keys = self._parser(self.subcommand).callback_keys
-        callbacks = [self._get(self.config_init, key) for key in keys]
-        if trainer_config.get("enable_checkpointing") is False:
-            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-        return self._instantiate_trainer(trainer_config, callbacks)
+        """LightningCLI's Trainer, given the default loggers when ``trainer.logger`` is left
+        unset; with ``trainer.enable_checkpointing: false`` the ``checkpoint`` callback is
+        replaced by a no-op callback (the Trainer rejects a ``ModelCheckpoint`` then)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = {**config.get("trainer", {}), **kwargs}
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(trainer.get("default_root_dir") or os.getcwd())
+        if trainer.get("enable_checkpointing") is False:
+            config["checkpoint"] = Callback()
+        return super().instantiate_trainer(**kwargs)
 
     def predict(self, model: Any, datamodule: Any = None, **kwargs: Any) -> Any:
         """``trainer.predict`` with ``return_predictions=False`` unless asked for."""

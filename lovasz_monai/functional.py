@@ -18,6 +18,7 @@ nearly equal numbers. A row without foreground puts weight 1 on its largest vali
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_CHUNK_ELEMENTS",
     "average_class_losses",
+    "check_lovasz_arguments",
     "class_weights",
     "lovasz_class_losses",
     "lovasz_extension",
@@ -47,6 +49,48 @@ DEFAULT_BINS = 1024
 """Default number of error bins of the histogram method."""
 
 Method = Literal["sort", "histogram"]
+
+
+def check_lovasz_arguments(
+    *,
+    classes: str | Sequence[int] = "present",
+    method: str = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> str | list[int]:
+    """Check the settings that the functions and the loss classes share, in one place.
+
+    Args:
+        classes: ``"present"``, ``"all"``, or a non-empty list of channel indices ``>= 0`` (their
+            upper bound is checked against the input).
+        method: ``"sort"`` or ``"histogram"``.
+        bins: positive number of histogram bins.
+        chunk_elements: positive element budget of one batched sort.
+
+    Returns:
+        ``classes`` as given (a string) or as a list of ``int``.
+
+    Example:
+        >>> check_lovasz_arguments(classes=(1, 2), method="histogram", bins=256)
+        [1, 2]
+
+    Raises:
+        ValueError: naming the first argument that is not valid.
+    """
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
+    else:
+        classes = [int(c) for c in classes]
+        if not classes or min(classes) < 0:
+            raise ValueError(f"classes must be a non-empty list of class indices, got {classes}")
+    if method not in ("sort", "histogram"):
+        raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
+    if int(bins) < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins}")
+    if int(chunk_elements) < 1:
+        raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements}")
+    return classes
 
 
 def lovasz_grad(
@@ -309,13 +353,10 @@ def _lovasz_rows3(
     masked labels. ``signed``: the weights are the derivatives with respect to the source of
     errors ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits).
     ``key_is_scratch``: ``key`` may be overwritten (it then holds the weights)."""
+    check_lovasz_arguments(method=method, bins=bins, chunk_elements=chunk_elements)
     if method == "sort":
-        return _sort_rows3(key, fg, signed, max(int(chunk_elements), 1), key_is_scratch)
-    if method == "histogram":
-        if bins < 1:
-            raise ValueError(f"bins must be a positive integer, got {bins}")
-        return _histogram_rows3(key, fg, signed, int(bins))
-    raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
+        return _sort_rows3(key, fg, signed, int(chunk_elements), key_is_scratch)
+    return _histogram_rows3(key, fg, signed, int(bins))
 
 
 class _KnownGradient(torch.autograd.Function):
@@ -662,15 +703,28 @@ def average_class_losses(
 
 
 def _class_selection(num_classes: int, classes: str | Sequence[int]) -> tuple[bool, list[int]]:
+    """``(present_only, selected channels)`` of a ``classes`` argument for ``num_classes``."""
+    classes = check_lovasz_arguments(classes=classes)
     if isinstance(classes, str):
-        if classes not in ("present", "all"):
-            raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
         return classes == "present", list(range(num_classes))
-    selected = [int(c) for c in classes]
-    bad = [c for c in selected if not 0 <= c < num_classes]
-    if bad or not selected:
-        raise ValueError(f"classes must be a non-empty list in [0, {num_classes}), got {selected}")
-    return False, selected
+    bad = [c for c in classes if c >= num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} out of range for an input with {num_classes} channels")
+    return False, classes
+
+
+_PER_VOLUME_DEPRECATION = (
+    "per_volume is deprecated: use batch (batch=not per_volume), which means what it means in "
+    "the loss classes; per_volume will be removed"
+)
+
+
+def _batch_from_per_volume(batch: bool, per_volume: bool | None) -> bool:
+    """``batch``, or ``not per_volume`` (with a deprecation warning) when that is given."""
+    if per_volume is None:
+        return batch
+    warnings.warn(_PER_VOLUME_DEPRECATION, DeprecationWarning, stacklevel=3)
+    return not per_volume
 
 
 def lovasz_softmax(
@@ -678,20 +732,26 @@ def lovasz_softmax(
     labels: Tensor,
     valid: Tensor | None = None,
     classes: str | Sequence[int] = "present",
-    per_volume: bool = False,
+    batch: bool = False,
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
+    *,
+    per_volume: bool | None = None,
 ) -> Tensor:
     """Lovász-Softmax loss from probabilities and one-hot (or multi-hot) labels.
+
+    The same arguments give the same value as :class:`~lovasz_monai.losses.LovaszSoftmaxLoss`
+    with ``softmax=False`` on these probabilities and labels.
 
     Args:
         probs: ``(B, C, *spatial)`` class probabilities (softmax, or per-channel sigmoid).
         labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
         valid: optional ``(B, 1, *spatial)`` bool, ``False`` for ignored voxels.
         classes: ``"present"`` (classes with foreground in the row), ``"all"``, or a list.
-        per_volume: ``True``: mean over volumes of the per-volume loss (the reference's
-            ``per_image=True``); ``False``: the batch is one set of voxels.
+        batch: ``False`` (default, as the loss classes): mean over volumes of the per-volume
+            loss (the reference's ``per_image=True``); ``True``: the batch is one set of voxels.
         method, bins: see :func:`lovasz_weights`.
+        per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
         Scalar loss.
@@ -705,12 +765,11 @@ def lovasz_softmax(
     Raises:
         ValueError: on shape mismatches or an invalid ``classes``.
     """
+    batch = _batch_from_per_volume(batch, per_volume)
     present_only, selected = _class_selection(probs.shape[1], classes)
     if len(selected) != probs.shape[1]:
         probs, labels = probs[:, selected], labels[:, selected]
-    losses, counts = lovasz_probability_class_losses(
-        probs, labels, valid, not per_volume, method, bins
-    )
+    losses, counts = lovasz_probability_class_losses(probs, labels, valid, batch, method, bins)
     return average_class_losses(losses, counts, present_only).mean()
 
 
@@ -718,11 +777,15 @@ def lovasz_hinge(
     logits: Tensor,
     labels: Tensor,
     valid: Tensor | None = None,
-    per_volume: bool = True,
+    batch: bool = False,
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
+    *,
+    per_volume: bool | None = None,
 ) -> Tensor:
     """Lovász hinge loss of binary (or per-channel multi-label) logits.
+
+    The same arguments give the same value as :class:`~lovasz_monai.losses.LovaszHingeLoss`.
 
     The errors are the hinge margins ``relu(1 - logit * (2 * label - 1))``; each channel is its
     own binary problem and channels are averaged.
@@ -731,9 +794,10 @@ def lovasz_hinge(
         logits: ``(B, C, *spatial)`` raw scores.
         labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
         valid: optional ``(B, 1, *spatial)`` bool, ``False`` for ignored voxels.
-        per_volume: mean over volumes of the per-volume loss (the reference's default); ``False``
-            treats the batch as one set of voxels.
+        batch: ``False`` (default, as the loss classes and the reference): mean over volumes of
+            the per-volume loss; ``True`` treats the batch as one set of voxels.
         method, bins: see :func:`lovasz_weights`.
+        per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
         Scalar loss.
@@ -746,5 +810,6 @@ def lovasz_hinge(
     Raises:
         ValueError: on shape mismatches.
     """
-    losses, counts = lovasz_hinge_class_losses(logits, labels, valid, not per_volume, method, bins)
+    batch = _batch_from_per_volume(batch, per_volume)
+    losses, counts = lovasz_hinge_class_losses(logits, labels, valid, batch, method, bins)
     return average_class_losses(losses, counts, present_only=False).mean()

@@ -7,15 +7,16 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from monai.losses import MaskedDiceLoss
 from monai.networks.utils import one_hot
 from monai.utils import LossReduction
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
 from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
 
-__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss"]
+__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss", "MaskedDiceCELoss"]
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -32,6 +33,7 @@ class _LovaszLoss(_Loss):
 
     def __init__(
         self,
+        *,
         include_background: bool,
         to_onehot_y: bool,
         reduction: LossReduction | str,
@@ -45,23 +47,11 @@ class _LovaszLoss(_Loss):
         chunk_elements: int,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
-        if isinstance(classes, str):
-            if classes not in ("present", "all"):
-                raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
-        else:
-            classes = [int(c) for c in classes]
-            if not classes or min(classes) < 0:
-                raise ValueError(
-                    f"classes must be a non-empty list of class indices, got {classes}"
-                )
-            if not include_background and 0 in classes:
-                raise ValueError("classes lists class 0 but include_background=False excludes it")
-        if method not in ("sort", "histogram"):
-            raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
-        if int(bins) < 1:
-            raise ValueError(f"bins must be a positive integer, got {bins}")
-        if int(chunk_elements) < 1:
-            raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements}")
+        classes = functional.check_lovasz_arguments(
+            classes=classes, method=method, bins=bins, chunk_elements=chunk_elements
+        )
+        if not include_background and not isinstance(classes, str) and 0 in classes:
+            raise ValueError("classes lists class 0 but include_background=False excludes it")
         class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         if class_weight is not None and (class_weight.ndim > 1 or (class_weight < 0).any()):
             raise ValueError(f"weight must be a non-negative scalar or 1-D sequence, got {weight}")
@@ -200,31 +190,34 @@ class _LovaszLoss(_Loss):
 
     # -- classes and reduction -----------------------------------------------------------------
 
-    def _channels(self, num_channels: int) -> list[int]:
-        """Input channels that enter the average, in order."""
+    def _select_channels(self, source: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``source`` and ``fg`` restricted to the channels that enter the class mean
+        (``include_background``, ``classes``), and the class weights of those channels."""
+        num_channels = source.shape[1]
         first = 0 if self.include_background or num_channels == 1 else 1
         if isinstance(self.classes, str):
-            return list(range(first, num_channels))
-        bad = [c for c in self.classes if c >= num_channels]
-        if bad:
-            raise ValueError(
-                f"classes {bad} out of range for an input with {num_channels} channels"
-            )
-        return list(self.classes)
-
-    def _weight(self, num_channels: int, channels: list[int]) -> Tensor | None:
-        if self.class_weight is None:
-            return None
-        if self.class_weight.ndim == 0:
-            return self.class_weight.expand(len(channels))
-        first = 0 if self.include_background or num_channels == 1 else 1
-        if self.class_weight.numel() != num_channels - first:
-            raise ValueError(
-                f"weight must have one value per channel ({num_channels - first}"
-                + ("" if first == 0 else ", background excluded")
-                + f"), got {self.class_weight.numel()}"
-            )
-        return self.class_weight[[c - first for c in channels]]
+            channels = list(range(first, num_channels))
+        else:
+            bad = [c for c in self.classes if c >= num_channels]
+            if bad:
+                raise ValueError(
+                    f"classes {bad} out of range for an input with {num_channels} channels"
+                )
+            channels = list(self.classes)
+        weight = self.class_weight
+        if weight is not None and weight.ndim == 0:
+            weight = weight.expand(len(channels))
+        elif weight is not None:
+            if weight.numel() != num_channels - first:
+                raise ValueError(
+                    f"weight must have one value per channel ({num_channels - first}"
+                    + ("" if first == 0 else ", background excluded")
+                    + f"), got {weight.numel()}"
+                )
+            weight = weight[[c - first for c in channels]]
+        if len(channels) != num_channels:
+            source, fg = source[:, channels], fg[:, channels]
+        return source, fg, weight
 
     def _lovasz(
         self,
@@ -342,17 +335,17 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(
-            include_background,
-            to_onehot_y,
-            reduction,
-            batch,
-            weight,
-            ignore_index,
-            classes,
-            validate,
-            method,
-            bins,
-            chunk_elements,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
         )
         self.sigmoid, self.softmax = _resolve_activation(sigmoid, softmax, other_act)
         self.other_act = other_act
@@ -386,11 +379,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         return input.to(dtype), fg, valid, labels
 
     def _lovasz_softmax(self, input: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
-        probs = self._probabilities(input)
-        channels = self._channels(input.shape[1])
-        weight = self._weight(input.shape[1], channels)
-        if len(channels) != input.shape[1]:
-            probs, fg = probs[:, channels], fg[:, channels]
+        probs, fg, weight = self._select_channels(self._probabilities(input), fg)
         if self.softmax or self.sigmoid:
             return self._lovasz(
                 functional.lovasz_probability_class_losses, probs, fg, valid, weight
@@ -472,17 +461,17 @@ class LovaszHingeLoss(_LovaszLoss):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(
-            include_background,
-            to_onehot_y,
-            reduction,
-            batch,
-            weight,
-            ignore_index,
-            classes,
-            validate,
-            method,
-            bins,
-            chunk_elements,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
         )
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -503,10 +492,7 @@ class LovaszHingeLoss(_LovaszLoss):
             self._check_input(input)
             fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
             logits = input.to(torch.promote_types(input.dtype, torch.float32))
-            channels = self._channels(logits.shape[1])
-            weight = self._weight(logits.shape[1], channels)
-            if len(channels) != logits.shape[1]:
-                logits, fg = logits[:, channels], fg[:, channels]
+            logits, fg, weight = self._select_channels(logits, fg)
             return self._lovasz(functional.lovasz_hinge_class_losses, logits, fg, valid, weight)
 
 
@@ -663,3 +649,81 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             lovasz = self._lovasz_softmax(logits, fg, valid)
             ce = self._cross_entropy(logits, fg, valid, labels)
             return self.lambda_lovasz * lovasz + self.lambda_ce * ce
+
+
+class MaskedDiceCELoss(nn.Module):
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` with an ignore mask.
+
+    ``lambda_dice * Dice + lambda_ce * CE`` where Dice is MONAI's ``MaskedDiceLoss(softmax=True)``
+    on the one-hot target (the mask zeroes probabilities and target of ignored voxels, so they are
+    in no intersection or sum) and CE is the softmax cross-entropy averaged over the valid
+    voxels. With no mask, or an all-ones mask, the value equals ``DiceCELoss(to_onehot_y=True,
+    softmax=True, lambda_dice=..., lambda_ce=...)`` (MONAI's defaults: background included,
+    ``smooth_nr = smooth_dr = 1e-5``, mean over volumes and classes).
+
+    Args:
+        lambda_dice: weight of the Dice term, >= 0.
+        lambda_ce: weight of the cross-entropy term, >= 0.
+
+    Shapes:
+        input: ``(B, C, *spatial)`` logits, ``C >= 2``.
+        target: ``(B, 1, *spatial)`` label map with values in ``[0, C)``, or ``(B, C, *spatial)``
+        one-hot.
+        mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+    Example:
+        >>> logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+        >>> mask = torch.ones(2, 1, 8, 8, 8)
+        >>> mask[..., :2] = 0
+        >>> MaskedDiceCELoss()(logits, labels, mask=mask).backward()
+
+    Raises:
+        ValueError: negative lambdas; in ``forward``, a single input channel or a target whose
+            channel count is neither 1 nor ``C``.
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> None:
+        super().__init__()
+        if lambda_dice < 0 or lambda_ce < 0:
+            raise ValueError(
+                f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}"
+            )
+        self.lambda_dice = float(lambda_dice)
+        self.lambda_ce = float(lambda_ce)
+        self.dice = MaskedDiceLoss(softmax=True)
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot.
+            mask: optional ``(B, 1, *spatial)``.
+
+        Returns:
+            The scalar loss.
+
+        Raises:
+            ValueError: see the class docstring.
+        """
+        num_classes = input.shape[1]
+        if num_classes < 2:
+            raise ValueError(f"input must have C >= 2 softmax channels, got {input.shape[1]}")
+        if target.shape[1] == 1:
+            labels = target[:, 0].long()
+            onehot = one_hot(target, num_classes=num_classes)
+        elif target.shape[1] == num_classes:
+            labels = target.argmax(dim=1)
+            onehot = target
+        else:
+            raise ValueError(
+                f"target must have 1 (label map) or {num_classes} (one-hot) channels, got "
+                f"shape {tuple(target.shape)}"
+            )
+        ce_per_voxel = F.cross_entropy(input, labels, reduction="none")
+        if mask is None:
+            mask = torch.ones_like(ce_per_voxel).unsqueeze(1)
+        valid = (mask[:, 0] != 0).to(ce_per_voxel.dtype)
+        dice = self.dice(input, onehot, mask=mask)
+        ce = (ce_per_voxel * valid).sum() / valid.sum().clamp_min(1.0)
+        return self.lambda_dice * dice + self.lambda_ce * ce

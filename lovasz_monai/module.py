@@ -13,7 +13,9 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +37,31 @@ from lovasz_monai.deep_supervision import (
 from lovasz_monai.losses import LovaszCELoss
 from lovasz_monai.metrics import CaseMetrics, batch_cases
 
-__all__ = ["LovaszSegmentationModule"]
+__all__ = ["LovaszSegmentationModule", "modules_from_config"]
+
+_MODULES_FROM_CONFIG: ContextVar[bool] = ContextVar("lovasz_modules_from_config", default=False)
+
+
+@contextmanager
+def modules_from_config() -> Iterator[None]:
+    """Within this context the module keeps ``network``/``loss``/``warmup_loss`` in its hparams.
+
+    :class:`~lovasz_monai.cli.LovaszCLI` instantiates its classes inside it: LightningCLI then
+    gives ``save_hyperparameters`` the parsed config, where these arguments are ``class_path``
+    dicts, so a checkpoint can rebuild a custom network or loss. Outside it, a module passed as
+    a Python object is left out of the hparams (its weights are in the ``state_dict``).
+
+    Example:
+        >>> with modules_from_config():
+        ...     _MODULES_FROM_CONFIG.get()
+        True
+    """
+    token = _MODULES_FROM_CONFIG.set(True)
+    try:
+        yield
+    finally:
+        _MODULES_FROM_CONFIG.reset(token)
+
 
 #: target value given to masked (ignored) voxels for the torchmetrics IoU
 METRIC_IGNORE = -1
@@ -323,16 +349,12 @@ class LovaszSegmentationModule(pl.LightningModule):
     def _save_hparams(self, **modules: nn.Module | None) -> None:
         """Save the init arguments; ``nn.Module`` values only when the CLI gave them as config.
 
-        Under LightningCLI the hyperparameters are the parsed config (``class_path`` dicts), so
-        ``load_from_checkpoint`` can rebuild a custom network or loss. Objects passed in Python
-        are left out (their weights are in the ``state_dict``; pass them again when loading).
+        Under :class:`~lovasz_monai.cli.LovaszCLI` (:func:`modules_from_config`) the
+        hyperparameters are the parsed config (``class_path`` dicts), so ``load_from_checkpoint``
+        can rebuild a custom network or loss. Objects passed in Python are left out (their
+        weights are in the ``state_dict``; pass them again when loading).
         """
-        try:  # set by LightningCLI while it instantiates the model from a parsed config
-            from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
-
-            from_config = _given_hyperparameters.get() is not None
-        except ImportError:  # pragma: no cover - other Lightning versions
-            from_config = False
+        from_config = _MODULES_FROM_CONFIG.get()
         ignore = [] if from_config else [k for k, v in modules.items() if v is not None]
         self.save_hyperparameters(ignore=ignore, frame=inspect.currentframe().f_back)
 

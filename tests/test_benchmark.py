@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import pytest
 import torch
 
-from lovasz_monai import LovaszSoftmaxLoss, benchmark
-from lovasz_monai.benchmark import (
+from lovasz_monai import LovaszSoftmaxLoss
+from lovasz_monai.tools import benchmark
+from lovasz_monai.tools.benchmark import (
     METHODS,
     Case,
+    Settings,
     format_table,
     main,
     make_inputs,
@@ -166,7 +167,7 @@ def test_parse_sizes() -> None:
 
 def test_time_fwd_bwd_counts_runs_and_leaves_no_gradient() -> None:
     logits, labels = make_inputs(Case(1, 2, (4, 4)))
-    times = time_fwd_bwd(METHODS["dice"].make(argparse.Namespace()), logits, labels, 3, 1)
+    times = time_fwd_bwd(METHODS["dice"].make(Settings()), logits, labels, 3, 1)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert logits.grad is None
     with pytest.raises(ValueError):
@@ -174,11 +175,11 @@ def test_time_fwd_bwd_counts_runs_and_leaves_no_gradient() -> None:
 
 
 def test_run_case_checks_values() -> None:
-    args = argparse.Namespace(
-        repeats=1, warmup=0, skip_memory=False, bins=1024, chunk_elements=None, seed=0
-    )
+    settings = Settings(repeats=1, warmup=0, skip_memory=False)
     names = ["sort", "sort-volume", "histogram", "reference", "dice"]
-    results = run_case(Case(2, 3, (4, 4, 4)), names, args, torch.device("cpu"), log=lambda m: None)
+    results = run_case(
+        Case(2, 3, (4, 4, 4)), names, settings, torch.device("cpu"), log=lambda m: None
+    )
     by_name = {r.name: r for r in results}
     assert by_name["sort"].diff < 1e-5 and by_name["sort-volume"].diff < 1e-5
     assert by_name["reference"].diff == 0.0 and by_name["dice"].diff is None

@@ -14,10 +14,10 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from lovasz_monai.experiments import (
+from lovasz_monai.losses import MaskedDiceCELoss
+from lovasz_monai.tools.experiments import (
     LOSSES,
     ComparisonResult,
-    MaskedDiceCELoss,
     RunResult,
     aggregate,
     cli_args,
@@ -422,3 +422,18 @@ def test_compare_command_tiny(tmp_path):
         # our evaluation reproduces the module's logged val/mIoU of the same final model
         assert run["miou"] == pytest.approx(run["logged_val_miou"], abs=1e-4)
         assert (tmp_path / "runs" / run["loss"] / "seed0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_old_import_paths_still_work():
+    """``lovasz_monai.experiments`` / ``lovasz_monai.benchmark`` forward to ``lovasz_monai.tools``;
+    the ``class_path`` ``lovasz_monai.experiments.MaskedDiceCELoss`` of older configs resolves."""
+    from lovasz_monai import benchmark as old_benchmark
+    from lovasz_monai import experiments as old_experiments
+    from lovasz_monai.tools import benchmark, experiments
+
+    assert old_experiments.MaskedDiceCELoss is MaskedDiceCELoss
+    assert old_experiments.compare is experiments.compare
+    assert old_benchmark.main is benchmark.main
+    assert LOSSES["dicece"].model(1, 0, 0)["loss"]["class_path"] == (
+        "lovasz_monai.losses.MaskedDiceCELoss"
+    )

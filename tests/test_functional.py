@@ -10,6 +10,7 @@ import torch
 
 from lovasz_monai import functional as Fn
 from tests.oracle import (
+    alg1_extension,
     fractions_to_tensor,
     greedy_extension,
     greedy_weights,
@@ -74,7 +75,16 @@ def test_oracle_greedy_equals_max_over_permutations(seed):
         errors = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(n)]
         fg = [rng.random() < 0.4 for _ in range(n)]
         valid = [rng.random() < 0.8 for _ in range(n)]
-        assert greedy_extension(errors, fg, valid) == max_permutation_extension(errors, fg, valid)
+        expected = greedy_extension(errors, fg, valid)
+        assert expected == max_permutation_extension(errors, fg, valid)
+        # the Algorithm-1 reference (lovasz_monai.tools.reference) that the loss tests and the
+        # benchmark use agrees with the exact oracle: its evidence is not the library under test
+        keep = [i for i in range(n) if valid[i]]
+        got = alg1_extension(
+            torch.tensor([errors[i] for i in keep], dtype=F64),
+            torch.tensor([fg[i] for i in keep], dtype=torch.bool),
+        )
+        assert got.item() == pytest.approx(float(expected), abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,10 +521,10 @@ def test_average_class_losses_by_hand():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("per_volume", [False, True])
+@pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("classes", ["present", "all", [0, 2]])
 @pytest.mark.parametrize("ignore", [False, True])
-def test_functional_lovasz_softmax_vs_reference(per_volume, classes, ignore):
+def test_functional_lovasz_softmax_vs_reference(batch, classes, ignore):
     g = _gen(21)
     probs = torch.softmax(torch.randn(2, 3, 4, 5, generator=g, dtype=F64), 1)
     labels = torch.randint(0, 3, (2, 4, 5), generator=g)
@@ -525,9 +535,9 @@ def test_functional_lovasz_softmax_vs_reference(per_volume, classes, ignore):
         valid = torch.rand(2, 1, 4, 5, generator=g) < 0.7
         ref_labels[~valid[:, 0]] = 255
     onehot = torch.stack([labels == c for c in range(3)], 1)
-    got = Fn.lovasz_softmax(probs, onehot, valid, classes=classes, per_volume=per_volume)
+    got = Fn.lovasz_softmax(probs, onehot, valid, classes=classes, batch=batch)
     expected = ref_lovasz_softmax(
-        probs, ref_labels, classes=classes, per_image=per_volume, ignore=255 if ignore else None
+        probs, ref_labels, classes=classes, per_image=not batch, ignore=255 if ignore else None
     )
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
@@ -544,20 +554,69 @@ def test_functional_lovasz_softmax_hand_example_and_bad_classes():
         Fn.lovasz_softmax(probs, labels, classes=[2])
 
 
-@pytest.mark.parametrize("per_volume", [False, True])
-def test_functional_lovasz_hinge_and_multilabel_vs_reference(per_volume):
+@pytest.mark.parametrize("batch", [False, True])
+def test_functional_lovasz_hinge_and_multilabel_vs_reference(batch):
     g = _gen(22)
     logits = torch.randn(2, 2, 3, 7, generator=g, dtype=F64) * 2
     labels = torch.rand(2, 2, 3, 7, generator=g) < 0.4
     labels[1, 0] = False
     valid = torch.rand(2, 1, 3, 7, generator=g) < 0.8
-    got = Fn.lovasz_hinge(logits, labels, valid, per_volume=per_volume)
-    expected = ref_lovasz_hinge(logits, labels, valid, per_image=per_volume)
+    got = Fn.lovasz_hinge(logits, labels, valid, batch=batch)
+    expected = ref_lovasz_hinge(logits, labels, valid, per_image=not batch)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     probs = torch.sigmoid(logits)
-    got = Fn.lovasz_softmax(probs, labels, valid, per_volume=per_volume, classes="all")
-    expected = ref_lovasz_multilabel(probs, labels, valid, per_image=per_volume, classes="all")
+    got = Fn.lovasz_softmax(probs, labels, valid, batch=batch, classes="all")
+    expected = ref_lovasz_multilabel(probs, labels, valid, per_image=not batch, classes="all")
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_functional_and_classes_agree_on_the_same_arguments(batch):
+    """One vocabulary: ``batch`` means the same, with the same default, in both layers."""
+    from lovasz_monai.losses import LovaszHingeLoss, LovaszSoftmaxLoss
+
+    g = _gen(23)
+    logits = torch.randn(3, 3, 4, 5, generator=g, dtype=F64)
+    onehot = torch.stack([torch.randint(0, 3, (3, 4, 5), generator=g) == c for c in range(3)], 1)
+    probs = torch.softmax(logits, 1)
+    loss = LovaszSoftmaxLoss(softmax=False, batch=batch)
+    torch.testing.assert_close(Fn.lovasz_softmax(probs, onehot, batch=batch), loss(probs, onehot))
+    torch.testing.assert_close(
+        Fn.lovasz_softmax(probs, onehot), LovaszSoftmaxLoss(softmax=False)(probs, onehot)
+    )
+    hinge = LovaszHingeLoss(batch=batch)
+    torch.testing.assert_close(
+        Fn.lovasz_hinge(logits, onehot, batch=batch), hinge(logits, onehot.double())
+    )
+    torch.testing.assert_close(
+        Fn.lovasz_hinge(logits, onehot), LovaszHingeLoss()(logits, onehot.double())
+    )
+
+
+@pytest.mark.parametrize("per_volume", [False, True])
+def test_functional_per_volume_is_deprecated_and_maps_to_not_batch(per_volume):
+    g = _gen(24)
+    probs = torch.softmax(torch.randn(2, 3, 4, 5, generator=g, dtype=F64), 1)
+    onehot = torch.stack([torch.randint(0, 3, (2, 4, 5), generator=g) == c for c in range(3)], 1)
+    with pytest.warns(DeprecationWarning, match="per_volume"):
+        old = Fn.lovasz_softmax(probs, onehot, per_volume=per_volume)
+    torch.testing.assert_close(old, Fn.lovasz_softmax(probs, onehot, batch=not per_volume))
+    with pytest.warns(DeprecationWarning, match="per_volume"):
+        old = Fn.lovasz_hinge(probs, onehot, per_volume=per_volume)
+    torch.testing.assert_close(old, Fn.lovasz_hinge(probs, onehot, batch=not per_volume))
+
+
+def test_shared_argument_checker():
+    assert Fn.check_lovasz_arguments(classes=(2, 1)) == [2, 1]
+    for kwargs, match in [
+        ({"classes": "some"}, "classes"),
+        ({"classes": []}, "classes"),
+        ({"method": "fast"}, "method"),
+        ({"bins": 0}, "bins"),
+        ({"chunk_elements": 0}, "chunk_elements"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Fn.check_lovasz_arguments(**kwargs)
 
 
 def test_functional_lovasz_hinge_hand_example():
