@@ -238,7 +238,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str:
     """One Markdown table from every comparison JSON in ``folder``: per loss, mean +/- std over
-    seeds of mIoU (foreground), IoU per class, mean Dice, and the differences to ``baseline``.
+    seeds of mIoU (foreground), IoU per class, mean Dice, Dice per class, and the differences of
+    the mean mIoU and of the first counted class's mean IoU to ``baseline``.
 
     Raises:
         FileNotFoundError: no ``*.json`` in ``folder``.
@@ -256,6 +257,7 @@ def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str
             runs.setdefault(run["loss"], []).append(run)
     per_class = [names[c] for c in counted]
     head = ["loss", "seeds", "mIoU", *[f"IoU {n}" for n in per_class], "Dice"]
+    head += [f"Dice {n}" for n in per_class]
     head += [f"mIoU - {baseline}", f"IoU {per_class[0]} - {baseline}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = runs.get(baseline, [])
@@ -269,6 +271,7 @@ def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str
             [r["miou"] for r in rs],
             *[[r["iou"][c] for r in rs] for c in counted],
             [r["dice"] for r in rs],
+            *[[r["dice_per_class"][c] for r in rs] for c in counted],
         ):
             m, s = _mean_std(values)
             cells.append(f"{m:.3f} ± {s:.3f}")

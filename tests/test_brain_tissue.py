@@ -65,6 +65,7 @@ def test_results_table_merges_comparisons(brain_tissue, tmp_path):
             "miou": miou,
             "dice": miou + 0.1,
             "iou": [0.99, csf, 0.8, 0.8],
+            "dice_per_class": [0.99, csf + 0.1, 0.9, 0.9],
         }
 
     common = {"class_names": list(brain_tissue.CLASSES), "counted_classes": [1, 2, 3]}
@@ -77,6 +78,7 @@ def test_results_table_merges_comparisons(brain_tissue, tmp_path):
     best, base = lines[2].split(" | "), lines[3].split(" | ")
     assert best[0] == "| lovasz_ce" and base[0] == "| dicece"
     assert best[2] == "0.740 ± 0.014"  # mean and sample std of 0.73, 0.75
+    assert best[7] == "0.670 ± 0.014"  # Dice of CSF
     assert best[-2:] == ["+0.030", "+0.060 |"]  # mIoU and CSF IoU above Dice+CE
     with pytest.raises(FileNotFoundError):
         brain_tissue.results_table(tmp_path / "none")

@@ -79,7 +79,7 @@ def test_dynunet_loss_is_the_weighted_sum_of_the_head_losses(mode, expected):
 
     stacked = net(data["image"])
     assert stacked.shape == (2, 3, 3, *S)  # (B, heads, C, *S): DynUNet upsamples its heads
-    fn = LovaszCELoss(to_onehot_y=True)
+    fn = LovaszCELoss(to_onehot_y=True, lambda_ce=0.3)
     by_hand = sum(
         w * fn(stacked[:, i], data["label"], mask=data["mask"]) for i, w in enumerate(expected)
     )
@@ -106,7 +106,7 @@ def test_multiscale_list_uses_labels_and_masks_resized_by_nearest_neighbour():
     )
     model.train()
     loss = model.training_step(data, 0)
-    fn = LovaszCELoss(to_onehot_y=True)
+    fn = LovaszCELoss(to_onehot_y=True, lambda_ce=0.3)
     heads = net(data["image"])
     by_hand = sum(
         w * fn(head, strided(data["label"], 2**i), mask=strided(data["mask"], 2**i))
@@ -123,7 +123,7 @@ def test_ignored_voxels_get_zero_gradient_in_every_head(network):
     for head in heads:
         head.retain_grad()
     model = LovaszSegmentationModule(num_classes=3, network=nn.Identity(), roi_size=S)
-    fn = LovaszCELoss(to_onehot_y=True)
+    fn = LovaszCELoss(to_onehot_y=True, lambda_ce=0.3)
     loss = deep_supervision_loss(
         heads,
         data["label"],
@@ -232,7 +232,7 @@ def test_deep_supervision_with_the_ce_to_lovasz_schedule():
     assert model.lovasz_weight(1) == 0.5
     model.lovasz_weight = lambda epoch: 0.5  # the epoch in the ramp, without a Trainer
     loss = model.training_step(data, 0)
-    lovasz, ce = LovaszCELoss(to_onehot_y=True), nn.CrossEntropyLoss(ignore_index=-100)
+    lovasz, ce = LovaszCELoss(to_onehot_y=True, lambda_ce=0.3), nn.CrossEntropyLoss()
     total = 0.0
     for i, (head, w) in enumerate(zip(net(data["image"]), [1.0, 0.5, 0.25], strict=True)):
         label, mask = strided(data["label"], 2**i), strided(data["mask"], 2**i)
