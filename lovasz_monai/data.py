@@ -1,4 +1,4 @@
-"""Medical Segmentation Decathlon (MSD) data: a LightningDataModule and a synthetic dataset writer.
+"""Medical Segmentation Decathlon (MSD) data as a LightningDataModule.
 
 Layout read by :class:`SegmentationDataModule` (the MSD layout)::
 
@@ -8,30 +8,28 @@ Layout read by :class:`SegmentationDataModule` (the MSD layout)::
       labelsTr/*.nii.gz   integer label maps (may contain the ignore label)
       imagesTs/*.nii.gz   images for prediction
 
-:func:`make_synthetic_dataset` writes such a folder with random volumes, so that everything can
-be tried without downloading data.
+``dataset.json`` is read by :meth:`~lovasz_monai.dataset.DatasetDescription.from_json` and the
+cases are split by :func:`~lovasz_monai.dataset.split_cases` (both without Lightning). This module
+also re-exports :func:`~lovasz_monai.synthetic.make_synthetic_dataset`, which writes such a folder
+with random volumes, and :func:`~lovasz_monai.writer.save_prediction`.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
-import random
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import nibabel as nib
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import (
     CacheDataset,
     DataLoader,
     MetaTensor,
-    create_test_image_3d,
     decollate_batch,
     list_data_collate,
 )
@@ -52,307 +50,20 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from lovasz_monai.dataset import CASE_KEYS as _KEYS
+from lovasz_monai.dataset import DatasetDescription, split_cases
+from lovasz_monai.synthetic import make_synthetic_dataset
 from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
+from lovasz_monai.writer import save_prediction
 
 __all__ = ["SegmentationDataModule", "make_synthetic_dataset", "save_prediction"]
 
-_KEYS = ("image", "label", "mask")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 # --------------------------------------------------------------------------------------------
-# synthetic data
+# case-error messages
 # --------------------------------------------------------------------------------------------
-
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a NIfTI file atomically (temporary name, then rename), so that parallel writers
-    (e.g. several DDP ranks) never leave a half-written file behind."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
-
-
-def _synthetic_case(
-    rs: np.random.RandomState,
-    size: Sequence[int],
-    num_classes: int,
-    num_modalities: int,
-    noise: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One random volume: image (*size[, M]) float32 and label (*size) int64 in [0, C)."""
-    rad_max = max(2, min(size) // 5)
-    rad_min = max(1, rad_max // 3)
-    base, label = create_test_image_3d(
-        *size,
-        num_objs=8,
-        rad_max=rad_max,
-        rad_min=rad_min,
-        noise_max=0.0,
-        num_seg_classes=num_classes - 1,
-        random_state=rs,
-    )
-    # create_test_image_3d labels objects 1..num_seg_classes (0 = background).
-    label = np.clip(label, 0, num_classes - 1).astype(np.int64)
-    channels = [base]
-    for m in range(1, num_modalities):  # other modalities: another intensity per class
-        channels.append(((label + m) % num_classes) / max(1, num_classes - 1))
-    image = np.stack(channels, axis=-1)
-    image = 100.0 + 400.0 * (image + noise * rs.standard_normal(image.shape))
-    image = image.astype(np.float32)
-    return (image[..., 0] if num_modalities == 1 else image), label
-
-
-def make_synthetic_dataset(
-    root: str | os.PathLike,
-    num_cases: int = 8,
-    num_test: int = 2,
-    size: Sequence[int] = (48, 48, 48),
-    num_classes: int = 3,
-    num_modalities: int = 1,
-    spacing: Sequence[float] = (1.5, 1.5, 2.0),
-    ignore_index: int | None = 255,
-    ignore_fraction: float = 0.1,
-    roi_masks: bool = False,
-    noise: float = 0.2,
-    seed: int = 0,
-) -> Path:
-    """Write a small random segmentation dataset in the Medical Segmentation Decathlon layout.
-
-    Volumes come from ``monai.data.create_test_image_3d`` (random spheres, one class each) with
-    Gaussian noise added. The affine has voxel size ``spacing``, flipped first two axes (an
-    "LPS"-like orientation, as NIfTI files converted from DICOM often have) and the volume centre
-    at the origin, so orientation and spacing handling is exercised. In every training label a
-    slab of slices along the last axis is set to ``ignore_index`` (a partially annotated volume).
-
-    Written files::
-
-        root/dataset.json
-        root/imagesTr/case_XXX.nii.gz   float32, shape size (or (*size, num_modalities))
-        root/labelsTr/case_XXX.nii.gz   uint8 (int16 if a value exceeds 255), shape size
-        root/masksTr/case_XXX.nii.gz    uint8 0/1 region-of-interest masks (if roi_masks)
-        root/imagesTs/test_XXX.nii.gz   images without labels
-
-    dataset.json uses the MSD keys (``name``, ``description``, ``tensorImageSize``, ``modality``,
-    ``labels`` as index string -> name, with the ignore value named ``"ignore"``,
-    ``numTraining``, ``numTest``, ``training``, ``test``). The data arrays depend only on the
-    arguments (case ``i`` uses the random stream ``(seed, i)``); files are written under a
-    temporary name and renamed, ``dataset.json`` last, so an existing ``dataset.json`` means a
-    complete dataset. Existing files are overwritten.
-
-    Args:
-        root: output folder (created if needed).
-        num_cases: number of labelled training cases (>= 1).
-        num_test: number of unlabelled test images (>= 0).
-        size: spatial shape ``(X, Y, Z)`` of every volume, each >= 8.
-        num_classes: number of classes including background (>= 2); labels are 0..C-1.
-        num_modalities: image channels; more than one writes 4D images (modalities last).
-        spacing: voxel size in mm, stored in the affine.
-        ignore_index: label value of ignored voxels; ``None`` writes no ignored voxels. Must not
-            be a class index (i.e. ``>= num_classes``).
-        ignore_fraction: fraction of the slices (last axis) set to ``ignore_index`` in each label,
-            one contiguous slab at a random position; 0 disables it.
-        roi_masks: also write region-of-interest masks (``"mask"`` entries in ``training``);
-            each excludes a random slab along the first axis.
-        noise: standard deviation of the Gaussian noise, relative to the class contrast.
-        seed: random seed.
-
-    Returns:
-        ``Path(root)``.
-
-    Raises:
-        ValueError: an argument is out of range (size, counts, classes, ignore_index, fraction).
-
-    Example:
-        >>> import json, tempfile
-        >>> root = make_synthetic_dataset(tempfile.mkdtemp(), num_cases=2, size=(16, 16, 16))
-        >>> info = json.loads((root / "dataset.json").read_text())
-        >>> info["labels"], info["numTraining"], info["training"][0]
-        ({'0': 'background', '1': 'class_1', '2': 'class_2', '255': 'ignore'}, 2, \
-{'image': './imagesTr/case_000.nii.gz', 'label': './labelsTr/case_000.nii.gz'})
-    """
-    size = tuple(int(s) for s in size)
-    spacing = tuple(float(s) for s in spacing)
-    if len(size) != 3 or min(size) < 8:
-        raise ValueError(f"size must be 3 spatial sizes, each >= 8, got {size}.")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive voxel sizes, got {spacing}.")
-    if num_cases < 1 or num_test < 0:
-        raise ValueError(f"need num_cases >= 1 and num_test >= 0, got {num_cases}, {num_test}.")
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")
-    if num_modalities < 1:
-        raise ValueError(f"num_modalities must be >= 1, got {num_modalities}.")
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"ignore_index {ignore_index} is a class index; use a value >= num_classes "
-            f"({num_classes}) or None."
-        )
-    if not 0.0 <= ignore_fraction < 1.0:
-        raise ValueError(f"ignore_fraction must be in [0, 1), got {ignore_fraction}.")
-
-    root = Path(root)
-    for sub in ("imagesTr", "labelsTr", "imagesTs") + (("masksTr",) if roi_masks else ()):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [spacing[0] * (size[0] - 1) / 2, spacing[1] * (size[1] - 1) / 2, 0.0]
-    affine[2, 3] = -spacing[2] * (size[2] - 1) / 2
-    max_label = max(num_classes - 1, ignore_index if ignore_index is not None else 0)
-    label_dtype = np.uint8 if 0 <= max_label <= 255 else np.int16
-
-    training = []
-    for i in range(num_cases):
-        rs = np.random.RandomState([seed, 0, i])
-        image, label = _synthetic_case(rs, size, num_classes, num_modalities, noise)
-        thickness = round(ignore_fraction * size[2])
-        if ignore_index is not None and thickness > 0:
-            start = rs.randint(0, size[2] - thickness + 1)
-            label[..., start : start + thickness] = ignore_index
-        name = f"case_{i:03d}.nii.gz"
-        _save_nifti(image, affine, root / "imagesTr" / name)
-        _save_nifti(label.astype(label_dtype), affine, root / "labelsTr" / name)
-        entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
-        if roi_masks:
-            roi = np.ones(size, dtype=np.uint8)
-            width = max(1, size[0] // 4)
-            start = rs.randint(0, size[0] - width + 1)
-            roi[start : start + width] = 0
-            _save_nifti(roi, affine, root / "masksTr" / name)
-            entry["mask"] = f"./masksTr/{name}"
-        training.append(entry)
-
-    test = []
-    for i in range(num_test):
-        image, _ = _synthetic_case(
-            np.random.RandomState([seed, 1, i]), size, num_classes, num_modalities, noise
-        )
-        name = f"test_{i:03d}.nii.gz"
-        _save_nifti(image, affine, root / "imagesTs" / name)
-        test.append(f"./imagesTs/{name}")
-
-    labels = {"0": "background", **{str(c): f"class_{c}" for c in range(1, num_classes)}}
-    if ignore_index is not None:
-        labels[str(ignore_index)] = "ignore"
-    info = {
-        "name": "Synthetic",
-        "description": "Random spheres from monai.data.create_test_image_3d (lovasz_monai)",
-        "reference": "lovasz_monai.data.make_synthetic_dataset",
-        "licence": "CC0",
-        "release": "1.0",
-        "tensorImageSize": "3D" if num_modalities == 1 else "4D",
-        "modality": {str(m): "MRI" if m == 0 else f"MRI_{m}" for m in range(num_modalities)},
-        "labels": labels,
-        "numTraining": num_cases,
-        "numTest": num_test,
-        "training": training,
-        "test": test,
-    }
-    tmp = root / f".dataset.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, root / "dataset.json")
-    return root
-
-
-# --------------------------------------------------------------------------------------------
-# dataset.json parsing
-# --------------------------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, np.integer)):
-        return True
-    if isinstance(value, str):
-        try:
-            int(value)
-        except ValueError:
-            return False
-        return True
-    return False
-
-
-def _is_index(value: Any) -> bool:
-    """An integer label value in a nnU-Net "labels" dict (a number, not a string)."""
-    return _is_int(value) and not isinstance(value, str)
-
-
-def _is_index_list(value: Any) -> bool:
-    """A nnU-Net region: a non-empty list of integer label values."""
-    return isinstance(value, list) and bool(value) and all(_is_index(x) for x in value)
-
-
-def _parse_labels(
-    labels: Any, source: Path
-) -> tuple[list[str], int | None, dict[str, list[int]] | None]:
-    """Parse dataset.json "labels" into (names of label values 0..C-1, ignore value, regions).
-
-    MSD form: ``{"0": "background", "1": "liver", ...}``; nnU-Net v2 form:
-    ``{"background": 0, "liver": 1, ...}`` where a value may be a list of label values (a
-    region, nnU-Net's region-based training). An entry named "ignore" is the ignore label.
-    """
-    if not isinstance(labels, Mapping) or not labels:
-        raise ValueError(f"{source}: 'labels' must be a non-empty mapping, got {labels!r}.")
-    ignore: int | None = None
-    regions: dict[str, list[int]] | None = None
-    pairs: list[tuple[int, str]] = []
-    if all(_is_int(k) and isinstance(v, str) for k, v in labels.items()):  # MSD
-        for key, name in labels.items():
-            if name.strip().lower() == "ignore":
-                ignore = int(key)
-            else:
-                pairs.append((int(key), name))
-    elif all(_is_index(v) or _is_index_list(v) for v in labels.values()):  # nnU-Net v2
-        for name, value in labels.items():
-            if name.strip().lower() == "ignore":
-                if isinstance(value, list):
-                    raise ValueError(f"{source}: the 'ignore' label must be one integer.")
-                ignore = int(value)
-            elif not isinstance(value, list):
-                pairs.append((int(value), name))
-        if any(isinstance(v, list) for v in labels.values()):
-            regions = {
-                name: [int(x) for x in (value if isinstance(value, list) else [value])]
-                for name, value in labels.items()
-                if name.strip().lower() != "ignore" and value != 0
-            }
-            values = sorted({x for r in regions.values() for x in r} | {0})
-            pairs = [(v, str(v)) for v in range(max(values) + 1)]
-    else:
-        raise ValueError(
-            f"{source}: 'labels' must map index strings to names (MSD, e.g. "
-            f'{{"0": "background", "1": "tumour"}}) or names to indices (nnU-Net v2, e.g. '
-            f'{{"background": 0, "tumour": 1}}), got {labels!r}.'
-        )
-    pairs.sort()
-    indices = [i for i, _ in pairs]
-    if indices != list(range(len(indices))) or len(indices) < 1:
-        raise ValueError(
-            f"{source}: class indices must be 0..C-1 without gaps (besides 'ignore'), got "
-            f"{indices}."
-        )
-    if ignore is not None and 0 <= ignore < len(indices):
-        raise ValueError(f"{source}: the ignore label {ignore} is also a class index.")
-    return [name for _, name in pairs], ignore, regions
-
-
-def _resolve(base: Path, path: Any, source: Path, what: str) -> str:
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{source}: {what} must be a file path string, got {path!r}.")
-    return os.path.normpath(base / path)
-
-
-def _check_exist(files: Sequence[str], source: Path) -> None:
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-        )
-        raise FileNotFoundError(f"{len(missing)} file(s) listed in {source} do not exist: {shown}")
 
 
 def _header_shape(path: str) -> tuple[int, ...]:
@@ -398,68 +109,6 @@ class _CaseCompose(Compose):
             raise cls(
                 f"failed to load/transform {_describe_case(input_)}: {type(root).__name__}: {root}"
             ) from err
-
-
-# --------------------------------------------------------------------------------------------
-# writing predictions
-# --------------------------------------------------------------------------------------------
-
-
-def save_prediction(
-    pred: torch.Tensor,
-    output_dir: str | os.PathLike,
-    postfix: str = "",
-    dtype: Any = np.uint8,
-) -> Path:
-    """Write a prediction as NIfTI with its affine, named after the image it was made from.
-
-    Use it on the output of :meth:`SegmentationDataModule.invert_prediction`, which carries the
-    input image's affine and file name, so the written file matches the input's shape and affine.
-
-    Args:
-        pred: ``(1, *spatial)`` label map, or ``(C, *spatial)`` (written as a 4D file with the
-            channels last). A ``MetaTensor`` gives the affine and the file name (meta
-            ``"filename_or_obj"``); otherwise the identity affine and ``"prediction"``.
-        output_dir: folder to write to (created if needed).
-        postfix: added to the input file name's stem, e.g. ``"_seg"`` -> ``case_000_seg.nii.gz``;
-            by default the name equals the input's (the nnU-Net convention).
-        dtype: numpy dtype of the written voxels (``np.float32`` for probabilities).
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: ``pred`` has fewer than 2 dimensions.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from monai.data import MetaTensor
-        >>> pred = MetaTensor(torch.ones(1, 4, 4, 4), meta={"filename_or_obj": "a/ct_1.nii.gz"})
-        >>> save_prediction(pred, tempfile.mkdtemp(), postfix="_seg").name
-        'ct_1_seg.nii.gz'
-    """
-    if pred.ndim < 2:
-        raise ValueError(f"pred must be (C, *spatial), got shape {tuple(pred.shape)}.")
-    array = pred.detach().cpu().numpy()
-    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
-    if isinstance(pred, MetaTensor):
-        affine = np.asarray(pred.affine.detach().cpu().numpy(), dtype=np.float64)
-        source = str(pred.meta.get("filename_or_obj") or "prediction")
-    else:
-        affine, source = np.eye(4), "prediction"
-    name = Path(source).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"{name}{postfix}.nii.gz"
-    image = nib.Nifti1Image(array.astype(dtype), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    nib.save(image, path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +192,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_files, val_files, test_files: the case dicts of each split (paths joined to
             ``data_dir``); ``test_files`` is empty when ``dataset.json`` has no labelled test
             cases. ``predict_files`` is filled by ``setup("predict")``.
+        description: the :class:`~lovasz_monai.dataset.DatasetDescription` read from
+            ``dataset.json``; the attributes above come from it (lists instead of tuples), the
+            training/validation split from :func:`~lovasz_monai.dataset.split_cases`.
 
     Raises:
         FileNotFoundError: ``dataset.json`` is missing (and ``synthetic`` is False), or a file it
@@ -630,77 +282,31 @@ class SegmentationDataModule(pl.LightningDataModule):
                     "dataset there)."
                 )
             make_synthetic_dataset(self.data_dir, **(synthetic_kwargs or {}))
-        info = self._read_json()
-
-        self.label_names, json_ignore, json_regions = _parse_labels(
-            info["labels"], self.dataset_json
+        description = DatasetDescription.from_json(
+            self.dataset_json, ignore_index=ignore_index, regions=regions
         )
-        self.ignore_index: int | None = json_ignore if ignore_index is None else int(ignore_index)
-        if self.ignore_index is not None and 0 <= self.ignore_index < len(self.label_names):
-            raise ValueError(
-                f"ignore_index {self.ignore_index} is a class index of {self.dataset_json} "
-                f"(classes 0..{len(self.label_names) - 1})."
-            )
-        regions = regions if regions is not None else json_regions
-        self.regions: dict[str, list[int]] | None = None
-        if regions is not None:
-            self.regions = {}
-            for name, values in dict(regions).items():
-                values = [values] if _is_int(values) else list(values)
-                bad = [
-                    v for v in values if not _is_int(v) or not 0 <= int(v) < len(self.label_names)
-                ]
-                if not values or bad:
-                    raise ValueError(
-                        f"region '{name}' must list label values in [0, {len(self.label_names)}) "
-                        f"of {self.dataset_json}, got {values}."
-                    )
-                self.regions[str(name)] = [int(v) for v in values]
-            if not self.regions:
-                raise ValueError("regions is empty; use None for single-label mode.")
-        self.multi_label = self.regions is not None
-        self.class_names: list[str] = (
-            list(self.regions) if self.regions is not None else list(self.label_names)
+        self.description = description
+        self.label_names = list(description.label_names)
+        self.ignore_index: int | None = description.ignore_index
+        self.regions: dict[str, list[int]] | None = (
+            None
+            if description.regions is None
+            else {name: list(values) for name, values in description.regions.items()}
         )
-        self.num_classes = len(self.class_names)
-        channels = info.get("modality", info.get("channel_names"))
-        if channels is None:
-            self.in_channels = 1
-        elif isinstance(channels, Mapping) and channels:
-            self.in_channels = len(channels)
-        else:
-            raise ValueError(
-                f"{self.dataset_json}: 'modality' must be a non-empty mapping, got {channels!r}."
-            )
+        self.multi_label = description.multi_label
+        self.class_names: list[str] = list(description.class_names)
+        self.num_classes = description.num_classes
+        self.in_channels = description.in_channels
+        self.all_train_files = [dict(case) for case in description.training]
+        self.test_files = [dict(case) for case in description.test]
+        self._json_predict_files = [{"image": image} for image in description.predict_images]
 
-        self.all_train_files = self._cases(info.get("training", []), "training", need_label=True)
-        test = info.get("test", [])
-        labelled = bool(test) and all(isinstance(t, Mapping) and "label" in t for t in test)
-        self.test_files = self._cases(test, "test", need_label=True) if labelled else []
-        if not isinstance(test, list):
-            raise ValueError(f"{self.dataset_json}: 'test' must be a list, got {test!r}.")
-        test_images = [t.get("image") if isinstance(t, Mapping) else t for t in test]
-        self._json_predict_files = [
-            {"image": _resolve(self.data_dir, p, self.dataset_json, "a 'test' image")}
-            for p in test_images
-        ]
-        _check_exist(
-            [f for case in self.all_train_files + self.test_files for f in case.values()]
-            + [case["image"] for case in self._json_predict_files],
-            self.dataset_json,
-        )
-
-        order = list(range(len(self.all_train_files)))
-        random.Random(seed).shuffle(order)
-        n = len(order)
-        n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(val_fraction * n)))
-        if val_fraction > 0 and n == 1:
+        if val_fraction > 0 and len(self.all_train_files) == 1:
             warnings.warn(
                 f"{self.dataset_json} has a single training case: no validation split.",
                 stacklevel=2,
             )
-        self.val_files = [self.all_train_files[i] for i in sorted(order[:n_val])]
-        self.train_files = [self.all_train_files[i] for i in sorted(order[n_val:])]
+        self.train_files, self.val_files = split_cases(self.all_train_files, val_fraction, seed)
 
         self._orientation = Orientationd(
             keys=_KEYS, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True
@@ -723,42 +329,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.predict_ds: CacheDataset | None = None
 
     # ---------------------------------------------------------------------------- dataset.json
-    def _read_json(self) -> dict[str, Any]:
-        try:
-            info = json.loads(self.dataset_json.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.dataset_json} is not valid JSON: {err}") from err
-        if not isinstance(info, dict):
-            raise ValueError(f"{self.dataset_json} must hold a JSON object, got {type(info)}.")
-        if "labels" not in info:
-            raise ValueError(
-                f"{self.dataset_json} has no 'labels' entry; expected e.g. "
-                '"labels": {"0": "background", "1": "tumour"} (optionally "255": "ignore").'
-            )
-        return info
-
-    def _cases(self, entries: Any, field: str, need_label: bool) -> list[dict[str, str]]:
-        if not isinstance(entries, list):
-            raise ValueError(f"{self.dataset_json}: '{field}' must be a list, got {entries!r}.")
-        cases = []
-        for i, entry in enumerate(entries):
-            if (
-                not isinstance(entry, Mapping)
-                or "image" not in entry
-                or (need_label and "label" not in entry)
-            ):
-                raise ValueError(
-                    f"{self.dataset_json}: '{field}' entry {i} must be a dict with 'image' and "
-                    f"'label' (and optionally 'mask'), got {entry!r}."
-                )
-            case = {
-                key: _resolve(self.data_dir, entry[key], self.dataset_json, f"'{field}' {key}")
-                for key in _KEYS
-                if key in entry
-            }
-            cases.append(case)
-        return cases
-
     def _resolve_predict_files(self) -> list[dict[str, str]]:
         if self.predict_images is None:
             files = self._json_predict_files

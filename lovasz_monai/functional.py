@@ -125,19 +125,24 @@ def lovasz_grad(
                 f"got {tuple(valid_sorted.shape)}"
             )
         fg = fg & valid_sorted
-    return _lovasz_grad(fg, valid_sorted, dtype)[0]
+    weights, _ = _lovasz_grad(fg, valid_sorted, dtype)
+    return weights
 
 
 def _lovasz_grad(
     fg: Tensor,
     valid: Tensor | None,
     dtype: torch.dtype,
-    signed: bool = False,
+    *,
+    negate_foreground: bool = False,
     has_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`lovasz_grad` of rows whose foreground is already masked, and the ``(..., 1)``
-    foreground counts. ``signed``: foreground weights negated. ``has_valid``: ``(..., 1)``,
-    False for rows (with ``valid=None``) that have no valid voxel at all."""
+    """``(weights, fg_counts)``: :func:`lovasz_grad` of rows whose foreground is already
+    masked, and the ``(..., 1)`` int64 foreground count of each row.
+
+    ``negate_foreground``: the weights of foreground voxels are negated (the sign of the
+    derivative of their error with respect to the probability or logit). ``has_valid``:
+    ``(..., 1)``, False for rows (with ``valid=None``) that have no valid voxel at all."""
     # Counts are exact in float32 up to 2**24 voxels a row; longer rows count in float64.
     count_dtype = torch.float64 if fg.shape[-1] > 1 << 24 else dtype
     if valid is None:
@@ -150,7 +155,7 @@ def _lovasz_grad(
     union = torch.sub(count, fg_cum).add_(num_fg)
     grad = union.reciprocal()  # foreground: 1 / u_k
     bg_grad = torch.sub(union, count, out=fg_cum).mul_(grad).div_(union.sub_(1))
-    torch.where(fg, grad.neg_() if signed else grad, bg_grad, out=grad)
+    torch.where(fg, grad.neg_() if negate_foreground else grad, bg_grad, out=grad)
     # A row without foreground: J jumps from 0 to 1 at its first valid voxel (the formula
     # above gives 0/0 there).
     no_fg = num_fg == 0
@@ -255,31 +260,37 @@ def _use_numpy_sort(key: Tensor) -> bool:
     )
 
 
-def _sort_rows3(
-    key: Tensor, fg: Tensor, signed: bool, chunk_elements: int, key_is_scratch: bool
+def _class_rows_by_sort(
+    key: Tensor, fg: Tensor, *, chunk_elements: int, wrt_source: bool, overwrite_key: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact per-voxel weights (layout of ``key``), row losses and foreground counts.
-
-    ``key_is_scratch``: the weights overwrite ``key``; each chunk of rows is read in full before
-    its weights are written.
+    """Exact per-voxel weights (layout of ``key``), row losses and foreground counts of
+    ``(R, S, P)`` class rows. ``wrt_source``, ``overwrite_key``: see :func:`_lovasz_class_rows`;
+    with ``overwrite_key`` each chunk of rows is read in full before its weights are written.
     """
     num_rows, segments, num_voxels = key.shape
     row_size = segments * num_voxels
     sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
-    weights = key if key_is_scratch else torch.empty_like(key)
+    # Outputs: the weights (possibly in the key's own memory), one loss and one count per row.
+    weights = key if overwrite_key else torch.empty_like(key)
     losses = torch.empty(num_rows, dtype=key.dtype, device=key.device)
     counts = torch.empty(num_rows, 1, dtype=torch.int64, device=key.device)
+    # Whole rows, as many as fit the element budget (at least one), are sorted at once.
     rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
+        # 1. Sort each row by decreasing error, carrying the foreground along.
         order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
-        # Ignored voxels sort last and are background: they get weight 0 (and so does the
-        # first voxel of a row where every voxel is ignored).
-        grad, counts[rows] = _lovasz_grad(fg_sorted, None, key.dtype, signed, has_valid)
+        # 2. Algorithm 1 on the sorted rows. Ignored voxels sort last and are background: they
+        # get weight 0 (and so does the first voxel of a row where every voxel is ignored).
+        grad, counts[rows] = _lovasz_grad(
+            fg_sorted, None, key.dtype, negate_foreground=wrt_source, has_valid=has_valid
+        )
+        # 3. The loss of each row: sum of error * weight (the weights' sign undone by abs).
         weighted = torch.mul(errors_sorted, grad)
-        losses[rows] = (weighted.abs_() if signed else weighted).sum(-1)  # pairwise summation
-        if signed:  # the subgradient autograd takes where the error is 0 (abs, relu)
+        losses[rows] = (weighted.abs_() if wrt_source else weighted).sum(-1)  # pairwise summation
+        if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
             grad.masked_fill_(errors_sorted <= 0, 0.0)
+        # 4. Scatter the weights back from sorted order to voxel order.
         out = weights[rows]
         if out.is_contiguous():
             out.view(order.shape).scatter_(-1, order, grad)
@@ -288,15 +299,17 @@ def _sort_rows3(
     return weights, losses, counts.view(-1)
 
 
-def _histogram_rows3(
-    key: Tensor, fg: Tensor, signed: bool, bins: int
+def _class_rows_by_histogram(
+    key: Tensor, fg: Tensor, *, bins: int, wrt_source: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort-free weights, row losses and foreground counts from per-bin counts (DESIGN.md)."""
+    """Sort-free weights, row losses and foreground counts of ``(R, S, P)`` class rows from
+    per-bin counts (DESIGN.md). ``wrt_source``: see :func:`_lovasz_class_rows`."""
     num_rows, segments, num_voxels = key.shape
     dtype = key.dtype
     slots_per_row = 2 * (bins + 1)  # (foreground, background) per bin, and a bin for ignored
     if num_rows * slots_per_row >= 2**31:
         raise ValueError(f"too many rows x bins for the histogram method: {num_rows} x {bins}")
+    # 1. Slot of each voxel: (row, error bin, foreground or background), one flat index.
     e_max = key.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     # bin 0 holds the largest errors, bin bins - 1 the errors down to 0
     slot = key.mul(-bins / e_max).add_(bins).clamp_(0, bins - 1).to(torch.int32)
@@ -309,12 +322,14 @@ def _histogram_rows3(
     # also for the transposed rows of batch mode) and restore the row view at the end.
     memory_order = sorted(range(3), key=lambda dim: -slot.stride(dim))
     flat_slot = slot.permute(memory_order).reshape(-1)
+    # 2. Voxel count and error sum of every slot.
     count_dtype = torch.float64 if segments * num_voxels > 1 << 24 else dtype  # exact counts
     counts = torch.zeros(num_rows * slots_per_row, dtype=count_dtype, device=key.device)
     ones = torch.ones((), dtype=count_dtype, device=key.device).expand_as(flat_slot)
     counts.index_add_(0, flat_slot, ones)
     flat_key = key.permute(memory_order).reshape(-1).to(count_dtype)
     error_sums = torch.zeros_like(counts).index_add_(0, flat_slot, flat_key)
+    # 3. Weight of a foreground and of a background voxel in each bin (Algorithm 1 on bins).
     n_fg, n_bg = counts.view(num_rows, bins + 1, 2)[:, :bins].unbind(-1)
     fg_before = n_fg.cumsum(-1) - n_fg
     bg_before = n_bg.cumsum(-1) - n_bg
@@ -327,36 +342,45 @@ def _histogram_rows3(
         (num_fg - fg_before - n_fg) / (union.clamp_min(1) * (union + n_bg)),
         ((bg_before == 0) & (n_bg > 0)).to(count_dtype) / n_bg.clamp_min(1),
     )
+    # 4. Loss of each row from the per-slot error sums, then each voxel's weight read back.
     table = torch.stack([w_fg, w_bg], dim=-1).view(num_rows, 2 * bins)
     table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1)  # the ignored bin
     losses = (table * error_sums.view(num_rows, -1)).sum(-1).to(dtype)
-    if signed:
+    if wrt_source:
         table[:, 0::2] *= -1  # foreground slots
     weights = table.to(dtype).view(-1).index_select(0, flat_slot)
     weights = weights.view([slot.shape[dim] for dim in memory_order])
     weights = weights.permute([memory_order.index(dim) for dim in range(3)])
-    if signed:
+    if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
         weights.masked_fill_(key <= 0, 0.0)
     return weights, losses, num_fg.view(-1).to(torch.int64)
 
 
-def _lovasz_rows3(
+def _lovasz_class_rows(
     key: Tensor,
     fg: Tensor,
     method: Method,
     bins: int,
     chunk_elements: int,
-    signed: bool = False,
-    key_is_scratch: bool = False,
+    *,
+    wrt_source: bool = False,
+    overwrite_key: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(weights, losses, fg_counts)`` of ``(R, S, P)`` rows (see above) from sort keys and
-    masked labels. ``signed``: the weights are the derivatives with respect to the source of
-    errors ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits).
-    ``key_is_scratch``: ``key`` may be overwritten (it then holds the weights)."""
+    """``(weights, losses, fg_counts)`` of ``(R, S, P)`` class rows (see above) from sort keys
+    and masked labels. ``wrt_source``: the weights are the derivatives with respect to the
+    source of the errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not
+    with respect to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the
+    weights)."""
     check_lovasz_arguments(method=method, bins=bins, chunk_elements=chunk_elements)
     if method == "sort":
-        return _sort_rows3(key, fg, signed, int(chunk_elements), key_is_scratch)
-    return _histogram_rows3(key, fg, signed, int(bins))
+        return _class_rows_by_sort(
+            key,
+            fg,
+            chunk_elements=int(chunk_elements),
+            wrt_source=wrt_source,
+            overwrite_key=overwrite_key,
+        )
+    return _class_rows_by_histogram(key, fg, bins=int(bins), wrt_source=wrt_source)
 
 
 class _KnownGradient(torch.autograd.Function):
@@ -387,7 +411,9 @@ def _extension_rows(
     _check_rows(errors, labels, valid)
     key, fg = _key_and_foreground(errors, labels, valid)
     with torch.no_grad():
-        weights, losses, _ = _lovasz_rows3(key[:, None], fg[:, None], method, bins, chunk_elements)
+        weights, losses, _ = _lovasz_class_rows(
+            key[:, None], fg[:, None], method, bins, chunk_elements
+        )
     return weights[:, 0], losses
 
 
@@ -427,7 +453,8 @@ def lovasz_weights(
     Raises:
         ValueError: on shape mismatches, an unknown ``method`` or non-positive ``bins``.
     """
-    return _extension_rows(errors, labels, valid, method, bins, chunk_elements)[0]
+    weights, _ = _extension_rows(errors, labels, valid, method, bins, chunk_elements)
+    return weights
 
 
 def lovasz_extension(
@@ -464,7 +491,7 @@ def lovasz_extension(
     return _KnownGradient.apply(errors, losses, weights)
 
 
-def _row_view(x: Tensor, batch: bool) -> Tensor:
+def _as_class_rows(x: Tensor, *, batch: bool) -> Tensor:
     """``(B, C, *S)`` -> ``(B * C, 1, P)`` rows per volume, or ``(C, B, P)`` for the batch."""
     x = x.flatten(2)
     return x.transpose(0, 1) if batch else x.reshape(-1, 1, x.shape[2])
@@ -492,20 +519,21 @@ def _class_losses(
     method: Method,
     bins: int,
     chunk_elements: int,
-    signed: bool,
-    key_is_scratch: bool,
+    *,
+    wrt_source: bool,
+    overwrite_key: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per (volume, class) losses, differentiable in ``source``, and foreground counts."""
     num_batch, num_classes = key.shape[:2]
     with torch.no_grad():
-        weights, losses, counts = _lovasz_rows3(
-            _row_view(key, batch),
-            _row_view(fg, batch),
+        weights, losses, counts = _lovasz_class_rows(
+            _as_class_rows(key, batch=batch),
+            _as_class_rows(fg, batch=batch),
             method,
             bins,
             chunk_elements,
-            signed,
-            key_is_scratch,
+            wrt_source=wrt_source,
+            overwrite_key=overwrite_key,
         )
         weights = weights.transpose(0, 1) if batch else weights
         weights = weights.reshape(source.shape)
@@ -548,7 +576,15 @@ def lovasz_class_losses(
     key, fg = _key_and_foreground(errors, labels, valid)
     # a key made by _sort_key may be overwritten; the errors themselves may not
     return _class_losses(
-        errors, key, fg, batch, method, bins, chunk_elements, False, valid is not None
+        errors,
+        key,
+        fg,
+        batch,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=False,
+        overwrite_key=valid is not None,
     )
 
 
@@ -591,7 +627,9 @@ def lovasz_probability_class_losses(
         torch.where(fg, key, detached, out=key).abs_()
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
-    return _class_losses(probs, key, fg, batch, method, bins, chunk_elements, True, True)
+    return _class_losses(
+        probs, key, fg, batch, method, bins, chunk_elements, wrt_source=True, overwrite_key=True
+    )
 
 
 def lovasz_hinge_class_losses(
@@ -628,7 +666,9 @@ def lovasz_hinge_class_losses(
         key = torch.where(labels.bool(), -detached, detached).add_(1.0).clamp_min_(0.0)
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
-    return _class_losses(logits, key, fg, batch, method, bins, chunk_elements, True, True)
+    return _class_losses(
+        logits, key, fg, batch, method, bins, chunk_elements, wrt_source=True, overwrite_key=True
+    )
 
 
 def class_weights(

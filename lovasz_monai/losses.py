@@ -91,6 +91,7 @@ class _LovaszLoss(_Loss):
 
         ``one_hot_target``: a C-channel target must have exactly one class per valid voxel.
         """
+        # 1. The target must be a (B, 1, *S) label map or a (B, C, *S) one-hot target.
         num_batch, num_channels = input.shape[:2]
         spatial = _shape(input)[2:]
         if not isinstance(target, Tensor):
@@ -107,10 +108,12 @@ class _LovaszLoss(_Loss):
         ):
             raise ValueError(f"target must be {expected}, got shape {_shape(target)}")
 
+        # 2. The mask argument, if any, as bool validity.
         valid = None
         if mask is not None:
             valid = self._mask_to_valid(mask, num_batch, spatial)
 
+        # 3. Label map: decode it (ignore_index joins the mask) and one-hot it for C > 1 channels.
         if target.shape[1] == 1:
             if num_channels > 1 and not self.to_onehot_y:
                 raise ValueError(
@@ -127,6 +130,8 @@ class _LovaszLoss(_Loss):
                 return labels.bool(), valid, labels
             return one_hot(labels, num_channels, dtype=torch.bool, dim=1), valid, labels
 
+        # 4. One-hot target: the label-map settings do not apply, and (validate) check that
+        # it holds 0/1 only and, for softmax, exactly one class per valid voxel.
         if self.to_onehot_y:
             raise ValueError(
                 f"to_onehot_y=True expects a label map with 1 channel, got a target with "

@@ -68,13 +68,35 @@ from monai.metrics import (
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch import Tensor
 
-__all__ = ["CaseMetrics", "CaseResults", "batch_cases", "case_id", "case_metrics"]
+__all__ = [
+    "CaseMetrics",
+    "CaseResults",
+    "batch_cases",
+    "case_id",
+    "case_metrics",
+    "counted_classes",
+]
 
 #: the metrics of a case; HD95 and ASD only with surface metrics on
 METRICS = ("Dice", "IoU", "HD95", "ASD")
 SURFACE_METRICS = ("HD95", "ASD")
 
 Spacing = Sequence[float] | Sequence[Sequence[float]] | None
+
+
+def counted_classes(num_classes: int, multi_label: bool, include_background: bool) -> list[int]:
+    """The classes that enter a mean over classes (mIoU, mDice, ...): all regions in
+    multi-label mode, else all but the background (class 0) unless ``include_background`` (or
+    when it is the only class).
+
+    Example:
+        >>> counted_classes(3, multi_label=False, include_background=False)
+        [1, 2]
+        >>> counted_classes(3, multi_label=True, include_background=False)
+        [0, 1, 2]
+    """
+    first = 0 if (multi_label or include_background or num_classes == 1) else 1
+    return list(range(first, num_classes))
 
 
 def case_id(source: str | os.PathLike) -> str:
@@ -394,8 +416,7 @@ class CaseMetrics:
         )
         self.multi_label = bool(multi_label)
         self.surface = bool(surface)
-        first = 0 if (multi_label or include_background or num_classes == 1) else 1
-        self.counted = list(range(first, self.num_classes))
+        self.counted = counted_classes(self.num_classes, multi_label, include_background)
         self.metrics = METRICS if self.surface else METRICS[:2]
         self.reset()
 

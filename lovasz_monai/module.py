@@ -35,7 +35,7 @@ from lovasz_monai.deep_supervision import (
     split_heads,
 )
 from lovasz_monai.losses import LovaszCELoss
-from lovasz_monai.metrics import CaseMetrics, batch_cases
+from lovasz_monai.metrics import CaseMetrics, batch_cases, counted_classes
 
 __all__ = ["LovaszSegmentationModule", "modules_from_config"]
 
@@ -200,7 +200,9 @@ class LovaszSegmentationModule(pl.LightningModule):
 
     Attributes:
         network, loss, warmup_loss: the modules in use.
-        binary: True in the one-channel binary mode.
+        mode: ``"multiclass"``, ``"binary"`` (one output channel) or ``"multilabel"``, set once
+            from ``multi_label``, ``num_classes`` and ``out_channels``; the read-only properties
+            ``multi_label``, ``binary`` and ``sigmoid_outputs`` derive from it.
         val_iou, test_iou: the torchmetrics IoU metrics (per class, ``average="none"``).
         val_cases, test_cases: the per-case metrics (:class:`~lovasz_monai.metrics.CaseMetrics`).
 
@@ -296,8 +298,10 @@ class LovaszSegmentationModule(pl.LightningModule):
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.out_channels = out_channels
-        self.multi_label = bool(multi_label)
-        self.binary = binary
+        #: "multiclass" (softmax), "binary" (one logit) or "multilabel" (independent sigmoids)
+        self.mode: Literal["multiclass", "binary", "multilabel"] = (
+            "multilabel" if multi_label else "binary" if binary else "multiclass"
+        )
         self.class_names = (
             [f"class_{i}" for i in range(num_classes)]
             if class_names is None
@@ -328,10 +332,9 @@ class LovaszSegmentationModule(pl.LightningModule):
                 num_res_units=unet_num_res_units,
             )
         if loss is None:
-            sigmoid = self.multi_label or self.binary
             loss = (
                 LovaszCELoss(sigmoid=True)
-                if sigmoid
+                if self.sigmoid_outputs
                 else LovaszCELoss(to_onehot_y=True, lambda_ce=DEFAULT_LOSS_LAMBDA_CE)
             )
         self.network = network
@@ -353,6 +356,21 @@ class LovaszSegmentationModule(pl.LightningModule):
         )
         self.val_cases = CaseMetrics(self.num_classes, **cases)
         self.test_cases = CaseMetrics(self.num_classes, surface=self.surface_metrics, **cases)
+
+    @property
+    def multi_label(self) -> bool:
+        """True in the multi-label mode (independent sigmoid channels)."""
+        return self.mode == "multilabel"
+
+    @property
+    def binary(self) -> bool:
+        """True in the one-channel binary mode."""
+        return self.mode == "binary"
+
+    @property
+    def sigmoid_outputs(self) -> bool:
+        """Whether the outputs are sigmoid logits (binary and multi-label modes)."""
+        return self.mode != "multiclass"
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -417,7 +435,7 @@ class LovaszSegmentationModule(pl.LightningModule):
         logits = logits.float()
         if takes_mask:
             return fn(logits, label, mask=mask)
-        if isinstance(fn, nn.CrossEntropyLoss) and not (self.multi_label or self.binary):
+        if isinstance(fn, nn.CrossEntropyLoss) and not self.sigmoid_outputs:
             target = label[:, 0].long().masked_fill(mask[:, 0] == 0, fn.ignore_index)
             return fn(logits, target)
         return fn(logits, label)
@@ -426,7 +444,7 @@ class LovaszSegmentationModule(pl.LightningModule):
         """Predicted classes: ``(B, 1, *S)`` label map (argmax, or ``logit > 0`` for one binary
         channel), or ``(B, R, *S)`` 0/1 regions (``sigmoid > 0.5``) in multi-label mode; int64.
         """
-        if self.multi_label or self.binary:
+        if self.sigmoid_outputs:
             return (logits > 0).long()  # sigmoid(x) > 0.5  <=>  x > 0
         return logits.argmax(dim=1, keepdim=True)
 
@@ -448,9 +466,10 @@ class LovaszSegmentationModule(pl.LightningModule):
         """Mean over the counted classes (background left out unless
         ``metric_include_background`` in the multi-class/binary modes), ignoring NaN (classes
         with an empty union)."""
-        first = 0 if (self.multi_label or self.metric_include_background) else 1
-        values = per_class[first:] if per_class.numel() > first else per_class
-        return values.nanmean()
+        counted = counted_classes(
+            per_class.numel(), self.multi_label, self.metric_include_background
+        )
+        return per_class[counted].nanmean()
 
     def sliding_window(self, image: Tensor) -> Tensor:
         """Logits of whole volumes ``(B, C_in, *S)`` -> ``(B, out_channels, *S)`` float32, by

@@ -121,6 +121,7 @@ class IgnoreMaskd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        # 1. The ROI image, if one is configured and present.
         roi = None
         if self.roi_mask_key is not None:
             if self.roi_mask_key in d:
@@ -130,6 +131,8 @@ class IgnoreMaskd(MapTransform):
                     f"roi_mask_key '{self.roi_mask_key}' is not in the data (keys: {list(d)}); "
                     "set allow_missing_keys=True if the ROI mask is optional."
                 )
+        # 2. For each label key, the voxels that count (ANDed over the keys); the first label is
+        # the reference whose type and metadata the mask takes.
         valid: torch.Tensor | None = None
         reference: Any = None
         for key in self.key_iterator(d):
@@ -137,12 +140,15 @@ class IgnoreMaskd(MapTransform):
             lab = _as_tensor(label)
             _check_channel_first(lab, key, "label")
             key_valid = torch.ones((1, *lab.shape[1:]), dtype=torch.bool, device=lab.device)
+            # 2a. Voxels equal to ignore_index (in any channel) do not count; the label gets
+            # fill_value there, so it stays a valid class map.
             if self.ignore_index is not None:
                 ignored = lab == self.ignore_index
                 if bool(ignored.any()):
                     key_valid &= ~ignored.any(dim=0, keepdim=True)
                     fill = torch.as_tensor(self.fill_value, dtype=lab.dtype, device=lab.device)
                     d[key], *_ = convert_to_dst_type(torch.where(ignored, fill, lab), label)
+            # 2b. Voxels outside the ROI (zero in every ROI channel) do not count.
             if roi is not None:
                 roi_t = _as_tensor(roi).to(lab.device)
                 _check_channel_first(roi_t, self.roi_mask_key, "ROI mask")
@@ -158,6 +164,7 @@ class IgnoreMaskd(MapTransform):
                 reference = label
         if valid is None:  # every label key missing (allow_missing_keys=True)
             return d
+        # 3. Write the float32 mask with the reference label's type (and its own metadata copy).
         mask, *_ = convert_to_dst_type(valid.to(torch.float32), reference, dtype=torch.float32)
         if isinstance(mask, MetaTensor):
             # own copy of the metadata: later transforms must not alter the label's

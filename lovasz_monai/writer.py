@@ -1,4 +1,5 @@
-"""Lightning callback that writes ``predict`` outputs as NIfTI files in the input image's space."""
+"""Writing predictions as NIfTI files in the input image's space: :func:`save_prediction` and the
+Lightning callback :class:`NiftiPredictionWriter` that uses it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -13,9 +15,65 @@ from monai.data import MetaTensor, decollate_batch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
-from lovasz_monai.data import save_prediction
+__all__ = ["NiftiPredictionWriter", "save_prediction"]
 
-__all__ = ["NiftiPredictionWriter"]
+
+def save_prediction(
+    pred: torch.Tensor,
+    output_dir: str | os.PathLike,
+    postfix: str = "",
+    dtype: Any = np.uint8,
+) -> Path:
+    """Write a prediction as NIfTI with its affine, named after the image it was made from.
+
+    Use it on the output of
+    :meth:`~lovasz_monai.data.SegmentationDataModule.invert_prediction`, which carries the
+    input image's affine and file name, so the written file matches the input's shape and affine.
+
+    Args:
+        pred: ``(1, *spatial)`` label map, or ``(C, *spatial)`` (written as a 4D file with the
+            channels last). A ``MetaTensor`` gives the affine and the file name (meta
+            ``"filename_or_obj"``); otherwise the identity affine and ``"prediction"``.
+        output_dir: folder to write to (created if needed).
+        postfix: added to the input file name's stem, e.g. ``"_seg"`` -> ``case_000_seg.nii.gz``;
+            by default the name equals the input's (the nnU-Net convention).
+        dtype: numpy dtype of the written voxels (``np.float32`` for probabilities).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: ``pred`` has fewer than 2 dimensions.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from monai.data import MetaTensor
+        >>> pred = MetaTensor(torch.ones(1, 4, 4, 4), meta={"filename_or_obj": "a/ct_1.nii.gz"})
+        >>> save_prediction(pred, tempfile.mkdtemp(), postfix="_seg").name
+        'ct_1_seg.nii.gz'
+    """
+    if pred.ndim < 2:
+        raise ValueError(f"pred must be (C, *spatial), got shape {tuple(pred.shape)}.")
+    array = pred.detach().cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    if isinstance(pred, MetaTensor):
+        affine = np.asarray(pred.affine.detach().cpu().numpy(), dtype=np.float64)
+        source = str(pred.meta.get("filename_or_obj") or "prediction")
+    else:
+        affine, source = np.eye(4), "prediction"
+    name = Path(source).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{name}{postfix}.nii.gz"
+    image = nib.Nifti1Image(array.astype(dtype), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -26,7 +84,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
     :meth:`~lovasz_monai.module.LovaszSegmentationModule.predict_step`) is mapped back to the
     original image grid with the datamodule's ``invert_prediction`` (undoing orientation and
     resampling; nearest neighbour) and written with
-    :func:`~lovasz_monai.data.save_prediction`: same base file name as the input, the input's
+    :func:`save_prediction`: same base file name as the input, the input's
     shape and affine (qform and sform), uint8 voxels. A label map becomes a 3D file; multi-label
     regions become one 4D file ``(X, Y, Z, R)`` with the regions last, in the order of the
     model's ``class_names``. Without ``invert_prediction`` on the datamodule, the prediction is

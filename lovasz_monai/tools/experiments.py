@@ -557,7 +557,7 @@ def run_one(
     pl.seed_everything(seed, workers=True, verbose=False)
     cli = LovaszCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    if model.multi_label or model.binary:
+    if model.mode != "multiclass":
         raise ValueError("compare needs a multi-class (softmax) model and label maps")
     recorder = _Recorder()
     callbacks = list(trainer.callbacks)
