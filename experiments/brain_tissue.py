@@ -209,6 +209,8 @@ GROUPS = {
     "lovasz_ce_batch": ["lovasz_ce_batch"],
     "lovasz_ce_nobg": ["lovasz_ce_nobg"],
     "lovasz_ce_lowce": ["lovasz_ce_lowce"],
+    "lovasz_ce_mince": ["lovasz_ce_mince"],
+    "lovasz_ce_highce": ["lovasz_ce_highce"],
     "lovasz_batch": ["lovasz_batch"],
     "lovasz_all": ["lovasz_all"],
     "ce_to_lovasz_lr01": ["ce_to_lovasz_lr01"],

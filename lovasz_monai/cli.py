@@ -73,10 +73,6 @@ def default_loggers(save_dir: str | os.PathLike) -> list[Logger]:
     Example:
         >>> [type(lg).__name__ for lg in default_loggers("runs/x")][0]
         'CSVLogger'
-
-    Raises:
-        TypeError: when ``save_dir`` is not a string or path-like (from the loggers'
-            ``os.fspath``).
     """
     loggers: list[Logger] = [CSVLogger(save_dir=save_dir, name="csv")]
     if _tensorboard_available():

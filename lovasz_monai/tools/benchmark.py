@@ -124,9 +124,6 @@ class Case:
         >>> case = Case(1, 2, (4, 4, 4))
         >>> case.name, case.voxels
         ('1x2x4x4x4', 64)
-
-    Raises:
-        dataclasses.FrozenInstanceError: when a field is assigned (the dataclass is frozen).
     """
 
     batch: int

@@ -207,6 +207,10 @@ LOSSES: dict[str, LossSpec] = {
         "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3): more Lovász in the balance",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.3), **_NO_SCHEDULE},
     ),
+    "lovasz_ce_mince": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.1): mostly Lovász",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.1), **_NO_SCHEDULE},
+    ),
     "lovasz_ce_highce": LossSpec(
         "LovaszCELoss(to_onehot_y=True, lambda_ce=3.0): more CE in the balance",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
@@ -231,11 +235,6 @@ def schedule_epochs(
     Example:
         >>> schedule_epochs(12), schedule_epochs(1), schedule_epochs(12, 4, 0)
         ((6, 2), (0, 0), (4, 0))
-
-    Raises:
-        TypeError: a default is needed and ``max_epochs`` is not a number (e.g. ``None``), or
-            ``warmup_epochs`` / ``ramp_epochs`` is of a type ``int()`` rejects.
-        ValueError: ``warmup_epochs`` or ``ramp_epochs`` is a string ``int()`` cannot parse.
     """
     warmup = max_epochs // 2 if warmup_epochs is None else int(warmup_epochs)
     ramp = max_epochs // 6 if ramp_epochs is None else int(ramp_epochs)
@@ -322,9 +321,6 @@ class RunResult:
         ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
         >>> run.median_step  # the first step left out
         0.2
-
-    Raises:
-        TypeError: a missing or unknown field (the dataclass constructor).
     """
 
     loss: str
@@ -698,9 +694,6 @@ class ComparisonResult:
         [0]
         >>> ComparisonResult.from_json(result.to_json()) == result
         True
-
-    Raises:
-        TypeError: a missing or unknown field (the constructor, :meth:`from_json`).
     """
 
     config: str
