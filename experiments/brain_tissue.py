@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import math
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +53,8 @@ from monai.transforms import (
     RandGaussianNoised,
 )
 from scipy import ndimage
+
+from lovasz_monai.experiments import aggregate, format_mean_std
 
 CLASSES = ("background", "CSF", "grey matter", "white matter")
 IGNORE = 255
@@ -231,13 +231,6 @@ def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
         subprocess.run(cmd, check=True)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str:
     """One Markdown table from every comparison JSON in ``folder``: per loss, mean +/- std over
     seeds of mIoU (foreground), IoU per class, mean Dice, Dice per class, and the differences of
@@ -263,9 +256,9 @@ def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str
     head += [f"mIoU - {baseline}", f"IoU {per_class[0]} - {baseline}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = runs.get(baseline, [])
-    base_miou = _mean_std([r["miou"] for r in base])[0]
-    base_first = _mean_std([r["iou"][counted[0]] for r in base])[0]
-    order = sorted(runs, key=lambda k: -_mean_std([r["miou"] for r in runs[k]])[0])
+    base_miou = aggregate([r["miou"] for r in base])[0]
+    base_first = aggregate([r["iou"][counted[0]] for r in base])[0]
+    order = sorted(runs, key=lambda k: -aggregate([r["miou"] for r in runs[k]])[0])
     for loss in order:
         rs = runs[loss]
         cells = [loss, str(len(rs))]
@@ -275,10 +268,9 @@ def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str
             [r["dice"] for r in rs],
             *[[r["dice_per_class"][c] for r in rs] for c in counted],
         ):
-            m, s = _mean_std(values)
-            cells.append(f"{m:.3f} ± {s:.3f}")
-        cells.append(f"{_mean_std([r['miou'] for r in rs])[0] - base_miou:+.3f}")
-        cells.append(f"{_mean_std([r['iou'][counted[0]] for r in rs])[0] - base_first:+.3f}")
+            cells.append(format_mean_std(values))
+        cells.append(f"{aggregate([r['miou'] for r in rs])[0] - base_miou:+.3f}")
+        cells.append(f"{aggregate([r['iou'][counted[0]] for r in rs])[0] - base_first:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
