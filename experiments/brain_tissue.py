@@ -214,7 +214,11 @@ GROUPS = {
     "lovasz_batch": ["lovasz_batch"],
     "lovasz_all": ["lovasz_all"],
     "ce_to_lovasz_lr01": ["ce_to_lovasz_lr01"],
+    "lovasz_ce_csf": ["lovasz_ce_csf", "lovasz_ce_csf_ce"],
+    "long": ["dicece", "lovasz_ce_lowce"],
 }
+#: groups trained for a multiple of ``--max-epochs``; their results go to ``<RESULTS>/<n>x/``
+GROUP_EPOCH_SCALE = {"long": 2}
 RESULTS = Path(__file__).resolve().parent / "brain_tissue"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "brain_tissue.yaml"
 
@@ -222,10 +226,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "brain_tissue.yaml"
 def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
     """Run ``lovasz_monai.experiments compare`` for each group (see :data:`GROUPS`)."""
     for group in groups:
+        scale = GROUP_EPOCH_SCALE.get(group, 1)
+        output = RESULTS / group if scale == 1 else RESULTS / f"{scale}x" / group
         cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
         cmd += ["--config", str(CONFIG), "--seeds", *map(str, seeds)]
-        cmd += ["--max-epochs", str(epochs), "--losses", *GROUPS[group]]
-        cmd += ["--output", str(RESULTS / group), "--runs-dir", f"runs/brain_tissue/{group}"]
+        cmd += ["--max-epochs", str(epochs * scale), "--losses", *GROUPS[group]]
+        cmd += ["--output", str(output), "--runs-dir", f"runs/brain_tissue/{group}"]
         cmd += ["--bench-repeats", "20" if group == "main" else "0"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

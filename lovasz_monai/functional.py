@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "average_class_losses",
     "check_lovasz_arguments",
     "class_weights",
+    "distributed_world_size",
     "lovasz_class_losses",
     "lovasz_extension",
     "lovasz_grad",
@@ -57,6 +59,8 @@ def check_lovasz_arguments(
     method: str = "sort",
     bins: int = DEFAULT_BINS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    batch: bool = False,
+    distributed: bool = False,
 ) -> str | list[int]:
     """Check the settings that the functions and the loss classes share, in one place.
 
@@ -66,6 +70,8 @@ def check_lovasz_arguments(
         method: ``"sort"`` or ``"histogram"``.
         bins: positive number of histogram bins.
         chunk_elements: positive element budget of one batched sort.
+        batch, distributed: ``distributed=True`` needs ``batch=True`` and
+            ``method="histogram"``.
 
     Returns:
         ``classes`` as given (a string) or as a list of ``int``.
@@ -90,7 +96,40 @@ def check_lovasz_arguments(
         raise ValueError(f"bins must be a positive integer, got {bins}")
     if int(chunk_elements) < 1:
         raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements}")
+    if distributed and not batch:
+        raise ValueError(
+            "distributed=True is the loss of the whole distributed batch and needs batch=True; "
+            "per-volume losses (batch=False) need no communication: DDP averages them already"
+        )
+    if distributed and method != "histogram":
+        raise ValueError(
+            f"distributed=True needs method='histogram', got method={method!r}: the exact sort "
+            "would need every process's errors (an all-gather of B x C x voxels values per "
+            "step), while the histogram method all-reduces its per-(class, bin) counts and stays "
+            "within max(error) / bins of the exact loss"
+        )
     return classes
+
+
+def distributed_world_size(distributed: bool, process_group: object | None = None) -> int:
+    """Number of processes that a ``distributed=True`` loss spans.
+
+    Args:
+        distributed: the loss's ``distributed`` setting.
+        process_group: a ``torch.distributed`` process group, ``None`` for the default group.
+
+    Returns:
+        The size of ``process_group``, or 1 when ``distributed`` is False or no process group is
+        initialised: then the loss is the loss of the local batch, so that one config runs the same
+        on one device and on many.
+
+    Example:
+        >>> distributed_world_size(True)  # no process group in this interpreter
+        1
+    """
+    if not distributed or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(process_group)
 
 
 def lovasz_grad(
@@ -300,10 +339,21 @@ def _class_rows_by_sort(
 
 
 def _class_rows_by_histogram(
-    key: Tensor, fg: Tensor, *, bins: int, wrt_source: bool
+    key: Tensor,
+    fg: Tensor,
+    *,
+    bins: int,
+    wrt_source: bool,
+    world_size: int = 1,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sort-free weights, row losses and foreground counts of ``(R, S, P)`` class rows from
-    per-bin counts (DESIGN.md). ``wrt_source``: see :func:`_lovasz_class_rows`."""
+    per-bin counts (DESIGN.md). ``wrt_source``: see :func:`_lovasz_class_rows`.
+
+    With ``world_size > 1`` each row is the union of the same row on every process of
+    ``process_group``: the row maxima and the per-slot counts and error sums are all-reduced, so
+    the losses and counts are those of the union (equal on every process) and the weights are
+    those of the union at this process's voxels."""
     num_rows, segments, num_voxels = key.shape
     dtype = key.dtype
     slots_per_row = 2 * (bins + 1)  # (foreground, background) per bin, and a bin for ignored
@@ -311,6 +361,8 @@ def _class_rows_by_histogram(
         raise ValueError(f"too many rows x bins for the histogram method: {num_rows} x {bins}")
     # 1. Slot of each voxel: (row, error bin, foreground or background), one flat index.
     e_max = key.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    if world_size > 1:  # every process bins alike
+        dist.all_reduce(e_max, op=dist.ReduceOp.MAX, group=process_group)
     # bin 0 holds the largest errors, bin bins - 1 the errors down to 0
     slot = key.mul(-bins / e_max).add_(bins).clamp_(0, bins - 1).to(torch.int32)
     slot.masked_fill_(key < 0, bins)  # ignored voxels: the extra bin, whose weights are 0
@@ -322,13 +374,19 @@ def _class_rows_by_histogram(
     # also for the transposed rows of batch mode) and restore the row view at the end.
     memory_order = sorted(range(3), key=lambda dim: -slot.stride(dim))
     flat_slot = slot.permute(memory_order).reshape(-1)
-    # 2. Voxel count and error sum of every slot.
-    count_dtype = torch.float64 if segments * num_voxels > 1 << 24 else dtype  # exact counts
-    counts = torch.zeros(num_rows * slots_per_row, dtype=count_dtype, device=key.device)
+    # 2. Voxel count and error sum of every slot (of the union of the processes' rows, whose
+    # size is unknown here: counted in float64, exact up to 2**53).
+    count_dtype = (
+        torch.float64 if world_size > 1 or segments * num_voxels > 1 << 24 else dtype
+    )  # exact counts
+    slot_sums = torch.zeros(2, num_rows * slots_per_row, dtype=count_dtype, device=key.device)
+    counts, error_sums = slot_sums.unbind(0)
     ones = torch.ones((), dtype=count_dtype, device=key.device).expand_as(flat_slot)
     counts.index_add_(0, flat_slot, ones)
     flat_key = key.permute(memory_order).reshape(-1).to(count_dtype)
-    error_sums = torch.zeros_like(counts).index_add_(0, flat_slot, flat_key)
+    error_sums.index_add_(0, flat_slot, flat_key)
+    if world_size > 1:  # one all-reduce for both
+        dist.all_reduce(slot_sums, op=dist.ReduceOp.SUM, group=process_group)
     # 3. Weight of a foreground and of a background voxel in each bin (Algorithm 1 on bins).
     n_fg, n_bg = counts.view(num_rows, bins + 1, 2)[:, :bins].unbind(-1)
     fg_before = n_fg.cumsum(-1) - n_fg
@@ -365,13 +423,22 @@ def _lovasz_class_rows(
     *,
     wrt_source: bool = False,
     overwrite_key: bool = False,
+    world_size: int = 1,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(weights, losses, fg_counts)`` of ``(R, S, P)`` class rows (see above) from sort keys
     and masked labels. ``wrt_source``: the weights are the derivatives with respect to the
     source of the errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not
     with respect to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the
-    weights)."""
-    check_lovasz_arguments(method=method, bins=bins, chunk_elements=chunk_elements)
+    weights). ``world_size > 1``: rows span the processes of ``process_group`` (histogram
+    method only)."""
+    check_lovasz_arguments(
+        method=method,
+        bins=bins,
+        chunk_elements=chunk_elements,
+        batch=True,
+        distributed=world_size > 1,
+    )
     if method == "sort":
         return _class_rows_by_sort(
             key,
@@ -380,7 +447,14 @@ def _lovasz_class_rows(
             wrt_source=wrt_source,
             overwrite_key=overwrite_key,
         )
-    return _class_rows_by_histogram(key, fg, bins=int(bins), wrt_source=wrt_source)
+    return _class_rows_by_histogram(
+        key,
+        fg,
+        bins=int(bins),
+        wrt_source=wrt_source,
+        world_size=world_size,
+        process_group=process_group,
+    )
 
 
 class _KnownGradient(torch.autograd.Function):
@@ -522,8 +596,16 @@ def _class_losses(
     *,
     wrt_source: bool,
     overwrite_key: bool,
+    distributed: bool,
+    process_group: object | None,
 ) -> tuple[Tensor, Tensor]:
-    """Per (volume, class) losses, differentiable in ``source``, and foreground counts."""
+    """Per (volume, class) losses, differentiable in ``source``, and foreground counts.
+
+    Distributed (see :func:`lovasz_class_losses`): the losses and counts are those of the union
+    of the processes' batches, and the gradient is ``world_size`` times the derivative of those
+    losses with respect to this process's ``source``."""
+    check_lovasz_arguments(method=method, batch=batch, distributed=distributed)
+    world_size = distributed_world_size(distributed, process_group)
     num_batch, num_classes = key.shape[:2]
     with torch.no_grad():
         weights, losses, counts = _lovasz_class_rows(
@@ -534,9 +616,13 @@ def _class_losses(
             chunk_elements,
             wrt_source=wrt_source,
             overwrite_key=overwrite_key,
+            world_size=world_size,
+            process_group=process_group,
         )
         weights = weights.transpose(0, 1) if batch else weights
         weights = weights.reshape(source.shape)
+        if world_size > 1:  # DDP's mean of the processes' gradients is then the global one
+            weights.mul_(world_size)
     shape = (1 if batch else num_batch, num_classes)
     return _KnownGradient.apply(source, losses.view(shape), weights), counts.view(shape)
 
@@ -549,6 +635,9 @@ def lovasz_class_losses(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    distributed: bool = False,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lovász extension of every (volume, class) pair of a batch, in one batched computation.
 
@@ -558,6 +647,14 @@ def lovasz_class_losses(
         valid: optional ``(B, 1, *spatial)`` bool; ``False`` voxels take part in nothing.
         batch: ``False``: one row per volume and class; ``True``: the batch is one set of voxels.
         method, bins, chunk_elements: see :func:`lovasz_weights`.
+        distributed: with ``batch=True`` and ``method="histogram"``, each class row is the union
+            of the batches of all processes of ``process_group`` (a collective call: every process
+            must call it). Returned losses and counts are those of the union, the same on every
+            process; backward gives this process's ``errors`` ``world_size`` times their
+            derivative, so that DDP's mean of the processes' gradients is the gradient of the
+            union's loss. Without an initialised process group (or with one process) nothing
+            changes.
+        process_group: the ``torch.distributed`` group (``None``: the default group).
 
     Returns:
         ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
@@ -570,7 +667,8 @@ def lovasz_class_losses(
         (tensor([[0.5000, 0.5000]]), tensor([[1, 1]]))
 
     Raises:
-        ValueError: when the shapes do not match.
+        ValueError: when the shapes do not match, or ``distributed`` without ``batch=True`` and
+            ``method="histogram"``.
     """
     valid = _check_class_inputs(errors, labels, valid)
     key, fg = _key_and_foreground(errors, labels, valid)
@@ -585,6 +683,8 @@ def lovasz_class_losses(
         chunk_elements,
         wrt_source=False,
         overwrite_key=valid is not None,
+        distributed=distributed,
+        process_group=process_group,
     )
 
 
@@ -596,6 +696,9 @@ def lovasz_probability_class_losses(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    distributed: bool = False,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_class_losses` of the errors ``|y - p|``, differentiable in ``probs``.
 
@@ -605,7 +708,8 @@ def lovasz_probability_class_losses(
     Args:
         probs: ``(B, C, *spatial)`` probabilities in [0, 1] (softmax or per-channel sigmoid).
         labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements: see :func:`lovasz_class_losses`.
+        valid, batch, method, bins, chunk_elements, distributed, process_group: see
+            :func:`lovasz_class_losses`.
 
     Returns:
         ``(losses, fg_counts)`` as :func:`lovasz_class_losses`.
@@ -617,7 +721,7 @@ def lovasz_probability_class_losses(
         tensor([[0.2500, 0.3000]])
 
     Raises:
-        ValueError: when the shapes do not match.
+        ValueError: as :func:`lovasz_class_losses`.
     """
     valid = _check_class_inputs(probs, labels, valid)
     with torch.no_grad():
@@ -628,7 +732,17 @@ def lovasz_probability_class_losses(
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
     return _class_losses(
-        probs, key, fg, batch, method, bins, chunk_elements, wrt_source=True, overwrite_key=True
+        probs,
+        key,
+        fg,
+        batch,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=True,
+        overwrite_key=True,
+        distributed=distributed,
+        process_group=process_group,
     )
 
 
@@ -640,13 +754,17 @@ def lovasz_hinge_class_losses(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    distributed: bool = False,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_class_losses` of the hinge errors ``relu(1 - x (2 y - 1))``.
 
     Args:
         logits: ``(B, C, *spatial)`` raw scores; each channel is a binary problem.
         labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements: see :func:`lovasz_class_losses`.
+        valid, batch, method, bins, chunk_elements, distributed, process_group: see
+            :func:`lovasz_class_losses`.
 
     Returns:
         ``(losses, fg_counts)`` as :func:`lovasz_class_losses`, differentiable in ``logits``.
@@ -657,7 +775,7 @@ def lovasz_hinge_class_losses(
         tensor([[1.]])
 
     Raises:
-        ValueError: when the shapes do not match.
+        ValueError: as :func:`lovasz_class_losses`.
     """
     valid = _check_class_inputs(logits, labels, valid)
     with torch.no_grad():
@@ -667,7 +785,17 @@ def lovasz_hinge_class_losses(
         if valid is not None:
             key.masked_fill_(~valid, -1.0)
     return _class_losses(
-        logits, key, fg, batch, method, bins, chunk_elements, wrt_source=True, overwrite_key=True
+        logits,
+        key,
+        fg,
+        batch,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=True,
+        overwrite_key=True,
+        distributed=distributed,
+        process_group=process_group,
     )
 
 
@@ -776,6 +904,8 @@ def lovasz_softmax(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     *,
+    distributed: bool = False,
+    process_group: object | None = None,
     per_volume: bool | None = None,
 ) -> Tensor:
     """Lovász-Softmax loss from probabilities and one-hot (or multi-hot) labels.
@@ -791,6 +921,8 @@ def lovasz_softmax(
         batch: ``False`` (default, as the loss classes): mean over volumes of the per-volume
             loss (the reference's ``per_image=True``); ``True``: the batch is one set of voxels.
         method, bins: see :func:`lovasz_weights`.
+        distributed, process_group: the loss of the union of all processes' batches (see
+            :func:`lovasz_class_losses`; needs ``batch=True`` and ``method="histogram"``).
         per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
@@ -803,13 +935,23 @@ def lovasz_softmax(
         tensor(0.2750)
 
     Raises:
-        ValueError: on shape mismatches or an invalid ``classes``.
+        ValueError: on shape mismatches, an invalid ``classes``, or ``distributed`` without
+            ``batch=True`` and ``method="histogram"``.
     """
     batch = _batch_from_per_volume(batch, per_volume)
     present_only, selected = _class_selection(probs.shape[1], classes)
     if len(selected) != probs.shape[1]:
         probs, labels = probs[:, selected], labels[:, selected]
-    losses, counts = lovasz_probability_class_losses(probs, labels, valid, batch, method, bins)
+    losses, counts = lovasz_probability_class_losses(
+        probs,
+        labels,
+        valid,
+        batch,
+        method,
+        bins,
+        distributed=distributed,
+        process_group=process_group,
+    )
     return average_class_losses(losses, counts, present_only).mean()
 
 
@@ -821,6 +963,8 @@ def lovasz_hinge(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     *,
+    distributed: bool = False,
+    process_group: object | None = None,
     per_volume: bool | None = None,
 ) -> Tensor:
     """Lovász hinge loss of binary (or per-channel multi-label) logits.
@@ -837,6 +981,8 @@ def lovasz_hinge(
         batch: ``False`` (default, as the loss classes and the reference): mean over volumes of
             the per-volume loss; ``True`` treats the batch as one set of voxels.
         method, bins: see :func:`lovasz_weights`.
+        distributed, process_group: the loss of the union of all processes' batches (see
+            :func:`lovasz_class_losses`; needs ``batch=True`` and ``method="histogram"``).
         per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
@@ -848,8 +994,18 @@ def lovasz_hinge(
         tensor(1.)
 
     Raises:
-        ValueError: on shape mismatches.
+        ValueError: on shape mismatches, or ``distributed`` without ``batch=True`` and
+            ``method="histogram"``.
     """
     batch = _batch_from_per_volume(batch, per_volume)
-    losses, counts = lovasz_hinge_class_losses(logits, labels, valid, batch, method, bins)
+    losses, counts = lovasz_hinge_class_losses(
+        logits,
+        labels,
+        valid,
+        batch,
+        method,
+        bins,
+        distributed=distributed,
+        process_group=process_group,
+    )
     return average_class_losses(losses, counts, present_only=False).mean()

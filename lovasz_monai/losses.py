@@ -45,10 +45,17 @@ class _LovaszLoss(_Loss):
         method: Method,
         bins: int,
         chunk_elements: int,
+        distributed: bool,
+        process_group: object | None,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         classes = functional.check_lovasz_arguments(
-            classes=classes, method=method, bins=bins, chunk_elements=chunk_elements
+            classes=classes,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
+            batch=batch,
+            distributed=distributed,
         )
         if not include_background and not isinstance(classes, str) and 0 in classes:
             raise ValueError("classes lists class 0 but include_background=False excludes it")
@@ -65,6 +72,8 @@ class _LovaszLoss(_Loss):
         self.method = method
         self.bins = int(bins)
         self.chunk_elements = int(chunk_elements)
+        self.distributed = bool(distributed)
+        self.process_group = process_group
 
     # -- input checks --------------------------------------------------------------------------
 
@@ -235,7 +244,15 @@ class _LovaszLoss(_Loss):
         """``class_losses`` (a ``functional.lovasz_*class_losses``) of ``source``, averaged over
         classes and reduced over volumes."""
         losses, counts = class_losses(
-            source, fg, valid, self.batch, self.method, self.bins, self.chunk_elements
+            source,
+            fg,
+            valid,
+            self.batch,
+            self.method,
+            self.bins,
+            self.chunk_elements,
+            distributed=self.distributed,
+            process_group=self.process_group,
         )
         present_only = self.classes == "present"
         if self.reduction == LossReduction.NONE.value:
@@ -296,6 +313,16 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         method: ``"sort"`` (exact) or ``"histogram"`` (sort-free, error below ``max error / bins``).
         bins: number of histogram bins.
         chunk_elements: element budget of one batched sort (whole rows at a time).
+        distributed: with ``batch=True`` and ``method="histogram"``, the loss of the union of the
+            batches of all processes of ``process_group`` (DDP): the per-class rows are the union,
+            ``classes="present"`` and ``weight`` follow the union's counts, and the value is the
+            same on every process. Its backward gives this process's input ``world_size`` times
+            its derivative, so that the gradient DDP averages over the processes is the gradient
+            of the union's loss (the gradient that one process training on the whole batch would
+            get). Every process must call the loss at each step (a collective). Without an
+            initialised process group, or with one process, the option changes nothing.
+        process_group: the ``torch.distributed`` group of ``distributed`` (``None``: the default
+            group).
 
     Shapes:
         input: ``(B, C, *spatial)`` logits (or probabilities, see ``softmax``), float16/bfloat16/
@@ -338,6 +365,9 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         method: Method = "sort",
         bins: int = DEFAULT_BINS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        *,
+        distributed: bool = False,
+        process_group: object | None = None,
     ) -> None:
         super().__init__(
             include_background=include_background,
@@ -351,6 +381,8 @@ class LovaszSoftmaxLoss(_LovaszLoss):
             method=method,
             bins=bins,
             chunk_elements=chunk_elements,
+            distributed=distributed,
+            process_group=process_group,
         )
         self.sigmoid, self.softmax = _resolve_activation(sigmoid, softmax, other_act)
         self.other_act = other_act
@@ -428,7 +460,8 @@ class LovaszHingeLoss(_LovaszLoss):
         ignore_index: label value whose voxels take part in nothing (label-map targets).
         classes: ``"all"`` (default; an empty channel still penalises false positives, as in the
             reference), ``"present"``, or a list of channel indices.
-        validate, method, bins, chunk_elements: as in :class:`LovaszSoftmaxLoss`.
+        validate, method, bins, chunk_elements, distributed, process_group: as in
+            :class:`LovaszSoftmaxLoss`.
 
     Shapes:
         input: ``(B, C, *spatial)`` logits, ``C >= 1``.
@@ -464,6 +497,9 @@ class LovaszHingeLoss(_LovaszLoss):
         method: Method = "sort",
         bins: int = DEFAULT_BINS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        *,
+        distributed: bool = False,
+        process_group: object | None = None,
     ) -> None:
         super().__init__(
             include_background=include_background,
@@ -477,6 +513,8 @@ class LovaszHingeLoss(_LovaszLoss):
             method=method,
             bins=bins,
             chunk_elements=chunk_elements,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -510,8 +548,10 @@ class LovaszCELoss(LovaszSoftmaxLoss):
 
     Args:
         include_background, to_onehot_y, sigmoid, softmax, other_act, batch, weight, ignore_index,
-            classes, validate, method, bins, chunk_elements: as in :class:`LovaszSoftmaxLoss`
-            (they configure the Lovász term; ``weight`` weighs its class mean).
+            classes, validate, method, bins, chunk_elements, distributed, process_group: as in
+            :class:`LovaszSoftmaxLoss` (they configure the Lovász term; ``weight`` weighs its
+            class mean; with ``distributed`` the cross-entropy stays the mean over this
+            process's valid voxels, which DDP averages as usual).
         reduction: ``"mean"`` or ``"sum"`` (CE summed over valid voxels, Lovász over volumes).
         lambda_lovasz: weight of the Lovász term, >= 0.
         lambda_ce: weight of the cross-entropy term, >= 0.
@@ -555,6 +595,9 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         method: Method = "sort",
         bins: int = DEFAULT_BINS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        *,
+        distributed: bool = False,
+        process_group: object | None = None,
     ) -> None:
         if LossReduction(reduction) == LossReduction.NONE:
             raise ValueError('LovaszCELoss supports reduction "mean" or "sum", got "none"')
@@ -584,6 +627,8 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             method=method,
             bins=bins,
             chunk_elements=chunk_elements,
+            distributed=distributed,
+            process_group=process_group,
         )
         ce = None if ce_weight is None else torch.as_tensor(ce_weight, dtype=torch.float32)
         if ce is not None and (ce.ndim != 1 or (ce < 0).any()):

@@ -61,6 +61,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -83,6 +84,7 @@ __all__ = [
     "LOSSES",
     "ComparisonResult",
     "RunResult",
+    "TrainingRecorder",
     "aggregate",
     "benchmark_steps",
     "compare",
@@ -211,11 +213,57 @@ LOSSES: dict[str, LossSpec] = {
         "LovaszCELoss(to_onehot_y=True, lambda_ce=0.1): mostly Lovász",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.1), **_NO_SCHEDULE},
     ),
+    "lovasz_ce_csf": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3, weight=[1, 2, 1, 1]): the first foreground "
+        "class (CSF in the brain-tissue task) counts twice in the Lovász class mean",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, weight=[1.0, 2.0, 1.0, 1.0]),
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_csf_ce": LossSpec(
+        "lovasz_ce_csf with the same class weights in the cross-entropy (ce_weight)",
+        lambda e, w, r: {
+            "loss": _lovasz(
+                "LovaszCELoss",
+                lambda_ce=0.3,
+                weight=[1.0, 2.0, 1.0, 1.0],
+                ce_weight=[1.0, 2.0, 1.0, 1.0],
+            ),
+            **_NO_SCHEDULE,
+        },
+    ),
     "lovasz_ce_highce": LossSpec(
         "LovaszCELoss(to_onehot_y=True, lambda_ce=3.0): more CE in the balance",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
     ),
 }
+# Issue 11: the rows of the Lovász loss under DDP. All histogram (the distributed loss needs it),
+# so that only the set of voxels of a class row differs: a patch, this process's patches, or
+# the patches of all processes.
+_ROWS = {
+    "": ("each patch (volume)", {}),
+    "_batch": ("the patches of this process (batch=True)", {"batch": True}),
+    "_global": (
+        "the patches of all processes (batch=True, distributed=True)",
+        {"batch": True, "distributed": True},
+    ),
+}
+for _suffix, (_rows, _init) in _ROWS.items():
+    LOSSES[f"lovasz_hist{_suffix}"] = LossSpec(
+        f"LovaszSoftmaxLoss(method='histogram'), one row per class over {_rows}",
+        lambda e, w, r, _init=_init: {
+            "loss": _lovasz("LovaszSoftmaxLoss", method="histogram", **_init),
+            **_NO_SCHEDULE,
+        },
+    )
+    LOSSES[f"lovasz_ce_hist{_suffix}"] = LossSpec(
+        f"LovaszCELoss(lambda_ce=0.3, method='histogram'), one row per class over {_rows}",
+        lambda e, w, r, _init=_init: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, method="histogram", **_init),
+            **_NO_SCHEDULE,
+        },
+    )
 """The losses ``compare`` knows, by key."""
 
 
@@ -345,10 +393,22 @@ class RunResult:
         return statistics.median(times) if times else math.nan
 
 
-class _Recorder(Callback):
-    """Training-step wall times and the logged ``val/mIoU`` of every validation epoch."""
+class TrainingRecorder(Callback):
+    """Training-step wall times and the logged ``val/mIoU`` of every validation epoch.
 
-    def __init__(self) -> None:
+    Args:
+        path: optional JSON file that the global rank 0 writes at the end of ``fit``:
+            ``{"step_times": [...], "val_miou": [...]}`` (for runs in another process, e.g.
+            ``lovasz-monai fit --trainer.callbacks+=...`` under DDP).
+
+    Example:
+        >>> recorder = TrainingRecorder()
+        >>> recorder.step_times, recorder.val_miou
+        ([], [])
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else Path(path)
         self.step_times: list[float] = []
         self.val_miou: list[float] = []
         self._start = 0.0
@@ -364,6 +424,12 @@ class _Recorder(Callback):
             return
         value = trainer.callback_metrics.get("val/mIoU")
         self.val_miou.append(math.nan if value is None else float(value))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.path is not None and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"step_times": self.step_times, "val_miou": self.val_miou}
+            self.path.write_text(json.dumps(record))
 
 
 @torch.no_grad()
@@ -522,6 +588,7 @@ def run_one(
     warmup_epochs: int | None = None,
     ramp_epochs: int | None = None,
     progress_bar: bool = False,
+    processes: int = 1,
 ) -> RunResult:
     """Train and evaluate one (loss, seed) run built by :class:`~lovasz_monai.cli.LovaszCLI`.
 
@@ -529,6 +596,9 @@ def run_one(
         config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs: see
             :func:`cli_args`. ``run_dir`` is emptied first.
         progress_bar: keep the config's progress bar (False removes it).
+        processes: ``> 1``: train with DDP on that many processes (``lovasz-monai fit
+            --trainer.strategy ddp`` in a subprocess, its output in ``<run_dir>/fit.log``; the
+            step times are those of rank 0), then evaluate ``last.ckpt`` in this process.
 
     Returns:
         The :class:`RunResult`.
@@ -537,6 +607,7 @@ def run_one(
         KeyError: an unknown loss.
         ValueError: a config whose model is not multi-class, or without a validation split.
         SystemExit: a LovaszCLI parse error (jsonargparse prints what is wrong).
+        RuntimeError: the DDP training subprocess failed (the end of its output is included).
 
     Example:
         >>> run = run_one("configs/demo.yaml", "lovasz", 0, 2, "runs/one")  # doctest: +SKIP
@@ -550,17 +621,25 @@ def run_one(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     args = cli_args(config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs)
+    if processes > 1:
+        recorder = _fit_ddp(args, run_dir, processes)
+        args += ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
     pl.seed_everything(seed, workers=True, verbose=False)
     cli = LovaszCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if model.mode != "multiclass":
         raise ValueError("compare needs a multi-class (softmax) model and label maps")
-    recorder = _Recorder()
-    callbacks = list(trainer.callbacks)
-    if not progress_bar:
-        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
-    trainer.callbacks = [*callbacks, recorder]
-    trainer.fit(model, datamodule=datamodule)
+    if processes > 1:
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])
+        datamodule.setup("fit")
+    else:
+        recorder = TrainingRecorder()
+        callbacks = list(trainer.callbacks)
+        if not progress_bar:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+        trainer.callbacks = [*callbacks, recorder]
+        trainer.fit(model, datamodule=datamodule)
     loader = datamodule.val_dataloader()
     if not isinstance(loader, torch.utils.data.DataLoader):
         raise ValueError("compare needs a validation split (data.val_fraction > 0)")
@@ -582,6 +661,29 @@ def run_one(
         counted_classes=_counted_classes(model),
         num_val_volumes=int(metrics["num_volumes"]),
     )
+
+
+def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder:
+    """``lovasz-monai fit`` of ``args`` with DDP on ``processes`` processes, in a subprocess;
+    the step times and logged ``val/mIoU`` that rank 0 recorded."""
+    record = run_dir / "recorder.json"
+    callback = {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}}
+    command = [sys.executable, "-m", "lovasz_monai.cli", "fit", *args]
+    command += ["--trainer.strategy=ddp", f"--trainer.devices={processes}"]
+    command += [f"--trainer.callbacks=[{json.dumps(callback)}]"]
+    command += ["--trainer.enable_progress_bar=false"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    (run_dir / "fit.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"DDP training failed ({shlex.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"
+        )
+    recorder = TrainingRecorder()
+    data = json.loads(record.read_text())
+    recorder.step_times, recorder.val_miou = data["step_times"], data["val_miou"]
+    return recorder
 
 
 def _counted_classes(model: Any) -> list[int]:
@@ -684,6 +786,7 @@ class ComparisonResult:
         bench_times: :func:`benchmark_steps` times per loss.
         config_max_epochs: the config's ``trainer.max_epochs`` (``None`` when unset).
         scaled_down: whether the runs were scaled down from the config.
+        processes: DDP processes of each run (1: no DDP).
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
@@ -713,6 +816,7 @@ class ComparisonResult:
     bench_times: dict[str, list[float]] = field(default_factory=dict)
     config_max_epochs: int | None = None
     scaled_down: bool = True
+    processes: int = 1
 
     def by_loss(self, loss: str) -> list[RunResult]:
         """The runs of one loss, in seed order."""
@@ -820,6 +924,13 @@ def markdown_table(result: ComparisonResult) -> str:
         "(as much).",
         "",
     ]
+    if result.processes > 1:
+        lines[-1:-1] = [
+            "",
+            f"DDP: every run trained on {result.processes} processes (`lovasz-monai fit "
+            "--trainer.strategy ddp`), each with its share of the batches; `train step` is "
+            "rank 0's, collectives included; the final `last.ckpt` is evaluated in one process.",
+        ]
     header = ["loss", "mIoU", *[f"IoU {n}" for n in names], "Dice"]
     header += ["train step (ms)", "timed step (ms)", "ratio"]
     lines.append("| " + " | ".join(header) + " |")
@@ -968,6 +1079,7 @@ def compare(
     command: str | None = None,
     log: Callable[[str], None] | None = _print_flush,
     bench_repeats: int = 50,
+    processes: int = 1,
 ) -> ComparisonResult:
     """Train every (loss, seed) pair and write ``<output>.md``, ``.json`` and ``.png``.
 
@@ -985,6 +1097,7 @@ def compare(
         command: the command line written in the report (default: this call's ``sys.argv``).
         log: progress printer (``None``: silent).
         bench_repeats: rounds of :func:`benchmark_steps` after the runs (0: no benchmark).
+        processes: DDP processes per run (see :func:`run_one`).
 
     Returns:
         The :class:`ComparisonResult`.
@@ -1030,6 +1143,7 @@ def compare(
             overrides,
             warmup_epochs,
             ramp_epochs,
+            processes=processes,
         )
         if result is None:
             result = ComparisonResult(
@@ -1047,6 +1161,7 @@ def compare(
                 torch_threads=torch.get_num_threads(),
                 config_max_epochs=config_epochs,
                 scaled_down=_scaled_down(max_epochs, config_epochs, overrides),
+                processes=int(processes),
             )
         result.runs.append(run)
         if log is not None:
@@ -1149,6 +1264,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=50,
         help="rounds of the interleaved step timing after the runs (0: skip it)",
+    )
+    cmp.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="train each run with DDP on this many processes (a `lovasz-monai fit` subprocess)",
     )
     cmp.add_argument("--verbose", action="store_true", help="keep Lightning's messages")
     rep = sub.add_parser(
@@ -1255,6 +1376,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         ramp_epochs=args.ramp_epochs,
         command="python -m lovasz_monai.experiments " + shlex.join(argv),
         bench_repeats=args.bench_repeats,
+        processes=args.processes,
     )
 
 
