@@ -6,10 +6,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.losses import MaskedDiceLoss
 from monai.networks.utils import one_hot
-from monai.utils import LossReduction
+from monai.utils import LossReduction, convert_to_tensor
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
@@ -21,11 +20,6 @@ __all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss", "MaskedDiceCE
 
 def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
-
-
-def _plain(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """MetaTensors as plain tensors (autograd kept): the loss needs no metadata."""
-    return tuple(t.as_tensor() if isinstance(t, MetaTensor) else t for t in tensors)
 
 
 class _LovaszLoss(_Loss):
@@ -438,7 +432,9 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
-        input, target, mask = _plain(input, target, mask)
+        input, target, mask = (
+            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
+        )
         with torch.autocast(device_type=input.device.type, enabled=False):
             input, fg, valid, _ = self._prepare(input, target, mask)
             return self._lovasz_softmax(input, fg, valid)
@@ -530,7 +526,9 @@ class LovaszHingeLoss(_LovaszLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
-        input, target, mask = _plain(input, target, mask)
+        input, target, mask = (
+            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
+        )
         with torch.autocast(device_type=input.device.type, enabled=False):
             self._check_input(input)
             fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
@@ -693,7 +691,9 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
-        input, target, mask = _plain(input, target, mask)
+        input, target, mask = (
+            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
+        )
         with torch.autocast(device_type=input.device.type, enabled=False):
             logits, fg, valid, labels = self._prepare(input, target, mask)
             lovasz = self._lovasz_softmax(logits, fg, valid)

@@ -90,11 +90,6 @@ def accepts_mask(loss: nn.Module) -> bool:
     return "mask" in params
 
 
-def _plain(x: Tensor) -> Tensor:
-    """A plain ``torch.Tensor`` (no ``MetaTensor`` metadata tracking; autograd kept)."""
-    return convert_to_tensor(x, track_meta=False)
-
-
 class LovaszSegmentationModule(pl.LightningModule):
     """3D segmentation with a Lovász loss, sliding-window evaluation and IoU metrics.
 
@@ -475,7 +470,7 @@ class LovaszSegmentationModule(pl.LightningModule):
         """Logits of whole volumes ``(B, C_in, *S)`` -> ``(B, out_channels, *S)`` float32, by
         ``sliding_window_inference`` with ``roi_size``, ``sw_batch_size``, ``overlap`` and
         ``sw_mode`` blending."""
-        image = _plain(image).float()
+        image = convert_to_tensor(image, track_meta=False).float()
         self._check(image)
         logits = sliding_window_inference(
             image,
@@ -485,7 +480,7 @@ class LovaszSegmentationModule(pl.LightningModule):
             overlap=self.overlap,
             mode=self.sw_mode,
         )
-        logits = _plain(logits).float()
+        logits = convert_to_tensor(logits, track_meta=False).float()
         self._check(image, logits)
         return logits
 
@@ -493,7 +488,9 @@ class LovaszSegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Loss on a batch of patches (``image``, ``label``, ``mask``), with the schedule."""
-        image, label, mask = _plain(batch["image"]), _plain(batch["label"]), _plain(batch["mask"])
+        image, label, mask = (
+            convert_to_tensor(batch[key], track_meta=False) for key in ("image", "label", "mask")
+        )
         self._check(image)
         heads = split_heads(self.network(image), spatial_dims=image.ndim - 2)
         for head in heads:
@@ -536,7 +533,7 @@ class LovaszSegmentationModule(pl.LightningModule):
     def _evaluate(
         self, batch: dict[str, Tensor], stage: str, metric: Metric, cases: CaseMetrics
     ) -> Tensor:
-        label, mask = _plain(batch["label"]), _plain(batch["mask"])
+        label, mask = (convert_to_tensor(batch[k], track_meta=False) for k in ("label", "mask"))
         logits = self.sliding_window(batch["image"])
         loss = self._call_loss(self.loss, self._loss_mask, logits, label, mask)
         self.update_metric(metric, logits, label, mask)

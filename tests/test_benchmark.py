@@ -231,3 +231,41 @@ def test_cli_rejects_bad_arguments(capsys) -> None:
         with pytest.raises(SystemExit) as error:
             main(argv)
         assert error.value.code == 2
+
+
+# -- communication of the distributed loss (issue 11) ------------------------------------------
+
+
+def test_communication_volume_by_hand():
+    from lovasz_monai.tools.communication import communication_volume
+
+    v = communication_volume(batch=2, classes=14, voxels=96**3, bins=1024, world_size=4)
+    # max of 14 float32 + sum of (counts, error sums) x 14 rows x 2 x 1025 slots in float64
+    assert v.allreduce_payload == 4 * 14 + 8 * 2 * 14 * 2 * 1025 == 459256
+    assert v.allreduce_received == pytest.approx(2 * 3 / 4 * 459256)
+    # 3 other processes x 2 volumes x 96^3 voxels x (14 float32 errors + 1 uint8 label)
+    assert v.allgather_received == 3 * 2 * 884736 * 57
+    assert v.ratio == pytest.approx(3 * 2 * 884736 * 57 / (1.5 * 459256))
+    with pytest.raises(ValueError, match="world_size >= 2"):
+        communication_volume(1, 2, 8, 4, world_size=1)
+
+
+@pytest.mark.slow
+def test_communication_benchmark_command(capsys):
+    status = main(
+        ["--communication", "--sizes", "1x3x8x8x8", "--repeats", "1", "--warmup", "0"]
+        + ["--skip-memory", "--bins", "16"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "### Communication of the distributed loss per step (16 bins)" in out
+    # computed: the 5 sizes of the GPU grid x 3 world sizes
+    computed = [line for line in out.splitlines() if " voxels | " in line]
+    assert len(computed) == 15
+    (measured,) = [line for line in out.splitlines() if line.startswith("| 1x3x8x8x8 |")]
+    cells = [c.strip() for c in measured.strip("|").split("|")]
+    times = [float(c) for c in cells[1:5]]
+    assert all(t > 0 for t in times)
+    assert float(cells[5].rstrip("x")) == pytest.approx(times[3] / times[2], rel=0.02)
+    # no loss grid in this mode
+    assert "ours sort (batch)" not in out

@@ -160,6 +160,7 @@ CONFIG_DATA = {
     "brats_multilabel.yaml": ({"num_classes": 4, "num_modalities": 4}, 3, True, 3),
     "finetune_ce_to_lovasz.yaml": ({"num_classes": 2}, 2, False, 2),
     "brain_tissue.yaml": ({"num_classes": 4}, 4, False, 4),
+    "demo_ddp.yaml": ({"num_classes": 3}, 3, False, 3),  # on one device here (test_ddp.py: 2)
 }
 
 
@@ -191,6 +192,8 @@ def test_config_runs_one_step_on_synthetic_stand_in(config, tmp_path, monkeypatc
             "--model.unet_channels=[4,8]",
             "--model.unet_strides=[2]",
             "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
             "--trainer.fast_dev_run=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[]",
@@ -263,6 +266,8 @@ def test_network_config_trains_one_step_on_any_experiment(network, config, tmp_p
             "--data.num_workers=0",
             "--data.val_fraction=0.5",
             "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
             "--trainer.fast_dev_run=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[]",

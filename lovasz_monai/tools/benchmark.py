@@ -865,6 +865,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also print a torch.profiler table of our sort method at the first size",
     )
+    parser.add_argument(
+        "--communication",
+        action="store_true",
+        help="instead of the loss grid: the communication of the distributed (global-batch) "
+        "loss per step, computed for the GPU grid and measured with --processes CPU processes",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=2, help="CPU processes of --communication (default 2)"
+    )
     return parser
 
 
@@ -906,6 +915,30 @@ def _profile(case: Case, settings: Settings, device: torch.device) -> str:
             averages.table(sort_by=time_key, row_limit=20),
             "by self memory:",
             averages.table(sort_by=memory_key, row_limit=12),
+        ]
+    )
+
+
+def _communication(cases: list[Case], args: argparse.Namespace) -> str:
+    """The ``--communication`` section: computed for the GPU grid, measured for ``cases``."""
+    from lovasz_monai.tools.communication import computed_table, measured_table
+
+    grid = [(c.batch, c.classes, c.voxels) for c in parse_sizes(GPU_GRID)]
+    measured = [(c.batch, c.classes, c.spatial) for c in cases]
+    return "\n".join(
+        [
+            f"### Communication of the distributed loss per step ({args.bins} bins)",
+            "",
+            "Computed, per process, for the GPU grid (the batch of a size is one process's):",
+            "",
+            computed_table(grid, args.bins),
+            "",
+            f"Measured with {args.processes} CPU processes (gloo) on this machine, median of "
+            f"{args.repeats} steps after {args.warmup} (each step's time is the slowest "
+            "process's):",
+            "",
+            measured_table(measured, args.bins, args.processes, args.repeats, args.warmup),
+            "",
         ]
     )
 
@@ -964,6 +997,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = markdown_header(device, command, settings)
     print(header)
     sections = [header]
+    if args.communication:
+        sections.append(_communication(cases, args))
+        print(sections[-1])
+        cases = []
     failures = []
     for case in cases:
         results = run_case(case, methods, settings, device, log=lambda m: print(m, file=sys.stderr))

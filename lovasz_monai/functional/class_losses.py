@@ -1,0 +1,334 @@
+"""Lovász losses of every (volume, class) row of ``(B, C, *spatial)`` tensors, and class means.
+
+Errors are ``|y - p|`` of probabilities, hinge margins of logits, or given errors; one batched
+computation for all rows, differentiable in the source of the errors. With ``distributed=True``
+the rows of ``batch=True`` span the processes of a ``torch.distributed`` group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lovasz_monai.functional.arguments import (
+    DEFAULT_BINS,
+    DEFAULT_CHUNK_ELEMENTS,
+    Method,
+    check_lovasz_arguments,
+    distributed_world_size,
+)
+from lovasz_monai.functional.extension import _KnownGradient
+from lovasz_monai.functional.rows import _key_and_foreground, _lovasz_class_rows
+
+__all__ = [
+    "average_class_losses",
+    "class_weights",
+    "lovasz_class_losses",
+    "lovasz_hinge_class_losses",
+    "lovasz_probability_class_losses",
+]
+
+
+def _as_class_rows(x: Tensor, *, batch: bool) -> Tensor:
+    """``(B, C, *S)`` -> ``(B * C, 1, P)`` rows per volume, or ``(C, B, P)`` for the batch."""
+    x = x.flatten(2)
+    return x.transpose(0, 1) if batch else x.reshape(-1, 1, x.shape[2])
+
+
+def _check_class_inputs(source: Tensor, labels: Tensor, valid: Tensor | None) -> Tensor | None:
+    if source.ndim < 3 or labels.shape != source.shape:
+        raise ValueError(
+            "input and labels must both be (B, C, *spatial) with the same shape, got "
+            f"{tuple(source.shape)} and {tuple(labels.shape)}"
+        )
+    if valid is None:
+        return None
+    expected = (source.shape[0], 1, *source.shape[2:])
+    if tuple(valid.shape) != expected:
+        raise ValueError(f"valid must have shape {expected}, got {tuple(valid.shape)}")
+    return valid.bool()
+
+
+def _class_losses(
+    source: Tensor,
+    key: Tensor,
+    fg: Tensor,
+    batch: bool,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    *,
+    wrt_source: bool,
+    overwrite_key: bool,
+    distributed: bool,
+    process_group: object | None,
+) -> tuple[Tensor, Tensor]:
+    """Per (volume, class) losses, differentiable in ``source``, and foreground counts.
+
+    Distributed (see :func:`lovasz_class_losses`): the losses and counts are those of the union
+    of the processes' batches, and the gradient is ``world_size`` times the derivative of those
+    losses with respect to this process's ``source``."""
+    check_lovasz_arguments(method=method, batch=batch, distributed=distributed)
+    world_size = distributed_world_size(distributed, process_group)
+    num_batch, num_classes = key.shape[:2]
+    with torch.no_grad():
+        weights, losses, counts = _lovasz_class_rows(
+            _as_class_rows(key, batch=batch),
+            _as_class_rows(fg, batch=batch),
+            method,
+            bins,
+            chunk_elements,
+            wrt_source=wrt_source,
+            overwrite_key=overwrite_key,
+            world_size=world_size,
+            process_group=process_group,
+        )
+        weights = weights.transpose(0, 1) if batch else weights
+        weights = weights.reshape(source.shape)
+        if world_size > 1:  # DDP's mean of the processes' gradients is then the global one
+            weights.mul_(world_size)
+    shape = (1 if batch else num_batch, num_classes)
+    return _KnownGradient.apply(source, losses.view(shape), weights), counts.view(shape)
+
+
+def lovasz_class_losses(
+    errors: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    batch: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    distributed: bool = False,
+    process_group: object | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Lovász extension of every (volume, class) pair of a batch, in one batched computation.
+
+    Args:
+        errors: ``(B, C, *spatial)`` non-negative errors, any number of spatial dimensions.
+        labels: ``(B, C, *spatial)`` foreground indicators (bool or 0/1).
+        valid: optional ``(B, 1, *spatial)`` bool; ``False`` voxels take part in nothing.
+        batch: ``False``: one row per volume and class; ``True``: the batch is one set of voxels.
+        method, bins, chunk_elements: see :func:`lovasz_weights`.
+        distributed: with ``batch=True`` and ``method="histogram"``, each class row is the union
+            of the batches of all processes of ``process_group`` (a collective call: every process
+            must call it). Returned losses and counts are those of the union, the same on every
+            process; backward gives this process's ``errors`` ``world_size`` times their
+            derivative, so that DDP's mean of the processes' gradients is the gradient of the
+            union's loss. Without an initialised process group (or with one process) nothing
+            changes.
+        process_group: the ``torch.distributed`` group (``None``: the default group).
+
+    Returns:
+        ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
+        row, differentiable in ``errors``, and its number of valid foreground voxels.
+
+    Example:
+        >>> errors = torch.tensor([[[0.9, 0.1], [0.1, 0.9]]])
+        >>> losses, counts = lovasz_class_losses(errors, torch.tensor([[[0, 1], [1, 0]]]))
+        >>> losses, counts
+        (tensor([[0.5000, 0.5000]]), tensor([[1, 1]]))
+
+    Raises:
+        ValueError: when the shapes do not match, or ``distributed`` without ``batch=True`` and
+            ``method="histogram"``.
+    """
+    valid = _check_class_inputs(errors, labels, valid)
+    key, fg = _key_and_foreground(errors, labels, valid)
+    # a key made by _sort_key may be overwritten; the errors themselves may not
+    return _class_losses(
+        errors,
+        key,
+        fg,
+        batch,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=False,
+        overwrite_key=valid is not None,
+        distributed=distributed,
+        process_group=process_group,
+    )
+
+
+def lovasz_probability_class_losses(
+    probs: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    batch: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    distributed: bool = False,
+    process_group: object | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lovasz_class_losses` of the errors ``|y - p|``, differentiable in ``probs``.
+
+    The errors are never part of the autograd graph: backward keeps one tensor, the derivative
+    of each row's loss with respect to ``probs``.
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities in [0, 1] (softmax or per-channel sigmoid).
+        labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
+        valid, batch, method, bins, chunk_elements, distributed, process_group: see
+            :func:`lovasz_class_losses`.
+
+    Returns:
+        ``(losses, fg_counts)`` as :func:`lovasz_class_losses`.
+
+    Example:
+        >>> probs = torch.tensor([[[0.8, 0.3], [0.2, 0.7]]])
+        >>> labels = torch.tensor([[[1, 0], [0, 1]]])
+        >>> lovasz_probability_class_losses(probs, labels)[0]
+        tensor([[0.2500, 0.3000]])
+
+    Raises:
+        ValueError: as :func:`lovasz_class_losses`.
+    """
+    valid = _check_class_inputs(probs, labels, valid)
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        detached = probs.detach()
+        key = torch.rsub(detached, 1.0)
+        torch.where(fg, key, detached, out=key).abs_()
+        if valid is not None:
+            key.masked_fill_(~valid, -1.0)
+    return _class_losses(
+        probs,
+        key,
+        fg,
+        batch,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=True,
+        overwrite_key=True,
+        distributed=distributed,
+        process_group=process_group,
+    )
+
+
+def lovasz_hinge_class_losses(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    batch: bool = False,
+    method: Method = "sort",
+    bins: int = DEFAULT_BINS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    distributed: bool = False,
+    process_group: object | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lovasz_class_losses` of the hinge errors ``relu(1 - x (2 y - 1))``.
+
+    Args:
+        logits: ``(B, C, *spatial)`` raw scores; each channel is a binary problem.
+        labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
+        valid, batch, method, bins, chunk_elements, distributed, process_group: see
+            :func:`lovasz_class_losses`.
+
+    Returns:
+        ``(losses, fg_counts)`` as :func:`lovasz_class_losses`, differentiable in ``logits``.
+
+    Example:
+        >>> logits = torch.tensor([[[2.0, -1.0, 0.5, -0.5]]])
+        >>> lovasz_hinge_class_losses(logits, torch.tensor([[[1, 0, 0, 1]]]))[0]
+        tensor([[1.]])
+
+    Raises:
+        ValueError: as :func:`lovasz_class_losses`.
+    """
+    valid = _check_class_inputs(logits, labels, valid)
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        detached = logits.detach()
+        key = torch.where(labels.bool(), -detached, detached).add_(1.0).clamp_min_(0.0)
+        if valid is not None:
+            key.masked_fill_(~valid, -1.0)
+    return _class_losses(
+        logits,
+        key,
+        fg,
+        batch,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=True,
+        overwrite_key=True,
+        distributed=distributed,
+        process_group=process_group,
+    )
+
+
+def class_weights(
+    losses: Tensor,
+    fg_counts: Tensor,
+    present_only: bool = True,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Weight of each (row, class) loss in the class mean of its row.
+
+    Args:
+        losses: ``(R, C)`` per-class losses (their dtype and device are used).
+        fg_counts: ``(R, C)`` foreground voxel counts of the same rows.
+        present_only: classes without foreground in a row get weight 0.
+        weight: optional ``(C,)`` non-negative class weights.
+
+    Returns:
+        ``(R, C)`` weights: ``weight_c`` (or 1) for the classes that count, 0 for the others.
+
+    Example:
+        >>> counts = torch.tensor([[3, 1, 0]])
+        >>> class_weights(torch.zeros(1, 3), counts, weight=torch.tensor([1.0, 2.0, 3.0]))
+        tensor([[1., 2., 0.]])
+
+    Raises:
+        ValueError: when shapes do not match.
+    """
+    if losses.shape != fg_counts.shape or losses.ndim != 2:
+        raise ValueError(
+            f"losses and fg_counts must be (R, C) of the same shape, got {tuple(losses.shape)} "
+            f"and {tuple(fg_counts.shape)}"
+        )
+    counted = (fg_counts > 0).to(losses.dtype) if present_only else torch.ones_like(losses)
+    if weight is None:
+        return counted
+    if weight.shape != (losses.shape[1],):
+        raise ValueError(
+            f"weight must have one value per class ({losses.shape[1]}), got {tuple(weight.shape)}"
+        )
+    return counted * weight.to(losses)
+
+
+def average_class_losses(
+    losses: Tensor,
+    fg_counts: Tensor,
+    present_only: bool = True,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Weighted mean over classes of each row of ``losses``.
+
+    Args:
+        losses: ``(R, C)`` per-class losses (``R`` volumes, or 1 for a whole batch).
+        fg_counts: ``(R, C)`` foreground voxel counts of the same rows.
+        present_only: average only over the classes with foreground in that row (the paper's
+            ``classes="present"``); a row without any contributes 0.
+        weight: optional ``(C,)`` non-negative class weights.
+
+    Returns:
+        ``(R,)`` per-row means.
+
+    Example:
+        >>> average_class_losses(torch.tensor([[0.2, 0.4, 0.9]]), torch.tensor([[3, 1, 0]]))
+        tensor([0.3000])
+
+    Raises:
+        ValueError: when shapes do not match.
+    """
+    counted = class_weights(losses, fg_counts, present_only, weight)
+    total = counted.sum(-1)
+    mean = (losses * counted).sum(-1) / total.clamp_min(torch.finfo(losses.dtype).tiny)
+    return torch.where(total > 0, mean, torch.zeros_like(mean))

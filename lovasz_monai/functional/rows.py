@@ -1,0 +1,347 @@
+"""Lovász weights of class rows: Algorithm 1 on sorted rows, the sort and histogram methods.
+
+With ``G`` foreground voxels in a row and rows sorted by decreasing error, the weight of the
+voxel at sorted position ``k`` (``F_k``/``B_k`` foreground/background voxels up to and including it)
+is ``1 / (G + B_k)`` for a foreground voxel and ``(G - F_k) / ((G + B_k - 1) (G + B_k))`` for a
+background voxel. These closed forms are the telescoping differences ``J_k - J_{k-1}`` of the
+Jaccard loss ``J_k = 1 - (G - F_k) / (G + B_k)`` without the cancellation of subtracting two
+nearly equal numbers. A row without foreground puts weight 1 on its largest valid error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lovasz_monai.functional.arguments import Method, check_lovasz_arguments
+
+__all__ = ["lovasz_grad"]
+
+
+def lovasz_grad(
+    fg_sorted: Tensor, valid_sorted: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Gradient of the Lovász extension for rows already sorted by decreasing error.
+
+    This is Algorithm 1 of the paper, written with the closed-form increments of the Jaccard loss
+    (see the module docstring), so that no two nearly equal numbers are subtracted.
+
+    Args:
+        fg_sorted: ``(..., P)`` foreground indicators (bool or 0/1) in decreasing-error order.
+        valid_sorted: optional ``(..., P)`` bool, ``False`` for voxels that take part in nothing.
+        dtype: floating dtype of the result.
+
+    Returns:
+        ``(..., P)`` weights ``g >= 0`` of ``dtype``. Each row sums to 1 when it has a valid
+        voxel and to 0 otherwise.
+
+    Example:
+        >>> lovasz_grad(torch.tensor([1, 0, 1, 0]))
+        tensor([0.5000, 0.1667, 0.3333, 0.0000])
+
+    Raises:
+        ValueError: when the shapes of ``fg_sorted`` and ``valid_sorted`` differ.
+    """
+    fg = fg_sorted.bool()
+    if valid_sorted is not None:
+        if valid_sorted.shape != fg_sorted.shape:
+            raise ValueError(
+                f"valid_sorted must have the shape of fg_sorted {tuple(fg_sorted.shape)}, "
+                f"got {tuple(valid_sorted.shape)}"
+            )
+        fg = fg & valid_sorted
+    weights, _ = _lovasz_grad(fg, valid_sorted, dtype)
+    return weights
+
+
+def _lovasz_grad(
+    fg: Tensor,
+    valid: Tensor | None,
+    dtype: torch.dtype,
+    *,
+    negate_foreground: bool = False,
+    has_valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(weights, fg_counts)``: :func:`lovasz_grad` of rows whose foreground is already
+    masked, and the ``(..., 1)`` int64 foreground count of each row.
+
+    ``negate_foreground``: the weights of foreground voxels are negated (the sign of the
+    derivative of their error with respect to the probability or logit). ``has_valid``:
+    ``(..., 1)``, False for rows (with ``valid=None``) that have no valid voxel at all."""
+    # Counts are exact in float32 up to 2**24 voxels a row; longer rows count in float64.
+    count_dtype = torch.float64 if fg.shape[-1] > 1 << 24 else dtype
+    if valid is None:
+        count = torch.arange(1, fg.shape[-1] + 1, dtype=count_dtype, device=fg.device)
+    else:
+        count = valid.cumsum(-1, dtype=count_dtype)
+    fg_cum = fg.cumsum(-1, dtype=count_dtype)
+    num_fg = fg_cum[..., -1:].clone()
+    # union u_k = G + B_k >= 1 at every valid position, and G - F_k = u_k - k
+    union = torch.sub(count, fg_cum).add_(num_fg)
+    grad = union.reciprocal()  # foreground: 1 / u_k
+    bg_grad = torch.sub(union, count, out=fg_cum).mul_(grad).div_(union.sub_(1))
+    torch.where(fg, grad.neg_() if negate_foreground else grad, bg_grad, out=grad)
+    # A row without foreground: J jumps from 0 to 1 at its first valid voxel (the formula
+    # above gives 0/0 there).
+    no_fg = num_fg == 0
+    if valid is None:
+        grad[..., :1].masked_fill_(no_fg if has_valid is None else no_fg & has_valid, 1.0)
+        if has_valid is not None:
+            grad[..., :1].masked_fill_(~has_valid, 0.0)
+    else:
+        grad.masked_fill_(no_fg & (count == 1) & valid, 1.0)
+        grad.masked_fill_(~valid, 0.0)
+    return grad.to(dtype), num_fg.to(torch.int64)
+
+
+def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
+    if errors.ndim != 2:
+        raise ValueError(f"errors must be (N, P) rows, got shape {tuple(errors.shape)}")
+    if labels.shape != errors.shape:
+        raise ValueError(
+            f"labels must have the shape of errors {tuple(errors.shape)}, got {tuple(labels.shape)}"
+        )
+    if valid is not None and (
+        valid.ndim != 2
+        or valid.shape[0] not in (1, errors.shape[0])
+        or valid.shape[1] != errors.shape[1]
+    ):
+        raise ValueError(
+            f"valid must broadcast to errors {tuple(errors.shape)}, got {tuple(valid.shape)}"
+        )
+
+
+# Sort keys: the errors, with ignored voxels set to -1, below every valid (non-negative) error.
+# Ignored voxels then sort last and change no earlier weight, and all shapes stay static.
+#
+# The row functions below take rows as ``(R, S, P)`` views: row ``r`` is the ``S * P`` voxels
+# ``[r, :, :]``. One row per (volume, class) is a ``(B * C, 1, P)`` view of a ``(B, C, P)``
+# tensor; one row per class over the whole batch is its ``(C, B, P)`` transpose, so that no
+# batch-sized transposed copy is ever made.
+
+
+def _sort_key(errors: Tensor, valid: Tensor | None) -> Tensor:
+    return errors if valid is None else torch.where(valid, errors, -1.0)
+
+
+def _key_and_foreground(
+    errors: Tensor, labels: Tensor, valid: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Sort key of ``errors`` (no autograd) and the foreground restricted to valid voxels."""
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
+        return _sort_key(errors.detach(), valid), fg
+
+
+def _sort_rows_torch(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(order, fg_sorted, errors_sorted, has_valid)`` of ``(n, S, P)`` rows sorted by
+    decreasing key; ``errors_sorted`` is 0 at ignored voxels, ``has_valid`` is ``(n, 1)``."""
+    key_sorted, order = torch.sort(key.reshape(key.shape[0], -1), dim=-1, descending=True)
+    has_valid = key_sorted[:, :1] >= 0
+    return order, fg.reshape(order.shape).gather(-1, order), key_sorted.clamp_min_(0), has_valid
+
+
+_ERROR_BITS_MAX = 0x7F800000  # bit pattern of +inf: non-negative float32 bits are ordered
+_IGNORED = _ERROR_BITS_MAX + 1
+_INDEX_MASK = 0x7FFFFFFF
+
+
+def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same as :func:`_sort_rows_torch` for float32 CPU rows, several times faster.
+
+    Each voxel becomes one int64: the inverted error bits (a value past them for ignored voxels)
+    in the high word, the foreground bit and the voxel index in the low word. numpy's vectorised
+    sort of these integers alone yields the order, the sorted labels and the sorted errors.
+    """
+    num_rows, segments, num_voxels = key.shape
+    key_np = key.numpy()
+    packed = key_np.view(np.int32).astype(np.int64)
+    np.bitwise_and(packed, _INDEX_MASK, out=packed)  # the sign bit of -0.0
+    np.subtract(_ERROR_BITS_MAX, packed, out=packed)  # ascending order == descending error
+    np.copyto(packed, _IGNORED, where=key_np < 0)
+    packed <<= 1
+    packed |= fg.numpy()
+    packed <<= 31
+    packed |= np.arange(segments * num_voxels, dtype=np.int64).reshape(segments, num_voxels)
+    packed = packed.reshape(num_rows, segments * num_voxels)
+    packed.sort(axis=-1)
+    packed_t = torch.from_numpy(packed)
+    # little-endian: low word first (flattened first: a size-1 row may carry any stride)
+    words = packed_t.reshape(-1).view(torch.int32).view(num_rows, -1)
+    fg_sorted = words[:, 0::2] < 0
+    error_bits = torch.sub(_ERROR_BITS_MAX, words[:, 1::2]).clamp_min_(0)  # ignored: 0.0
+    has_valid = words[:, 1:2] != _IGNORED
+    return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, error_bits.view(torch.float32), has_valid
+
+
+def _use_numpy_sort(key: Tensor) -> bool:
+    return (
+        key.device.type == "cpu"
+        and key.dtype == torch.float32
+        and key.shape[-1] * key.shape[-2] <= _INDEX_MASK
+        and key.stride(-1) == 1
+        and sys.byteorder == "little"
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _class_rows_by_sort(
+    key: Tensor, fg: Tensor, *, chunk_elements: int, wrt_source: bool, overwrite_key: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact per-voxel weights (layout of ``key``), row losses and foreground counts of
+    ``(R, S, P)`` class rows. ``wrt_source``, ``overwrite_key``: see :func:`_lovasz_class_rows`;
+    with ``overwrite_key`` each chunk of rows is read in full before its weights are written.
+    """
+    num_rows, segments, num_voxels = key.shape
+    row_size = segments * num_voxels
+    sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
+    # Outputs: the weights (possibly in the key's own memory), one loss and one count per row.
+    weights = key if overwrite_key else torch.empty_like(key)
+    losses = torch.empty(num_rows, dtype=key.dtype, device=key.device)
+    counts = torch.empty(num_rows, 1, dtype=torch.int64, device=key.device)
+    # Whole rows, as many as fit the element budget (at least one), are sorted at once.
+    rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
+    for start in range(0, num_rows, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, num_rows))
+        # 1. Sort each row by decreasing error, carrying the foreground along.
+        order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
+        # 2. Algorithm 1 on the sorted rows. Ignored voxels sort last and are background: they
+        # get weight 0 (and so does the first voxel of a row where every voxel is ignored).
+        grad, counts[rows] = _lovasz_grad(
+            fg_sorted, None, key.dtype, negate_foreground=wrt_source, has_valid=has_valid
+        )
+        # 3. The loss of each row: sum of error * weight (the weights' sign undone by abs).
+        weighted = torch.mul(errors_sorted, grad)
+        losses[rows] = (weighted.abs_() if wrt_source else weighted).sum(-1)  # pairwise summation
+        if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
+            grad.masked_fill_(errors_sorted <= 0, 0.0)
+        # 4. Scatter the weights back from sorted order to voxel order.
+        out = weights[rows]
+        if out.is_contiguous():
+            out.view(order.shape).scatter_(-1, order, grad)
+        else:
+            out.copy_(torch.empty_like(grad).scatter_(-1, order, grad).view(out.shape))
+    return weights, losses, counts.view(-1)
+
+
+def _class_rows_by_histogram(
+    key: Tensor,
+    fg: Tensor,
+    *,
+    bins: int,
+    wrt_source: bool,
+    world_size: int = 1,
+    process_group: object | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort-free weights, row losses and foreground counts of ``(R, S, P)`` class rows from
+    per-bin counts (DESIGN.md). ``wrt_source``: see :func:`_lovasz_class_rows`.
+
+    With ``world_size > 1`` each row is the union of the same row on every process of
+    ``process_group``: the row maxima and the per-slot counts and error sums are all-reduced, so
+    the losses and counts are those of the union (equal on every process) and the weights are
+    those of the union at this process's voxels."""
+    num_rows, segments, num_voxels = key.shape
+    dtype = key.dtype
+    slots_per_row = 2 * (bins + 1)  # (foreground, background) per bin, and a bin for ignored
+    if num_rows * slots_per_row >= 2**31:
+        raise ValueError(f"too many rows x bins for the histogram method: {num_rows} x {bins}")
+    # 1. Slot of each voxel: (row, error bin, foreground or background), one flat index.
+    e_max = key.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    if world_size > 1:  # every process bins alike
+        dist.all_reduce(e_max, op=dist.ReduceOp.MAX, group=process_group)
+    # bin 0 holds the largest errors, bin bins - 1 the errors down to 0
+    slot = key.mul(-bins / e_max).add_(bins).clamp_(0, bins - 1).to(torch.int32)
+    slot.masked_fill_(key < 0, bins)  # ignored voxels: the extra bin, whose weights are 0
+    slot.mul_(2).add_(~fg)  # inside a bin: foreground first, then background
+    slot += torch.arange(
+        0, num_rows * slots_per_row, slots_per_row, dtype=torch.int32, device=key.device
+    ).view(-1, 1, 1)
+    # Elementwise results keep the memory layout of ``key``: flatten in memory order (a view,
+    # also for the transposed rows of batch mode) and restore the row view at the end.
+    memory_order = sorted(range(3), key=lambda dim: -slot.stride(dim))
+    flat_slot = slot.permute(memory_order).reshape(-1)
+    # 2. Voxel count and error sum of every slot.
+    count_dtype = torch.float64 if segments * num_voxels > 1 << 24 else dtype  # exact counts
+    slot_sums = torch.zeros(2, num_rows * slots_per_row, dtype=count_dtype, device=key.device)
+    counts, error_sums = slot_sums.unbind(0)
+    ones = torch.ones((), dtype=count_dtype, device=key.device).expand_as(flat_slot)
+    counts.index_add_(0, flat_slot, ones)
+    flat_key = key.permute(memory_order).reshape(-1).to(count_dtype)
+    error_sums.index_add_(0, flat_slot, flat_key)
+    if world_size > 1:  # summed over the processes in float64 (exact counts of any union size)
+        slot_sums = slot_sums.to(torch.float64)
+        dist.all_reduce(slot_sums, op=dist.ReduceOp.SUM, group=process_group)
+        count_dtype = torch.float64
+        counts, error_sums = slot_sums.unbind(0)
+    # 3. Weight of a foreground and of a background voxel in each bin (Algorithm 1 on bins).
+    n_fg, n_bg = counts.view(num_rows, bins + 1, 2)[:, :bins].unbind(-1)
+    fg_before = n_fg.cumsum(-1) - n_fg
+    bg_before = n_bg.cumsum(-1) - n_bg
+    num_fg = n_fg.sum(-1, keepdim=True)
+    union = num_fg + bg_before
+    w_fg = union.clamp_min(1).reciprocal()
+    # each background voxel of bin k carries J(F + nf, B + nb) - J(F + nf, B) divided by nb
+    w_bg = torch.where(
+        num_fg > 0,
+        (num_fg - fg_before - n_fg) / (union.clamp_min(1) * (union + n_bg)),
+        ((bg_before == 0) & (n_bg > 0)).to(count_dtype) / n_bg.clamp_min(1),
+    )
+    # 4. Loss of each row from the per-slot error sums, then each voxel's weight read back.
+    table = torch.stack([w_fg, w_bg], dim=-1).view(num_rows, 2 * bins)
+    table = torch.cat([table, table.new_zeros(num_rows, 2)], dim=1)  # the ignored bin
+    losses = (table * error_sums.view(num_rows, -1)).sum(-1).to(dtype)
+    if wrt_source:
+        table[:, 0::2] *= -1  # foreground slots
+    weights = table.to(dtype).view(-1).index_select(0, flat_slot)
+    weights = weights.view([slot.shape[dim] for dim in memory_order])
+    weights = weights.permute([memory_order.index(dim) for dim in range(3)])
+    if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
+        weights.masked_fill_(key <= 0, 0.0)
+    return weights, losses, num_fg.view(-1).to(torch.int64)
+
+
+def _lovasz_class_rows(
+    key: Tensor,
+    fg: Tensor,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    *,
+    wrt_source: bool = False,
+    overwrite_key: bool = False,
+    world_size: int = 1,
+    process_group: object | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights, losses, fg_counts)`` of ``(R, S, P)`` class rows (see above) from sort keys
+    and masked labels. ``wrt_source``: the weights are the derivatives with respect to the
+    source of the errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not
+    with respect to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the
+    weights). ``world_size > 1``: rows span the processes of ``process_group`` (histogram
+    method only)."""
+    check_lovasz_arguments(
+        method=method,
+        bins=bins,
+        chunk_elements=chunk_elements,
+        batch=True,
+        distributed=world_size > 1,
+    )
+    if method == "sort":
+        return _class_rows_by_sort(
+            key,
+            fg,
+            chunk_elements=int(chunk_elements),
+            wrt_source=wrt_source,
+            overwrite_key=overwrite_key,
+        )
+    return _class_rows_by_histogram(
+        key,
+        fg,
+        bins=int(bins),
+        wrt_source=wrt_source,
+        world_size=world_size,
+        process_group=process_group,
+    )
