@@ -89,112 +89,17 @@ class _LovaszLoss(_Loss):
     def _prepare_target(
         self, input: Tensor, target: Tensor, mask: Tensor | None, one_hot_target: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Turn ``target`` (and ``mask``) into bool foreground ``(B, C, *S)``, validity, and the
-        ``(B, 1, *S)`` integer labels when the target is a label map (else ``None``).
-
-        ``one_hot_target``: a C-channel target must have exactly one class per valid voxel.
-        """
-        # 1. The target must be a (B, 1, *S) label map or a (B, C, *S) one-hot target.
-        num_batch, num_channels = input.shape[:2]
-        spatial = _shape(input)[2:]
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-        expected = (
-            f"a (B, 1, *spatial) label map {(num_batch, 1, *spatial)} or a (B, C, *spatial) "
-            f"one-hot target {(num_batch, num_channels, *spatial)}"
+        """:func:`~lovasz_monai.functional.decode_target` with this loss's settings;
+        ``one_hot_target``: a C-channel target must have exactly one class per valid voxel."""
+        return functional.decode_target(
+            target,
+            input.shape,
+            mask,
+            to_onehot_y=self.to_onehot_y,
+            ignore_index=self.ignore_index,
+            exclusive=one_hot_target,
+            validate=self.validate,
         )
-        if (
-            target.ndim != input.ndim
-            or target.shape[0] != num_batch
-            or _shape(target)[2:] != spatial
-            or target.shape[1] not in (1, num_channels)
-        ):
-            raise ValueError(f"target must be {expected}, got shape {_shape(target)}")
-
-        # 2. The mask argument, if any, as bool validity.
-        valid = None
-        if mask is not None:
-            valid = self._mask_to_valid(mask, num_batch, spatial)
-
-        # 3. Label map: decode it (ignore_index joins the mask) and one-hot it for C > 1 channels.
-        if target.shape[1] == 1:
-            if num_channels > 1 and not self.to_onehot_y:
-                raise ValueError(
-                    f"target is a label map with 1 channel but input has {num_channels} "
-                    "channels: pass to_onehot_y=True, or give a one-hot target"
-                )
-            labels, label_valid = self._label_map(target, max(num_channels, 2))
-            valid = (
-                label_valid
-                if valid is None
-                else (valid if label_valid is None else valid & label_valid)
-            )
-            if num_channels == 1:
-                return labels.bool(), valid, labels
-            return one_hot(labels, num_channels, dtype=torch.bool, dim=1), valid, labels
-
-        # 4. One-hot target: the label-map settings do not apply, and (validate) check that
-        # it holds 0/1 only and, for softmax, exactly one class per valid voxel.
-        if self.to_onehot_y:
-            raise ValueError(
-                f"to_onehot_y=True expects a label map with 1 channel, got a target with "
-                f"{target.shape[1]} channels; pass to_onehot_y=False for one-hot targets"
-            )
-        if self.ignore_index is not None:
-            raise ValueError(
-                "ignore_index applies to label-map targets; for a one-hot target mark the "
-                "ignored voxels with the mask argument instead"
-            )
-        if self.validate:
-            if not ((target == 0) | (target == 1)).all():
-                raise ValueError("one-hot target must contain only 0 and 1")
-            if one_hot_target:
-                per_voxel = target.sum(1, keepdim=True)
-                ok = per_voxel == 1 if valid is None else (per_voxel == 1) | ~valid
-                if not ok.all():
-                    raise ValueError(
-                        "one-hot target must have exactly one class per voxel (the channels "
-                        "sum to 1); for overlapping regions use sigmoid=True"
-                    )
-        return target.bool(), valid, None
-
-    def _label_map(self, target: Tensor, num_labels: int) -> tuple[Tensor, Tensor | None]:
-        """Integer labels ``(B, 1, *S)`` with ignored voxels set to 0, and the validity mask."""
-        valid = None
-        if self.ignore_index is not None:
-            valid = target != self.ignore_index
-            target = torch.where(valid, target, torch.zeros_like(target))
-        if self.validate:
-            if target.is_floating_point() and not torch.equal(target, target.round()):
-                raise ValueError("label map must hold integer class indices, got fractional values")
-            if target.dtype == torch.bool:
-                target = target.long()
-            low, high = target.min().item(), target.max().item()
-            if low < 0 or high >= num_labels:
-                raise ValueError(
-                    f"label map values must lie in [0, {num_labels})"
-                    + (
-                        ""
-                        if self.ignore_index is None
-                        else f" or equal ignore_index={self.ignore_index}"
-                    )
-                    + f", got values in [{low:g}, {high:g}]"
-                )
-        return target.long(), valid
-
-    def _mask_to_valid(self, mask: Tensor, num_batch: int, spatial: tuple[int, ...]) -> Tensor:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        expected = (num_batch, 1, *spatial)
-        if _shape(mask) != expected:
-            raise ValueError(
-                f"mask must have shape (B, 1, *spatial) = {expected}, got {_shape(mask)}"
-            )
-        if mask.dtype == torch.bool:
-            return mask
-        if self.validate and not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be bool or hold only 0 and 1")
-        return mask != 0
 
     # -- classes and reduction -----------------------------------------------------------------
 
@@ -351,6 +256,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         softmax: bool | None = None,
         other_act: Callable | None = None,
         reduction: LossReduction | str = LossReduction.MEAN,
+        *,
         batch: bool = False,
         weight: Sequence[float] | float | Tensor | None = None,
         ignore_index: int | None = None,
@@ -359,7 +265,6 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         method: Method = "sort",
         bins: int = DEFAULT_BINS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-        *,
         distributed: bool = False,
         process_group: object | None = None,
     ) -> None:
@@ -485,6 +390,7 @@ class LovaszHingeLoss(_LovaszLoss):
         include_background: bool = True,
         to_onehot_y: bool = False,
         reduction: LossReduction | str = LossReduction.MEAN,
+        *,
         batch: bool = False,
         weight: Sequence[float] | float | Tensor | None = None,
         ignore_index: int | None = None,
@@ -493,7 +399,6 @@ class LovaszHingeLoss(_LovaszLoss):
         method: Method = "sort",
         bins: int = DEFAULT_BINS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-        *,
         distributed: bool = False,
         process_group: object | None = None,
     ) -> None:
@@ -581,6 +486,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         softmax: bool | None = None,
         other_act: Callable | None = None,
         reduction: LossReduction | str = LossReduction.MEAN,
+        *,
         batch: bool = False,
         weight: Sequence[float] | float | Tensor | None = None,
         ignore_index: int | None = None,
@@ -593,7 +499,6 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         method: Method = "sort",
         bins: int = DEFAULT_BINS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-        *,
         distributed: bool = False,
         process_group: object | None = None,
     ) -> None:

@@ -15,6 +15,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from lovasz_monai.losses import MaskedDiceCELoss
+from lovasz_monai.module import LovaszSegmentationModule
 from lovasz_monai.tools.experiments import (
     LOSSES,
     ComparisonResult,
@@ -181,32 +182,14 @@ def test_masked_dice_ce_one_hot_target_and_errors():
 # -- evaluate ----------------------------------------------------------------------------------
 
 
-class _FixedModel:
-    """Stands in for LovaszSegmentationModule: returns given logits, foreground mean IoU."""
-
-    multi_label = False
-    binary = False
-    metric_include_background = False
-
-    def __init__(self, logits: list[torch.Tensor]) -> None:
-        self.num_classes = logits[0].shape[1]
-        self._logits = iter(logits)
-        self.training = True
-
-    def eval(self):
-        self.training = False
-
-    def train(self, mode: bool = True):
-        self.training = mode
-
-    def sliding_window(self, image):
-        return next(self._logits)
-
-    def discretize(self, logits):
-        return logits.argmax(1, keepdim=True)
-
-    def mean_iou(self, per_class):
-        return per_class[1:].nanmean()
+def _fixed_model(logits: list[torch.Tensor]) -> LovaszSegmentationModule:
+    """A real module whose sliding window returns the given logits, one batch after the other
+    (the foreground classes count in the means)."""
+    model = LovaszSegmentationModule(logits[0].shape[1], network=torch.nn.Identity())
+    outputs = iter(logits)
+    model.sliding_window = lambda image: next(outputs)
+    model.train()
+    return model
 
 
 def test_evaluate_matches_hand_computation():
@@ -219,7 +202,7 @@ def test_evaluate_matches_hand_computation():
         batches.append({"image": torch.zeros(1, 1, 5, 5, 5), "label": label.float(), "mask": mask})
         logits.append(out)
         preds.append(out.argmax(1)[0].numpy())
-    model = _FixedModel(logits)
+    model = _fixed_model(logits)
     result = evaluate(model, batches)
     assert model.training  # restored
 
@@ -258,21 +241,20 @@ def test_evaluate_absent_class_and_ignored_voxels():
     logits[:, 1, ..., :2] = 1  # class 1 exactly right
     logits[:, 2, ..., 3] = 1  # class 2 predicted only where the mask is 0
     batch = {"image": torch.zeros(1, 1, 4, 4, 4), "label": label, "mask": mask}
-    result = evaluate(_FixedModel([logits]), [batch])
+    result = evaluate(_fixed_model([logits]), [batch])
     assert result["iou"][:2] == [1.0, 1.0] and math.isnan(result["iou"][2])
     assert result["dice"][:2] == [1.0, 1.0] and math.isnan(result["dice"][2])
     assert result["miou"] == 1.0 and result["dice_mean"] == 1.0
 
     logits[:, 2, 0, 0, 2] = 5  # now a false positive of class 2 on a valid voxel
-    result = evaluate(_FixedModel([logits]), [batch])
+    result = evaluate(_fixed_model([logits]), [batch])
     assert result["iou"][2] == 0.0 and result["dice"][2] == 0.0
 
 
 def test_evaluate_rejects_multi_label_and_empty():
-    model = _FixedModel([torch.zeros(1, 2, 2, 2, 2)])
     with pytest.raises(ValueError, match="empty"):
-        evaluate(model, [])
-    model.multi_label = True
+        evaluate(_fixed_model([torch.zeros(1, 2, 2, 2, 2)]), [])
+    model = LovaszSegmentationModule(3, network=torch.nn.Identity(), multi_label=True)
     with pytest.raises(ValueError, match="multi-class"):
         evaluate(model, [])
 

@@ -628,3 +628,87 @@ def test_functional_lovasz_hinge_hand_example():
     assert loss.item() == pytest.approx(1.7 / 3, abs=1e-15)
     loss.backward()
     torch.testing.assert_close(logits.grad, torch.tensor([[[0.0, -1 / 3, 0.0, 1 / 3]]], dtype=F64))
+
+
+# -- target decoding (label maps, ignore labels, masks) -----------------------------------------
+
+
+def test_decode_target_label_map_with_ignore_and_mask_by_hand():
+    labels = torch.tensor([[[[0, 2], [255, 1]]], [[[1, 1], [0, 255]]]])  # (2, 1, 2, 2)
+    mask = torch.tensor([[[[1, 0], [1, 1]]], [[[1, 1], [1, 1]]]], dtype=torch.uint8)
+    fg, valid, decoded = Fn.decode_target(
+        labels, (2, 3, 2, 2), mask, to_onehot_y=True, ignore_index=255
+    )
+    assert valid.tolist() == [[[[True, False], [False, True]]], [[[True, True], [True, False]]]]
+    assert decoded.tolist() == [[[[0, 2], [0, 1]]], [[[1, 1], [0, 0]]]]  # ignored -> 0
+    assert fg.dtype == torch.bool and fg.shape == (2, 3, 2, 2)
+    assert fg[0, :, 0, 1].tolist() == [False, False, True]  # label 2
+    assert fg[1, :, 0, 0].tolist() == [False, True, False]  # label 1
+    assert torch.equal(fg.sum(1), torch.ones(2, 2, 2, dtype=torch.long))  # exactly one class
+
+
+def test_decode_target_one_hot_and_binary_maps():
+    onehot = torch.tensor([[[1, 0, 0], [0, 1, 1]]])  # (1, 2, 3)
+    fg, valid, labels = Fn.decode_target(onehot, (1, 2, 3))
+    assert torch.equal(fg, onehot.bool()) and valid is None and labels is None
+    binary = torch.tensor([[[1.0, 0.0, 7.0]]])  # a 0/1 map with an ignore value 7
+    fg, valid, labels = Fn.decode_target(binary, (1, 1, 3), ignore_index=7)
+    assert fg.tolist() == [[[True, False, False]]] and valid.tolist() == [[[True, True, False]]]
+    multi_hot = torch.tensor([[[1, 1], [1, 0]]])  # overlapping regions
+    assert torch.equal(Fn.decode_target(multi_hot, (1, 2, 2), exclusive=False)[0], multi_hot.bool())
+
+
+@pytest.mark.parametrize(
+    ("target", "shape", "kwargs", "match"),
+    [
+        (torch.zeros(1, 1, 4), (1, 3, 5), {}, "label map .* or a .* one-hot target"),
+        (torch.zeros(1, 1, 4), (1, 3, 4), {}, "pass to_onehot_y=True"),
+        (torch.zeros(1, 3, 4), (1, 3, 4), {"to_onehot_y": True}, "expects a label map"),
+        (torch.zeros(1, 3, 4), (1, 3, 4), {"ignore_index": 255}, "ignore_index applies"),
+        (torch.full((1, 1, 4), 3), (1, 3, 4), {"to_onehot_y": True}, r"\[0, 3\).*\[3, 3\]"),
+        (torch.full((1, 1, 4), 0.5), (1, 3, 4), {"to_onehot_y": True}, "fractional"),
+        (torch.full((1, 2, 4), 2), (1, 2, 4), {}, "only 0 and 1"),
+        (torch.ones(1, 2, 4), (1, 2, 4), {}, "exactly one class per voxel"),
+    ],
+)
+def test_decode_target_errors(target, shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Fn.decode_target(target, shape, **kwargs)
+
+
+def test_decode_target_mask_errors():
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, 1, \*spatial\)"):
+        Fn.decode_target(torch.zeros(1, 1, 4), (1, 1, 4), torch.ones(1, 1, 3))
+    with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
+        Fn.decode_target(torch.zeros(1, 1, 4), (1, 1, 4), torch.full((1, 1, 4), 2))
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        Fn.decode_target([0, 1], (1, 1, 2))
+
+
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("classes", ["present", "all"])
+def test_lovasz_softmax_takes_a_label_map_and_ignore_index_like_the_reference(batch, classes):
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64), 1)
+    labels = torch.randint(0, 4, (2, 1, 5, 6), generator=gen)
+    labels[0, 0, :2] = 255
+    value = Fn.lovasz_softmax(probs, labels, classes=classes, batch=batch, ignore_index=255)
+    expected = ref_lovasz_softmax(
+        probs, labels[:, 0], classes=classes, per_image=not batch, ignore=255
+    )
+    torch.testing.assert_close(value, expected.to(value.dtype), rtol=1e-6, atol=1e-7)
+    # the same as one-hot labels with the validity given explicitly
+    valid = labels != 255
+    onehot = torch.nn.functional.one_hot(labels[:, 0].clamp_max(3), 4).movedim(-1, 1)
+    same = Fn.lovasz_softmax(probs, onehot, valid, classes=classes, batch=batch)
+    torch.testing.assert_close(value, same)
+
+
+def test_lovasz_hinge_takes_a_binary_map_with_ignore_index():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 1, 7, 5, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 1, 7, 5, generator=gen) < 0.4).long()
+    labels[1, 0, 3:] = 255
+    value = Fn.lovasz_hinge(logits, labels, ignore_index=255)
+    expected = ref_lovasz_hinge(logits, labels.clamp_max(1), valid=labels != 255)
+    torch.testing.assert_close(value, expected.to(value.dtype), rtol=1e-6, atol=1e-7)

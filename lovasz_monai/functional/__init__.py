@@ -10,6 +10,8 @@ errors is exactly ``w`` and backward keeps a single tensor.
 Modules, from the inside out:
 
 - :mod:`~lovasz_monai.functional.arguments`: defaults and the one check of the shared settings;
+- :mod:`~lovasz_monai.functional.targets`: label maps, one-hot targets, ignore labels and masks
+  to foreground and validity;
 - :mod:`~lovasz_monai.functional.rows`: Algorithm 1 and the weights of class rows by sorting or
   from a histogram (all-reduced across processes with ``distributed=True``);
 - :mod:`~lovasz_monai.functional.extension`: the extension of ``(N, P)`` rows of errors;
@@ -35,6 +37,7 @@ from lovasz_monai.functional.class_losses import (
 from lovasz_monai.functional.extension import lovasz_extension, lovasz_weights
 from lovasz_monai.functional.lovasz import lovasz_hinge, lovasz_softmax
 from lovasz_monai.functional.rows import lovasz_grad
+from lovasz_monai.functional.targets import decode_target
 
 __all__ = [
     "DEFAULT_BINS",
@@ -43,6 +46,7 @@ __all__ = [
     "average_class_losses",
     "check_lovasz_arguments",
     "class_weights",
+    "decode_target",
     "distributed_world_size",
     "lovasz_class_losses",
     "lovasz_extension",

@@ -13,6 +13,7 @@ from lovasz_monai.functional.class_losses import (
     lovasz_hinge_class_losses,
     lovasz_probability_class_losses,
 )
+from lovasz_monai.functional.targets import decode_target
 
 __all__ = ["lovasz_hinge", "lovasz_softmax"]
 
@@ -34,6 +35,25 @@ _PER_VOLUME_DEPRECATION = (
 )
 
 
+def _labels_and_valid(
+    source: Tensor, labels: Tensor, valid: Tensor | None, ignore_index: int | None
+) -> tuple[Tensor, Tensor | None]:
+    """One-hot labels and validity: a ``(B, 1, *S)`` label map (for ``C > 1`` channels) or an
+    ``ignore_index`` goes through :func:`decode_target`; one-hot labels pass unchanged."""
+    label_map = labels.shape[1] == 1 and source.shape[1] > 1
+    if not label_map and ignore_index is None:
+        return labels, valid
+    fg, valid, _ = decode_target(
+        labels,
+        source.shape,
+        valid,
+        to_onehot_y=label_map,
+        ignore_index=ignore_index,
+        exclusive=False,
+    )
+    return fg, valid
+
+
 def _batch_from_per_volume(batch: bool, per_volume: bool | None) -> bool:
     """``batch``, or ``not per_volume`` (with a deprecation warning) when that is given."""
     if per_volume is None:
@@ -51,19 +71,23 @@ def lovasz_softmax(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     *,
+    ignore_index: int | None = None,
     distributed: bool = False,
     process_group: object | None = None,
     per_volume: bool | None = None,
 ) -> Tensor:
-    """Lovász-Softmax loss from probabilities and one-hot (or multi-hot) labels.
+    """Lovász-Softmax loss from probabilities and a label map or one-hot (multi-hot) labels.
 
     The same arguments give the same value as :class:`~lovasz_monai.losses.LovaszSoftmaxLoss`
     with ``softmax=False`` on these probabilities and labels.
 
     Args:
         probs: ``(B, C, *spatial)`` class probabilities (softmax, or per-channel sigmoid).
-        labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
+        labels: ``(B, 1, *spatial)`` label map (one-hot encoded to ``C`` classes), or
+            ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
         valid: optional ``(B, 1, *spatial)`` bool, ``False`` for ignored voxels.
+        ignore_index: label value of a label map whose voxels take part in nothing (the
+            reference's ``ignore``); it joins ``valid``.
         classes: ``"present"`` (classes with foreground in the row), ``"all"``, or a list.
         batch: ``False`` (default, as the loss classes): mean over volumes of the per-volume
             loss (the reference's ``per_image=True``); ``True``: the batch is one set of voxels.
@@ -81,12 +105,16 @@ def lovasz_softmax(
         >>> labels = torch.tensor([[[1, 0], [0, 1]]])
         >>> lovasz_softmax(probs, labels)
         tensor(0.2750)
+        >>> lovasz_softmax(probs, torch.tensor([[[0, 1]]]))  # the same labels as a label map
+        tensor(0.2750)
 
     Raises:
-        ValueError: on shape mismatches, an invalid ``classes``, or ``distributed`` without
-            ``batch=True`` and ``method="histogram"``.
+        ValueError: on shape mismatches, an invalid ``classes``, label-map values outside
+            ``[0, C)`` that are not ``ignore_index``, or ``distributed`` without ``batch=True``
+            and ``method="histogram"``.
     """
     batch = _batch_from_per_volume(batch, per_volume)
+    labels, valid = _labels_and_valid(probs, labels, valid, ignore_index)
     present_only, selected = _class_selection(probs.shape[1], classes)
     if len(selected) != probs.shape[1]:
         probs, labels = probs[:, selected], labels[:, selected]
@@ -111,6 +139,7 @@ def lovasz_hinge(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     *,
+    ignore_index: int | None = None,
     distributed: bool = False,
     process_group: object | None = None,
     per_volume: bool | None = None,
@@ -124,8 +153,11 @@ def lovasz_hinge(
 
     Args:
         logits: ``(B, C, *spatial)`` raw scores.
-        labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
+        labels: ``(B, C, *spatial)`` binary targets (bool or 0/1), or a ``(B, 1, *spatial)`` 0/1
+            map (one channel) or label map (one-hot encoded to ``C`` channels).
         valid: optional ``(B, 1, *spatial)`` bool, ``False`` for ignored voxels.
+        ignore_index: label value of a label map whose voxels take part in nothing; it joins
+            ``valid``.
         batch: ``False`` (default, as the loss classes and the reference): mean over volumes of
             the per-volume loss; ``True`` treats the batch as one set of voxels.
         method, bins: see :func:`lovasz_weights`.
@@ -147,6 +179,7 @@ def lovasz_hinge(
             ``method="histogram"``.
     """
     batch = _batch_from_per_volume(batch, per_volume)
+    labels, valid = _labels_and_valid(logits, labels, valid, ignore_index)
     losses, counts = lovasz_hinge_class_losses(
         logits,
         labels,

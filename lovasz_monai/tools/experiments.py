@@ -54,6 +54,7 @@ every run left out).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -467,49 +468,37 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         >>> sorted(metrics), len(metrics["iou"]), metrics["num_volumes"]
         (['dice', 'dice_mean', 'iou', 'miou', 'num_volumes'], 3, 2)
     """
-    if getattr(model, "multi_label", False) or getattr(model, "binary", False):
+    if model.mode != "multiclass":
         raise ValueError("evaluate supports multi-class (softmax) models only")
-    num_classes = int(model.num_classes)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    per_volume: list[Tensor] = []
+    # fresh copies of the module's own metrics: torchmetrics IoU and the per-case Dice
+    iou_metric = model.val_iou.clone()
+    iou_metric.reset()
+    cases = copy.deepcopy(model.val_cases)
+    cases.reset()
     was_training = model.training
     model.eval()
     try:
         for batch in loader:
-            label = torch.as_tensor(batch["label"]).cpu()[:, 0].long()
-            valid = torch.as_tensor(batch["mask"]).cpu()[:, 0] != 0
             if context is None:
                 logits = model.sliding_window(batch["image"])
             else:
                 with context():
                     logits = model.sliding_window(batch["image"])
-            pred = model.discretize(logits.float()).cpu()[:, 0]
-            # per volume and class: counts of (label, prediction) pairs on the valid voxels
-            index = (label * num_classes + pred).masked_fill(~valid, num_classes * num_classes)
-            counts = torch.stack(
-                [torch.bincount(row.flatten(), minlength=num_classes**2 + 1) for row in index]
-            )[:, :-1].view(-1, num_classes, num_classes)
-            confusion += counts.sum(0).flatten()
-            tp = counts.diagonal(dim1=1, dim2=2).double()
-            denominator = counts.sum(1) + counts.sum(2)  # |pred == c| + |label == c|
-            per_volume.append(
-                torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), math.nan)
-            )
+            label, mask = batch["label"].to(logits.device), batch["mask"].to(logits.device)
+            model.update_metric(iou_metric, logits.float(), label, mask)
+            cases.update(model.discretize(logits.float()), label, mask)
     finally:
         model.train(was_training)
-    if not per_volume:
+    if not len(cases):
         raise ValueError("evaluate got an empty loader")
-    confusion = confusion.view(num_classes, num_classes).double()
-    tp = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), math.nan)
-    dice = torch.cat(per_volume).nanmean(0)
+    iou = iou_metric.compute().float().cpu()
+    dice = cases.gather().values["Dice"].nanmean(0)
     return {
         "iou": iou.tolist(),
         "dice": dice.tolist(),
-        "miou": float(model.mean_iou(iou.float())),
-        "dice_mean": float(model.mean_iou(dice.float())),
-        "num_volumes": sum(len(v) for v in per_volume),
+        "miou": float(model.mean_iou(iou)),
+        "dice_mean": float(model.mean_iou(dice)),
+        "num_volumes": len(cases),
     }
 
 
