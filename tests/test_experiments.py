@@ -21,7 +21,6 @@ from lovasz_monai.tools.experiments import (
     ComparisonResult,
     RunResult,
     aggregate,
-    cli_args,
     evaluate,
     format_mean_std,
     main,
@@ -32,6 +31,7 @@ from lovasz_monai.tools.experiments import (
     schedule_epochs,
     write_results,
 )
+from lovasz_monai.tools.runs import cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

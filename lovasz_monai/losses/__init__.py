@@ -1,0 +1,14 @@
+"""MONAI-style Lovász losses, with the argument names and tensor conventions of ``DiceLoss``.
+
+- :mod:`~lovasz_monai.losses.base`: settings, checks, target decoding, class selection and
+  reduction shared by the Lovász losses;
+- :mod:`~lovasz_monai.losses.lovasz`: :class:`LovaszSoftmaxLoss` (softmax or sigmoid) and
+  :class:`LovaszHingeLoss`;
+- :mod:`~lovasz_monai.losses.combined`: :class:`LovaszCELoss` (Lovász + cross-entropy) and
+  :class:`MaskedDiceCELoss` (MONAI's Dice + cross-entropy with an ignore mask).
+"""
+
+from lovasz_monai.losses.combined import LovaszCELoss, MaskedDiceCELoss
+from lovasz_monai.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
+
+__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss", "MaskedDiceCELoss"]

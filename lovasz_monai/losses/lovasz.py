@@ -1,0 +1,279 @@
+"""The Lovász-Softmax (and Lovász-sigmoid) loss and the Lovász hinge loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.utils import LossReduction, convert_to_tensor
+from torch import Tensor
+
+from lovasz_monai import functional
+from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
+from lovasz_monai.losses.base import _LovaszLoss, _resolve_activation
+
+__all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
+
+
+class LovaszSoftmaxLoss(_LovaszLoss):
+    """Lovász-Softmax loss (Berman et al., CVPR 2018), a convex surrogate of the Jaccard/IoU loss.
+
+    For each class ``c`` (and each volume, unless ``batch=True``) the errors ``|y_c - p_c|`` of the
+    valid voxels are sorted and weighted by the gradient of the Lovász extension of the Jaccard
+    loss. Per-class losses are averaged over the selected classes of each volume, then over
+    volumes. With ``sigmoid=True`` the channels are independent probabilities (multi-label,
+    overlapping regions such as BraTS TC/WT/ET): the Lovász-sigmoid loss.
+
+    Args:
+        include_background: if False, channel 0 is left out of the average (its voxels still count
+            as background for the other classes).
+        to_onehot_y: convert a ``(B, 1, *spatial)`` label map target to one-hot.
+        sigmoid: per-channel sigmoid activation (multi-label).
+        softmax: softmax over channels. ``None`` (default): softmax unless ``sigmoid`` or
+            ``other_act`` is given; ``False`` with no other activation: ``input`` holds
+            probabilities in [0, 1].
+        other_act: any other activation applied to ``input``, e.g. ``torch.tanh``.
+        reduction: ``"mean"`` (mean over volumes of the per-volume class mean), ``"sum"`` (sum
+            over volumes of the per-volume class mean) or ``"none"``: a ``(B, C', 1, ...)`` tensor
+            (``(1, C', 1, ...)`` when ``batch``) that broadcasts against the input, holding
+            ``weight_c * loss_c`` for the classes that are averaged and 0 for the others.
+        batch: False: one loss per volume (the reference's ``per_image=True``); True: the whole
+            batch is one set of voxels (``per_image=False``).
+        weight: per-class weights of the class mean, one per channel left after
+            ``include_background`` (or a scalar).
+        ignore_index: label value whose voxels take part in nothing (label-map targets).
+        classes: ``"present"`` (classes with foreground in the volume, default), ``"all"``, or a
+            list of channel indices.
+        validate: check target and input values (one host synchronisation); ``False`` keeps the
+            computation free of data-dependent control flow.
+        method: ``"sort"`` (exact) or ``"histogram"`` (sort-free, error below ``max error / bins``).
+        bins: number of histogram bins.
+        chunk_elements: element budget of one batched sort (whole rows at a time).
+        distributed: with ``batch=True`` and ``method="histogram"``, the loss of the union of the
+            batches of all processes of ``process_group`` (DDP): the per-class rows are the union,
+            ``classes="present"`` and ``weight`` follow the union's counts, and the value is the
+            same on every process. Its backward gives this process's input ``world_size`` times
+            its derivative, so that the gradient DDP averages over the processes is the gradient
+            of the union's loss (the gradient that one process training on the whole batch would
+            get). Every process must call the loss at each step (a collective). Without an
+            initialised process group, or with one process, the option changes nothing.
+        process_group: the ``torch.distributed`` group of ``distributed`` (``None``: the default
+            group).
+
+    Shapes:
+        input: ``(B, C, *spatial)`` logits (or probabilities, see ``softmax``), float16/bfloat16/
+        float32/float64; the loss is computed in at least float32.
+        target: ``(B, 1, *spatial)`` label map (integer or float holding integers) or
+        ``(B, C, *spatial)`` one-hot / multi-hot.
+        mask: optional ``(B, 1, *spatial)`` bool or 0/1, 1 where the voxel counts.
+
+    Example:
+        >>> import torch
+        >>> loss = LovaszSoftmaxLoss(to_onehot_y=True)
+        >>> logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+        >>> value = loss(logits, labels)
+        >>> value.backward()
+        >>> bool(0 <= value <= 1)
+        True
+
+    Raises:
+        ValueError: on contradictory activation flags, an unknown reduction/method/classes, or in
+            ``forward`` on shape mismatches and (with ``validate``) bad values: NaN/inf input,
+            labels outside ``[0, C)`` that are not ``ignore_index``, targets that are not
+            one-hot, probabilities outside [0, 1].
+        TypeError: when ``input`` is not a floating point tensor.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool | None = None,
+        other_act: Callable | None = None,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        *,
+        batch: bool = False,
+        weight: Sequence[float] | float | Tensor | None = None,
+        ignore_index: int | None = None,
+        classes: str | Sequence[int] = "present",
+        validate: bool = True,
+        method: Method = "sort",
+        bins: int = DEFAULT_BINS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        distributed: bool = False,
+        process_group: object | None = None,
+    ) -> None:
+        super().__init__(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
+            distributed=distributed,
+            process_group=process_group,
+        )
+        self.sigmoid, self.softmax = _resolve_activation(sigmoid, softmax, other_act)
+        self.other_act = other_act
+
+    def _probabilities(self, input: Tensor) -> Tensor:
+        if self.softmax:
+            if input.shape[1] == 1:
+                raise ValueError(
+                    "softmax over a single channel is constant: for a binary problem with one "
+                    "output channel pass sigmoid=True, or use LovaszHingeLoss"
+                )
+            return torch.softmax(input, dim=1)
+        if self.sigmoid:
+            return torch.sigmoid(input)
+        if self.other_act is not None:
+            return self.other_act(input)
+        if self.validate and not ((input >= 0) & (input <= 1)).all():
+            raise ValueError(
+                "with softmax=False and no other activation the input must hold probabilities "
+                "in [0, 1]; pass softmax=True (or leave it None) for logits"
+            )
+        return input
+
+    def _prepare(
+        self, input: Tensor, target: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Checked float32+ input, then what :meth:`_prepare_target` returns."""
+        self._check_input(input)
+        fg, valid, labels = self._prepare_target(input, target, mask, one_hot_target=self.softmax)
+        dtype = torch.promote_types(input.dtype, torch.float32)
+        return input.to(dtype), fg, valid, labels
+
+    def _lovasz_softmax(self, input: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+        probs, fg, weight = self._select_channels(self._probabilities(input), fg)
+        if self.softmax or self.sigmoid:
+            return self._lovasz(
+                functional.lovasz_probability_class_losses, probs, fg, valid, weight
+            )
+        # another activation may leave [0, 1]: differentiate through the errors |y - p|
+        errors = (fg.to(probs.dtype) - probs).abs()
+        return self._lovasz(functional.lovasz_class_losses, errors, fg, valid, weight)
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits (or probabilities with ``softmax=False``).
+            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
+            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+        Returns:
+            The loss, reduced as set by ``reduction``.
+
+        Raises:
+            ValueError: on shape mismatches and, with ``validate``, on bad values.
+        """
+        input, target, mask = (
+            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
+        )
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            input, fg, valid, _ = self._prepare(input, target, mask)
+            return self._lovasz_softmax(input, fg, valid)
+
+
+class LovaszHingeLoss(_LovaszLoss):
+    """Lovász hinge loss on logits: binary (one channel) or multi-label (each channel binary).
+
+    The errors are the hinge margins ``relu(1 - logit * (2 y - 1))`` of each channel, weighted by
+    the Lovász extension of the channel's Jaccard loss. Channels are averaged, then volumes.
+
+    Args:
+        include_background: if False and there is more than one channel, channel 0 is left out.
+        to_onehot_y: convert a ``(B, 1, *spatial)`` label map to one-hot (multi-channel input).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :class:`LovaszSoftmaxLoss`.
+        batch: False: one loss per volume (the reference's ``per_image=True``, its default for
+            the hinge); True: the batch is one set of voxels.
+        weight: per-channel weights of the channel mean (or a scalar).
+        ignore_index: label value whose voxels take part in nothing (label-map targets).
+        classes: ``"all"`` (default; an empty channel still penalises false positives, as in the
+            reference), ``"present"``, or a list of channel indices.
+        validate, method, bins, chunk_elements, distributed, process_group: as in
+            :class:`LovaszSoftmaxLoss`.
+
+    Shapes:
+        input: ``(B, C, *spatial)`` logits, ``C >= 1``.
+        target: ``(B, C, *spatial)`` binary, or ``(B, 1, *spatial)`` 0/1 map when ``C == 1``, or a
+        label map with ``to_onehot_y=True``.
+        mask: optional ``(B, 1, *spatial)`` bool or 0/1.
+
+    Example:
+        >>> import torch
+        >>> loss = LovaszHingeLoss()
+        >>> logits = torch.randn(2, 1, 16, 16, requires_grad=True)
+        >>> value = loss(logits, (torch.rand(2, 1, 16, 16) > 0.5).float())
+        >>> value.backward()
+        >>> value.ndim
+        0
+
+    Raises:
+        ValueError: on an unknown reduction/method/classes, and in ``forward`` on shape
+            mismatches and (with ``validate``) bad values.
+        TypeError: when ``input`` is not a floating point tensor.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        *,
+        batch: bool = False,
+        weight: Sequence[float] | float | Tensor | None = None,
+        ignore_index: int | None = None,
+        classes: str | Sequence[int] = "all",
+        validate: bool = True,
+        method: Method = "sort",
+        bins: int = DEFAULT_BINS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        distributed: bool = False,
+        process_group: object | None = None,
+    ) -> None:
+        super().__init__(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+            classes=classes,
+            validate=validate,
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
+            distributed=distributed,
+            process_group=process_group,
+        )
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: binary ``(B, C, *spatial)`` target or ``(B, 1, *spatial)`` label map.
+            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+
+        Returns:
+            The loss, reduced as set by ``reduction``.
+
+        Raises:
+            ValueError: on shape mismatches and, with ``validate``, on bad values.
+        """
+        input, target, mask = (
+            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
+        )
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            self._check_input(input)
+            fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
+            logits = input.to(torch.promote_types(input.dtype, torch.float32))
+            logits, fg, weight = self._select_channels(logits, fg)
+            return self._lovasz(functional.lovasz_hinge_class_losses, logits, fg, valid, weight)

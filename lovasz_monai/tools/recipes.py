@@ -1,0 +1,204 @@
+"""The loss recipes that ``compare`` knows (:data:`LOSSES`) and the warm-up schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DEFAULT_LOSSES",
+    "DEFAULT_MAX_EPOCHS",
+    "DEFAULT_OVERRIDES",
+    "LOSSES",
+    "LossSpec",
+    "schedule_epochs",
+]
+
+DEFAULT_LOSSES = ("ce", "dicece", "lovasz", "lovasz_ce", "ce_to_lovasz")
+"""Losses compared when ``--losses`` is not given."""
+
+DEFAULT_MAX_EPOCHS = 20
+"""Epochs per run when ``--max-epochs`` is not given."""
+
+DEFAULT_OVERRIDES = ("--data.num_samples", "2")
+"""LovaszCLI overrides applied before the user's (unless ``--no-scale-down``): 2 patches per
+volume instead of the demo's 4, which halves the cost of a step."""
+
+_CE = {"class_path": "torch.nn.CrossEntropyLoss"}
+_LOVASZ = {"class_path": "lovasz_monai.LovaszSoftmaxLoss", "init_args": {"to_onehot_y": True}}
+_NO_SCHEDULE = {"warmup_loss": None, "warmup_epochs": 0, "ramp_epochs": 0}
+
+
+def _lovasz(name: str, **init_args: Any) -> dict[str, Any]:
+    """``class_path`` dict of ``lovasz_monai.<name>(to_onehot_y=True, **init_args)``."""
+    return {"class_path": f"lovasz_monai.{name}", "init_args": {"to_onehot_y": True, **init_args}}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One entry of :data:`LOSSES`: a description and the model arguments it sets.
+
+    ``model`` maps ``(max_epochs, warmup_epochs, ramp_epochs)`` to ``model.*`` values given to
+    the LovaszCLI (``class_path`` dicts for modules).
+    """
+
+    description: str
+    model: Callable[[int, int, int], dict[str, Any]]
+
+
+LOSSES: dict[str, LossSpec] = {
+    "ce": LossSpec(
+        "torch.nn.CrossEntropyLoss (masked voxels -> ignore_index)",
+        lambda e, w, r: {"loss": _CE, **_NO_SCHEDULE},
+    ),
+    "dicece": LossSpec(
+        "DiceCELoss(to_onehot_y, softmax) with the mask (MaskedDiceCELoss)",
+        lambda e, w, r: {
+            "loss": {"class_path": "lovasz_monai.losses.MaskedDiceCELoss"},
+            **_NO_SCHEDULE,
+        },
+    ),
+    "dicece_monai": LossSpec(
+        "monai.losses.DiceCELoss(to_onehot_y, softmax), no mask (ignored voxels = background)",
+        lambda e, w, r: {
+            "loss": {
+                "class_path": "monai.losses.DiceCELoss",
+                "init_args": {"to_onehot_y": True, "softmax": True},
+            },
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz": LossSpec(
+        "LovaszSoftmaxLoss(to_onehot_y=True)",
+        lambda e, w, r: {"loss": _LOVASZ, **_NO_SCHEDULE},
+    ),
+    "lovasz_ce": LossSpec(
+        "LovaszCELoss(to_onehot_y=True): Lovász + CE",
+        lambda e, w, r: {
+            "loss": {"class_path": "lovasz_monai.LovaszCELoss", "init_args": {"to_onehot_y": True}},
+            **_NO_SCHEDULE,
+        },
+    ),
+    "ce_to_lovasz": LossSpec(
+        "CE for the warm-up epochs, linear ramp, then LovaszSoftmaxLoss",
+        lambda e, w, r: {
+            "loss": _LOVASZ,
+            "warmup_loss": _CE,
+            "warmup_epochs": w,
+            "ramp_epochs": r,
+        },
+    ),
+    # Lovász variants (issue 9: which settings matter on real anatomy)
+    "ce_to_lovasz_lr01": LossSpec(
+        "ce_to_lovasz with the learning rates scaled by 0.1 when the Lovász phase starts",
+        lambda e, w, r: {
+            "loss": _LOVASZ,
+            "warmup_loss": _CE,
+            "warmup_epochs": w,
+            "ramp_epochs": r,
+            "finetune_lr_scale": 0.1,
+        },
+    ),
+    "lovasz_batch": LossSpec(
+        "LovaszSoftmaxLoss(to_onehot_y=True, batch=True): the batch as one set of voxels",
+        lambda e, w, r: {"loss": _lovasz("LovaszSoftmaxLoss", batch=True), **_NO_SCHEDULE},
+    ),
+    "lovasz_all": LossSpec(
+        'LovaszSoftmaxLoss(to_onehot_y=True, classes="all")',
+        lambda e, w, r: {"loss": _lovasz("LovaszSoftmaxLoss", classes="all"), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_batch": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, batch=True)",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", batch=True), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_nobg": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, include_background=False): class weight 0 on the "
+        "background in the Lovász mean",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", include_background=False),
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_lowce": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3): more Lovász in the balance",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.3), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_mince": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.1): mostly Lovász",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.1), **_NO_SCHEDULE},
+    ),
+    "lovasz_ce_csf": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3, weight=[1, 2, 1, 1]): the first foreground "
+        "class (CSF in the brain-tissue task) counts twice in the Lovász class mean",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, weight=[1.0, 2.0, 1.0, 1.0]),
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_csf_ce": LossSpec(
+        "lovasz_ce_csf with the same class weights in the cross-entropy (ce_weight)",
+        lambda e, w, r: {
+            "loss": _lovasz(
+                "LovaszCELoss",
+                lambda_ce=0.3,
+                weight=[1.0, 2.0, 1.0, 1.0],
+                ce_weight=[1.0, 2.0, 1.0, 1.0],
+            ),
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_highce": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=3.0): more CE in the balance",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
+    ),
+}
+# Issue 11: the rows of the Lovász loss under DDP. All histogram (the distributed loss needs it),
+# so that only the set of voxels of a class row differs: a patch, this process's patches, or
+# the patches of all processes.
+_ROWS = {
+    "": ("each patch (volume)", {}),
+    "_batch": ("the patches of this process (batch=True)", {"batch": True}),
+    "_global": (
+        "the patches of all processes (batch=True, distributed=True)",
+        {"batch": True, "distributed": True},
+    ),
+}
+for _suffix, (_rows, _init) in _ROWS.items():
+    LOSSES[f"lovasz_hist{_suffix}"] = LossSpec(
+        f"LovaszSoftmaxLoss(method='histogram'), one row per class over {_rows}",
+        lambda e, w, r, _init=_init: {
+            "loss": _lovasz("LovaszSoftmaxLoss", method="histogram", **_init),
+            **_NO_SCHEDULE,
+        },
+    )
+    LOSSES[f"lovasz_ce_hist{_suffix}"] = LossSpec(
+        f"LovaszCELoss(lambda_ce=0.3, method='histogram'), one row per class over {_rows}",
+        lambda e, w, r, _init=_init: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, method="histogram", **_init),
+            **_NO_SCHEDULE,
+        },
+    )
+"""The losses ``compare`` knows, by key."""
+
+
+def schedule_epochs(
+    max_epochs: int, warmup_epochs: int | None = None, ramp_epochs: int | None = None
+) -> tuple[int, int]:
+    """Warm-up and ramp epochs of ``ce_to_lovasz``: by default half and a sixth of the epochs.
+
+    Args:
+        max_epochs: epochs of the run.
+        warmup_epochs: warm-up epochs; ``None``: ``max_epochs // 2``.
+        ramp_epochs: ramp epochs; ``None``: ``max_epochs // 6``.
+
+    Returns:
+        ``(warmup, ramp)`` as integers (not checked against ``max_epochs``).
+
+    Example:
+        >>> schedule_epochs(12), schedule_epochs(1), schedule_epochs(12, 4, 0)
+        ((6, 2), (0, 0), (4, 0))
+    """
+    warmup = max_epochs // 2 if warmup_epochs is None else int(warmup_epochs)
+    ramp = max_epochs // 6 if ramp_epochs is None else int(ramp_epochs)
+    return warmup, ramp

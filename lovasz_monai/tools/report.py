@@ -1,0 +1,482 @@
+"""Results of a loss comparison: run records, mean +/- std, the Markdown table and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lovasz_monai.tools.recipes import DEFAULT_OVERRIDES, LOSSES
+
+__all__ = [
+    "ComparisonResult",
+    "RunResult",
+    "aggregate",
+    "format_mean_std",
+    "markdown_table",
+    "plot_comparison",
+    "report",
+    "write_results",
+]
+
+
+def _yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a YAML mapping, got {type(config).__name__}")
+    return config
+
+
+def aggregate(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``) of the finite values.
+
+    NaN values (e.g. the IoU of a class absent from labels and predictions) are left out. One
+    value has standard deviation 0; none gives ``(nan, nan)``.
+
+    Args:
+        values: numbers, one per seed.
+
+    Returns:
+        ``(mean, std)``.
+
+    Example:
+        >>> aggregate([0.5, 0.7, 0.9])
+        (0.7, 0.2)
+        >>> aggregate([0.4, float("nan")])
+        (0.4, 0.0)
+
+    Raises:
+        ValueError: a value ``float()`` cannot parse (e.g. the string ``"a"``).
+        TypeError: a value ``float()`` does not accept (e.g. ``None``).
+    """
+    finite = [float(v) for v in values if not math.isnan(float(v))]
+    if not finite:
+        return math.nan, math.nan
+    mean = statistics.fmean(finite)
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return round(mean, 12), round(std, 12)
+
+
+def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``"mean ± std"`` of :func:`aggregate`, or ``"n/a"`` without finite values.
+
+    Example:
+        >>> format_mean_std([0.5, 0.7, 0.9])
+        '0.700 ± 0.200'
+        >>> format_mean_std([float("nan")])
+        'n/a'
+
+    Raises:
+        ValueError: a negative ``digits``, or a value ``float()`` cannot parse (see
+            :func:`aggregate`).
+        TypeError: a value ``float()`` does not accept (see :func:`aggregate`).
+    """
+    mean, std = aggregate(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+@dataclass
+class RunResult:
+    """Outcome of one (loss, seed) run; IoU/Dice lists are per class (NaN where undefined).
+
+    Args:
+        loss, seed: the run's key of :data:`LOSSES` and seed.
+        miou, dice: mIoU and mean Dice of the final model (see :func:`evaluate`).
+        iou, dice_per_class: per-class values, ``C`` each.
+        step_times: wall-clock seconds of every training step.
+        val_miou_curve: logged ``val/mIoU`` of every validation epoch.
+        logged_val_miou: the last of them (NaN without one).
+        wall_time: seconds of the whole run.
+        run_dir: the run's ``default_root_dir``.
+        class_names, counted_classes, num_val_volumes: as in :class:`ComparisonResult`.
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> run.median_step  # the first step left out
+        0.2
+    """
+
+    loss: str
+    seed: int
+    miou: float
+    dice: float
+    iou: list[float]
+    dice_per_class: list[float]
+    step_times: list[float]
+    val_miou_curve: list[float]
+    logged_val_miou: float
+    wall_time: float
+    run_dir: str
+    class_names: list[str] = field(default_factory=list)
+    counted_classes: list[int] = field(default_factory=list)
+    num_val_volumes: int = 0
+
+    @property
+    def median_step(self) -> float:
+        """Median training-step time in seconds, the first step left out when there are more."""
+        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        return statistics.median(times) if times else math.nan
+
+
+@dataclass
+class ComparisonResult:
+    """All runs of a comparison and what is needed to describe it.
+
+    Args:
+        config, losses, seeds, max_epochs, overrides: the settings of :func:`compare`.
+        class_names: one name per class (``C``).
+        counted_classes: indices of the classes the means count.
+        num_val_volumes: validation volumes evaluated.
+        command: the command line written in the report.
+        runs: one :class:`RunResult` per (loss, seed).
+        warmup_epochs, ramp_epochs: schedule of ``ce_to_lovasz``.
+        torch_threads: ``torch.get_num_threads()`` of the runs.
+        total_time: seconds of the whole comparison.
+        bench_times: :func:`benchmark_steps` times per loss.
+        config_max_epochs: the config's ``trainer.max_epochs`` (``None`` when unset).
+        scaled_down: whether the runs were scaled down from the config.
+        processes: DDP processes of each run (1: no DDP).
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> [r.seed for r in result.by_loss("ce")]
+        [0]
+        >>> ComparisonResult.from_json(result.to_json()) == result
+        True
+    """
+
+    config: str
+    losses: list[str]
+    seeds: list[int]
+    max_epochs: int
+    overrides: list[str]
+    class_names: list[str]
+    counted_classes: list[int]
+    num_val_volumes: int
+    command: str
+    runs: list[RunResult] = field(default_factory=list)
+    warmup_epochs: int = 0
+    ramp_epochs: int = 0
+    torch_threads: int = 1
+    total_time: float = 0.0
+    bench_times: dict[str, list[float]] = field(default_factory=dict)
+    config_max_epochs: int | None = None
+    scaled_down: bool = True
+    processes: int = 1
+
+    def by_loss(self, loss: str) -> list[RunResult]:
+        """The runs of one loss, in seed order."""
+        return sorted((r for r in self.runs if r.loss == loss), key=lambda r: r.seed)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (NaN written as null)."""
+        data = asdict(self)
+        return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComparisonResult:
+        """Rebuild a result from :meth:`to_json` output (null read back as NaN).
+
+        Raises:
+            TypeError: a key that is not a field.
+        """
+
+        def nan(value: Any) -> Any:
+            if value is None:
+                return math.nan
+            if isinstance(value, list):
+                return [nan(v) for v in value]
+            return value
+
+        fields = dict(data)
+        runs = []
+        for run in fields.pop("runs", []):
+            run = dict(run)
+            for key in ("miou", "dice", "iou", "dice_per_class", "val_miou_curve"):
+                run[key] = nan(run.get(key))
+            run["logged_val_miou"] = nan(run.get("logged_val_miou"))
+            runs.append(RunResult(**run))
+        return cls(**fields, runs=runs)
+
+
+def markdown_table(result: ComparisonResult) -> str:
+    """The Markdown report: header (command, settings, how metrics are computed) and the table.
+
+    Columns: loss, mIoU, IoU of every class, Dice (``mean ± std`` over seeds), the median
+    training-step time of the runs, the median of the interleaved timing
+    (:func:`benchmark_steps`, ``n/a`` without one) and its ratio to the first loss.
+
+    Args:
+        result: a :class:`ComparisonResult` with at least one run per loss.
+
+    Returns:
+        The Markdown text.
+
+    Raises:
+        ValueError: a loss without runs.
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> lines = markdown_table(result).splitlines()
+        >>> print(lines[0])
+        # Loss comparison on `configs/demo.yaml`
+        >>> print(next(line for line in lines if line.startswith("| `ce`")))
+        | `ce` | 0.500 ± 0.000 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.600 ± 0.000 | 200 | n/a | n/a |
+    """
+    names = result.class_names
+    counted = ", ".join(names[i] for i in result.counted_classes)
+    warm = ""
+    if "ce_to_lovasz" in result.losses:
+        warm = (
+            f" `ce_to_lovasz`: CE for {result.warmup_epochs} epochs, a linear ramp over "
+            f"{result.ramp_epochs}, then Lovász-Softmax alone."
+        )
+    config_epochs = ""
+    if result.config_max_epochs is not None:
+        config_epochs = f"the config has {result.config_max_epochs}; "
+    scaled = ""
+    if result.scaled_down:
+        scaled = (
+            " Scaled down from the config so that the whole comparison runs on a CPU in "
+            "minutes; the numbers are not those of a full training."
+        )
+    lines = [
+        f"# Loss comparison on `{result.config}`",
+        "",
+        "```bash",
+        result.command,
+        "```",
+        "",
+        f"Settings: {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), "
+        f"{result.max_epochs} epochs per run ({config_epochs}the cosine `T_max` follows), "
+        f"overrides applied after the config: `{' '.join(result.overrides) or 'none'}`.{scaled}"
+        f"{warm}",
+        "",
+        f"Evaluation: the final model on the {result.num_val_volumes} validation volume(s) "
+        "(whole volumes, sliding window), voxels with mask = 1 only (the ignore label left "
+        "out). IoU per class from the confusion matrix of the whole validation split; mIoU = "
+        f"mean over {counted}; Dice = per-volume Dice 2·TP/(2·TP + FP + FN) averaged "
+        f"over volumes and over {counted}. Cells: mean ± sample std over seeds.",
+        "",
+        "Time: `train step` is the median wall time of a training step during the runs "
+        "(forward, loss, backward, optimizer; median over the runs' medians, the first step of "
+        "each run left out); `timed step` the median of an interleaved timing of the same step "
+        "on one batch, loss after loss in the same process, and `ratio` its ratio to "
+        f"`{result.losses[0]}`. CPU, {result.torch_threads} torch threads, a shared machine: "
+        "the run times also carry the load of other processes; the interleaved ratio does not "
+        "(as much).",
+        "",
+    ]
+    if result.processes > 1:
+        lines[-1:-1] = [
+            "",
+            f"DDP: every run trained on {result.processes} processes (`lovasz-monai fit "
+            "--trainer.strategy ddp`), each with its share of the batches; `train step` is "
+            "rank 0's, collectives included; the final `last.ckpt` is evaluated in one process.",
+        ]
+    header = ["loss", "mIoU", *[f"IoU {n}" for n in names], "Dice"]
+    header += ["train step (ms)", "timed step (ms)", "ratio"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+    bench = {k: statistics.median(v) for k, v in result.bench_times.items() if v}
+    base = bench.get(result.losses[0])
+    for loss in result.losses:
+        runs = result.by_loss(loss)
+        if not runs:
+            raise ValueError(f"no runs for loss {loss!r}")
+        step = statistics.median([r.median_step for r in runs])
+        cells = [f"`{loss}`", format_mean_std([r.miou for r in runs])]
+        cells += [format_mean_std([r.iou[c] for r in runs]) for c in range(len(names))]
+        cells += [format_mean_std([r.dice for r in runs]), f"{1000 * step:.0f}"]
+        timed = bench.get(loss)
+        cells.append("n/a" if timed is None else f"{1000 * timed:.0f}")
+        cells.append("n/a" if timed is None or not base else f"{timed / base:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Losses:", ""]
+    lines += [f"- `{loss}`: {LOSSES[loss].description}" for loss in result.losses]
+    lines += [
+        "",
+        f"Total time: {result.total_time / 60:.1f} min. Per-run numbers: the JSON file next to "
+        "this one.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
+    """Bar chart of mIoU and Dice (mean ± std over seeds) per loss, and the validation mIoU
+    curves (mean over seeds, ± std band) per epoch.
+
+    Args:
+        result: the comparison.
+        path: PNG file to write.
+
+    Returns:
+        ``Path(path)``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> png = plot_comparison(result, pathlib.Path(tempfile.mkdtemp()) / "cmp.png")
+        >>> png.name, png.stat().st_size > 0
+        ('cmp.png', True)
+
+    Raises:
+        ImportError: matplotlib is not installed (it is a ``test`` extra).
+        OSError: the folder of ``path`` cannot be created or the file cannot be written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    losses = result.losses
+    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(len(losses))
+    width = 0.38
+    for offset, key, label in ((-width / 2, "miou", "mIoU"), (width / 2, "dice", "Dice")):
+        stats = [aggregate([getattr(r, key) for r in result.by_loss(loss)]) for loss in losses]
+        means = [m for m, _ in stats]
+        stds = [s for _, s in stats]
+        bars = ax_bar.bar(x + offset, means, width, yerr=stds, capsize=3, label=label)
+        ax_bar.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize=7, padding=2)
+    ax_bar.set_xticks(x, losses, rotation=20)
+    ax_bar.set_ylim(0, 1.18)
+    ax_bar.set_yticks(np.linspace(0, 1, 6))
+    ax_bar.set_ylabel("validation score (final model)")
+    ax_bar.set_title(f"mean ± std over {len(result.seeds)} seed(s)")
+    ax_bar.legend(loc="upper center", ncol=2, fontsize=8)
+    for loss in losses:
+        curves = [r.val_miou_curve for r in result.by_loss(loss) if r.val_miou_curve]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        arr = np.array([c[:length] for c in curves], dtype=float)
+        epochs = np.arange(1, length + 1)
+        mean = np.nanmean(arr, axis=0)
+        (line,) = ax_curve.plot(epochs, mean, marker="o", markersize=3, label=loss)
+        if arr.shape[0] > 1:
+            std = np.nanstd(arr, axis=0, ddof=1)
+            ax_curve.fill_between(
+                epochs, mean - std, mean + std, alpha=0.15, color=line.get_color()
+            )
+    ax_curve.xaxis.get_major_locator().set_params(integer=True)
+    ax_curve.set_xlabel("epoch")
+    ax_curve.set_ylabel("val/mIoU")
+    ax_curve.set_ylim(0, 1.0)
+    ax_curve.set_title("validation mIoU during training")
+    ax_curve.legend(fontsize=8)
+    fig.suptitle(f"Loss comparison: {result.config}, {result.max_epochs} epochs")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _scaled_down(max_epochs: int, config_epochs: int | None, overrides: Sequence[str]) -> bool:
+    """Whether a comparison runs fewer epochs than the config or with the default overrides."""
+    n = len(DEFAULT_OVERRIDES)
+    with_defaults = any(
+        tuple(overrides[i : i + n]) == DEFAULT_OVERRIDES for i in range(len(overrides))
+    )
+    return with_defaults or (config_epochs is not None and max_epochs < config_epochs)
+
+
+def write_results(result: ComparisonResult, output: str | os.PathLike) -> list[Path]:
+    """Write ``<output>.md`` (:func:`markdown_table`), ``<output>.json`` and ``<output>.png``.
+
+    Args:
+        result: the comparison (at least one run per loss).
+        output: path without suffix; its folder is created.
+
+    Returns:
+        The three paths.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> paths = write_results(result, pathlib.Path(tempfile.mkdtemp()) / "cmp")
+        >>> [p.name for p in paths]
+        ['cmp.md', 'cmp.json', 'cmp.png']
+
+    Raises:
+        ValueError: a loss without runs (see :func:`markdown_table`).
+        ImportError: matplotlib is not installed (see :func:`plot_comparison`).
+        OSError: the files cannot be written.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    md, js, png = (output.with_name(output.name + ext) for ext in (".md", ".json", ".png"))
+    md.write_text(markdown_table(result), encoding="utf-8")
+    js.write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
+    plot_comparison(result, png)
+    return [md, js, png]
+
+
+def report(path: str | os.PathLike, output: str | os.PathLike | None = None) -> ComparisonResult:
+    """Rewrite ``<output>.md`` and ``<output>.png`` from a comparison's JSON file (no training).
+
+    Args:
+        path: the ``<output>.json`` written by :func:`compare`.
+        output: path without suffix of the files to write; default: ``path`` without ``.json``.
+
+    Returns:
+        The :class:`ComparisonResult` read.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> stem = pathlib.Path(tempfile.mkdtemp()) / "cmp"
+        >>> _ = write_results(result, stem)
+        >>> report(stem.with_suffix(".json")).runs[0].miou
+        0.5
+    """
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    # files written before these fields existed: derive them from the config
+    if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
+        trainer_config = _yaml_config(data["config"]).get("trainer") or {}
+        data["config_max_epochs"] = trainer_config.get("max_epochs")
+    if "scaled_down" not in data:
+        data["scaled_down"] = _scaled_down(
+            data["max_epochs"], data.get("config_max_epochs"), data.get("overrides", [])
+        )
+    result = ComparisonResult.from_json(data)
+    stem = Path(output) if output is not None else path.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".md").write_text(markdown_table(result), encoding="utf-8")
+    plot_comparison(result, stem.with_name(stem.name + ".png"))
+    return result

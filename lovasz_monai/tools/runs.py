@@ -1,0 +1,378 @@
+"""One run of a loss comparison: the LovaszCLI arguments, training (one process or DDP), the
+evaluation of the final model, and an interleaved timing of training steps."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ProgressBar
+from torch import Tensor
+
+from lovasz_monai.tools.recipes import LOSSES, schedule_epochs
+from lovasz_monai.tools.report import RunResult, _yaml_config
+
+__all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "evaluate", "run_one"]
+
+
+class TrainingRecorder(Callback):
+    """Training-step wall times and the logged ``val/mIoU`` of every validation epoch.
+
+    Args:
+        path: optional JSON file that the global rank 0 writes at the end of ``fit``:
+            ``{"step_times": [...], "val_miou": [...]}`` (for runs in another process, e.g.
+            ``lovasz-monai fit --trainer.callbacks+=...`` under DDP).
+
+    Example:
+        >>> recorder = TrainingRecorder()
+        >>> recorder.step_times, recorder.val_miou
+        ([], [])
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.step_times: list[float] = []
+        self.val_miou: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.step_times.append(time.perf_counter() - self._start)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val/mIoU")
+        self.val_miou.append(math.nan if value is None else float(value))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.path is not None and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"step_times": self.step_times, "val_miou": self.val_miou}
+            self.path.write_text(json.dumps(record))
+
+
+@torch.no_grad()
+def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """IoU and Dice of a trained :class:`~lovasz_monai.module.LovaszSegmentationModule` on whole
+    volumes, from one set of predictions, on voxels with ``mask == 1``.
+
+    Args:
+        model: a multi-class ``LovaszSegmentationModule`` (``sliding_window``, ``discretize``,
+            ``mean_iou``, ``num_classes``).
+        loader: batches with ``"image"`` ``(B, C_in, *S)``, ``"label"`` ``(B, 1, *S)`` and
+            ``"mask"`` ``(B, 1, *S)`` (e.g. the datamodule's ``val_dataloader()``).
+        context: optional factory of a context manager for the forward passes (e.g. the
+            trainer's ``precision_plugin.val_step_context``).
+
+    Returns:
+        ``{"iou": [C], "dice": [C], "miou": float, "dice_mean": float, "num_volumes": int}``:
+        per-class IoU from the confusion matrix over all volumes, per-class Dice averaged over
+        volumes (NaN where the class is in neither label nor prediction of any volume), and
+        their means over the classes ``model.mean_iou`` counts.
+
+    Raises:
+        ValueError: a multi-label or one-channel binary model, or an empty loader.
+
+    Example:
+        >>> from torch import nn
+        >>> from lovasz_monai.module import LovaszSegmentationModule
+        >>> model = LovaszSegmentationModule(3, network=nn.Conv3d(1, 3, 1), roi_size=(4, 4, 4))
+        >>> batch = {
+        ...     "image": torch.randn(2, 1, 4, 4, 4),
+        ...     "label": torch.randint(0, 3, (2, 1, 4, 4, 4)),
+        ...     "mask": torch.ones(2, 1, 4, 4, 4),
+        ... }
+        >>> metrics = evaluate(model, [batch])
+        >>> sorted(metrics), len(metrics["iou"]), metrics["num_volumes"]
+        (['dice', 'dice_mean', 'iou', 'miou', 'num_volumes'], 3, 2)
+    """
+    if model.mode != "multiclass":
+        raise ValueError("evaluate supports multi-class (softmax) models only")
+    # fresh copies of the module's own metrics: torchmetrics IoU and the per-case Dice
+    iou_metric = model.val_iou.clone()
+    iou_metric.reset()
+    cases = copy.deepcopy(model.val_cases)
+    cases.reset()
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            if context is None:
+                logits = model.sliding_window(batch["image"])
+            else:
+                with context():
+                    logits = model.sliding_window(batch["image"])
+            label, mask = batch["label"].to(logits.device), batch["mask"].to(logits.device)
+            model.update_metric(iou_metric, logits.float(), label, mask)
+            cases.update(model.discretize(logits.float()), label, mask)
+    finally:
+        model.train(was_training)
+    if not len(cases):
+        raise ValueError("evaluate got an empty loader")
+    iou = iou_metric.compute().float().cpu()
+    dice = cases.gather().values["Dice"].nanmean(0)
+    return {
+        "iou": iou.tolist(),
+        "dice": dice.tolist(),
+        "miou": float(model.mean_iou(iou)),
+        "dice_mean": float(model.mean_iou(dice)),
+        "num_volumes": len(cases),
+    }
+
+
+def cli_args(
+    config: str | os.PathLike,
+    loss: str,
+    seed: int,
+    max_epochs: int,
+    run_dir: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    warmup_epochs: int | None = None,
+    ramp_epochs: int | None = None,
+) -> list[str]:
+    """The LovaszCLI arguments of one run: config, overrides, then the run's own settings.
+
+    Args:
+        config: LightningCLI YAML.
+        loss: a key of :data:`LOSSES`.
+        seed: ``seed_everything`` value.
+        max_epochs: training epochs; a ``CosineAnnealingLR``'s ``T_max`` in the config follows.
+        run_dir: ``trainer.default_root_dir`` of the run.
+        overrides: further ``--key value`` arguments (applied after the config).
+        warmup_epochs, ramp_epochs: schedule of ``ce_to_lovasz`` (see :func:`schedule_epochs`).
+
+    Returns:
+        A list of strings for ``LovaszCLI(args=..., run=False)``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> config = pathlib.Path(tempfile.mkdtemp()) / "exp.yaml"
+        >>> _ = config.write_text("lr_scheduler: {class_path: CosineAnnealingLR}")
+        >>> args = cli_args(config, "lovasz", 1, 3, "runs/x")
+        >>> args[args.index("--seed_everything") + 1], args[args.index("--trainer.max_epochs") + 1]
+        ('1', '3')
+        >>> args[args.index("--lr_scheduler.init_args.T_max") + 1]
+        '3'
+        >>> args[-4:]  # doctest: +NORMALIZE_WHITESPACE
+        ['--model.loss={"class_path": "lovasz_monai.LovaszSoftmaxLoss", "init_args":
+        {"to_onehot_y": true}}', '--model.warmup_loss=null', '--model.warmup_epochs=0',
+        '--model.ramp_epochs=0']
+
+    Raises:
+        KeyError: an unknown loss.
+    """
+    if loss not in LOSSES:
+        raise KeyError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    warmup, ramp = schedule_epochs(max_epochs, warmup_epochs, ramp_epochs)
+    args = ["--config", str(config), *overrides]
+    args += ["--seed_everything", str(seed), "--trainer.max_epochs", str(max_epochs)]
+    args += ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_model_summary", "false"]
+    scheduler = _yaml_config(config).get("lr_scheduler")
+    if isinstance(scheduler, Mapping) and str(scheduler.get("class_path", "")).endswith(
+        "CosineAnnealingLR"
+    ):
+        args += ["--lr_scheduler.init_args.T_max", str(max_epochs)]
+    for key, value in LOSSES[loss].model(max_epochs, warmup, ramp).items():
+        args.append(f"--model.{key}={json.dumps(value)}")
+    return args
+
+
+def run_one(
+    config: str | os.PathLike,
+    loss: str,
+    seed: int,
+    max_epochs: int,
+    run_dir: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    warmup_epochs: int | None = None,
+    ramp_epochs: int | None = None,
+    progress_bar: bool = False,
+    processes: int = 1,
+) -> RunResult:
+    """Train and evaluate one (loss, seed) run built by :class:`~lovasz_monai.cli.LovaszCLI`.
+
+    Args:
+        config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs: see
+            :func:`cli_args`. ``run_dir`` is emptied first.
+        progress_bar: keep the config's progress bar (False removes it).
+        processes: ``> 1``: train with DDP on that many processes (``lovasz-monai fit
+            --trainer.strategy ddp`` in a subprocess, its output in ``<run_dir>/fit.log``; the
+            step times are those of rank 0), then evaluate ``last.ckpt`` in this process.
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        KeyError: an unknown loss.
+        ValueError: a config whose model is not multi-class, or without a validation split.
+        SystemExit: a LovaszCLI parse error (jsonargparse prints what is wrong).
+        RuntimeError: the DDP training subprocess failed (the end of its output is included).
+
+    Example:
+        >>> run = run_one("configs/demo.yaml", "lovasz", 0, 2, "runs/one")  # doctest: +SKIP
+        >>> run.loss, run.seed, len(run.val_miou_curve)  # doctest: +SKIP
+        ('lovasz', 0, 2)
+    """
+    from lovasz_monai.cli import LovaszCLI  # heavy import, only when a run is made
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    args = cli_args(config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs)
+    if processes > 1:
+        recorder = _fit_ddp(args, run_dir, processes)
+        args += ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
+    pl.seed_everything(seed, workers=True, verbose=False)
+    cli = LovaszCLI(args=args, run=False)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    if model.mode != "multiclass":
+        raise ValueError("compare needs a multi-class (softmax) model and label maps")
+    if processes > 1:
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])
+        datamodule.setup("fit")
+    else:
+        recorder = TrainingRecorder()
+        callbacks = list(trainer.callbacks)
+        if not progress_bar:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+        trainer.callbacks = [*callbacks, recorder]
+        trainer.fit(model, datamodule=datamodule)
+    loader = datamodule.val_dataloader()
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        raise ValueError("compare needs a validation split (data.val_fraction > 0)")
+    metrics = evaluate(model, loader, trainer.precision_plugin.val_step_context)
+    logged = recorder.val_miou[-1] if recorder.val_miou else math.nan
+    return RunResult(
+        loss=loss,
+        seed=int(seed),
+        miou=metrics["miou"],
+        dice=metrics["dice_mean"],
+        iou=metrics["iou"],
+        dice_per_class=metrics["dice"],
+        step_times=recorder.step_times,
+        val_miou_curve=recorder.val_miou,
+        logged_val_miou=logged,
+        wall_time=time.perf_counter() - start,
+        run_dir=str(run_dir),
+        class_names=list(model.class_names),
+        counted_classes=_counted_classes(model),
+        num_val_volumes=int(metrics["num_volumes"]),
+    )
+
+
+def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder:
+    """``lovasz-monai fit`` of ``args`` with DDP on ``processes`` processes, in a subprocess;
+    the step times and logged ``val/mIoU`` that rank 0 recorded."""
+    record = run_dir / "recorder.json"
+    callback = {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}}
+    command = [sys.executable, "-m", "lovasz_monai.cli", "fit", *args]
+    command += ["--trainer.strategy=ddp", f"--trainer.devices={processes}"]
+    command += [f"--trainer.callbacks=[{json.dumps(callback)}]"]
+    command += ["--trainer.enable_progress_bar=false"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    (run_dir / "fit.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"DDP training failed ({shlex.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"
+        )
+    recorder = TrainingRecorder()
+    data = json.loads(record.read_text())
+    recorder.step_times, recorder.val_miou = data["step_times"], data["val_miou"]
+    return recorder
+
+
+def _counted_classes(model: Any) -> list[int]:
+    """Indices of the classes that ``model.mean_iou`` averages."""
+    first = 0 if model.metric_include_background else 1
+    return list(range(first if model.num_classes > first else 0, model.num_classes))
+
+
+def benchmark_steps(
+    config: str | os.PathLike,
+    losses: Sequence[str],
+    run_dir: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    repeats: int = 50,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Interleaved timing of one training step per loss, on one batch, in one process.
+
+    Builds the config's model once per loss (same seed, so the same initial network), takes one
+    training batch, and times ``training_step`` (in the trainer's precision context) +
+    ``backward`` + an AdamW step, loss after loss in a rotating order, ``warmup + repeats``
+    rounds. Interleaving exposes every loss to the same machine load, so the ratios stay
+    meaningful on a shared machine where the times of whole runs are not. ``ce_to_lovasz`` is
+    timed in its final phase (the Lovász loss alone).
+
+    Args:
+        config, overrides: as in :func:`cli_args`.
+        losses: keys of :data:`LOSSES`.
+        run_dir: scratch ``default_root_dir`` (nothing is written there by the timing itself).
+        repeats: timed rounds.
+        warmup: untimed rounds first.
+        seed: ``seed_everything`` value.
+
+    Returns:
+        Seconds per step, ``repeats`` values per loss.
+
+    Example:
+        >>> times = benchmark_steps(
+        ...     "configs/demo.yaml", ["ce", "lovasz"], "runs/bench", repeats=3, warmup=1
+        ... )  # doctest: +SKIP
+        >>> {loss: len(t) for loss, t in times.items()}  # doctest: +SKIP
+        {'ce': 3, 'lovasz': 3}
+
+    Raises:
+        KeyError: an unknown loss.
+    """
+    from lovasz_monai.cli import LovaszCLI
+
+    models: dict[str, tuple[Any, torch.optim.Optimizer, Callable[[], Any]]] = {}
+    batch: dict[str, Tensor] | None = None
+    for loss in losses:
+        args = cli_args(config, loss, seed, 1, Path(run_dir) / loss, overrides)
+        cli = LovaszCLI(args=args, run=False)
+        model = cli.model
+        if loss == "ce_to_lovasz":
+            model.warmup_loss = None  # the final phase: the Lovász loss alone
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        models[loss] = (model, optimizer, cli.trainer.precision_plugin.train_step_context)
+        if batch is None:
+            cli.datamodule.setup("fit")
+            batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch is not None
+    times: dict[str, list[float]] = {loss: [] for loss in losses}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(losses)
+        for loss in [*losses[shift:], *losses[:shift]]:
+            model, optimizer, context = models[loss]
+            start = time.perf_counter()
+            with context():
+                value = model.training_step(batch, 0)
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if round_ >= warmup:
+                times[loss].append(time.perf_counter() - start)
+    return times
