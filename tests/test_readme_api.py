@@ -1,0 +1,66 @@
+"""The README's API table names what the package has, and the public functions are in it."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+import lovasz_monai
+from lovasz_monai import functional, losses
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def api_table_names() -> list[str]:
+    """The backticked names of the first column of the ``## API`` table (commands left out)."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first_cell = line.split("|")[1]
+        names += [n for n in re.findall(r"`([^`]+)`", first_cell) if " " not in n and "-" not in n]
+    return names
+
+
+def resolve(name: str) -> object:
+    """``lovasz_monai.<name>``: a module, or an attribute of one (``module.Class.method``)."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(["lovasz_monai", *parts[:cut]]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute)
+        return obj
+    obj = lovasz_monai
+    for attribute in parts:
+        obj = getattr(obj, attribute)
+    return obj
+
+
+def test_the_table_is_found():
+    names = api_table_names()
+    assert len(names) > 30
+    assert "functional.decode_target" in names and "LovaszSoftmaxLoss" in names
+
+
+@pytest.mark.parametrize("name", api_table_names())
+def test_every_name_in_the_table_exists(name):
+    assert resolve(name) is not None
+
+
+@pytest.mark.parametrize(
+    ("module", "prefix"), [(functional, "functional."), (losses, ""), (lovasz_monai, "")]
+)
+def test_every_public_name_is_in_the_table(module, prefix):
+    names = set(api_table_names())
+    constants = {n for n in module.__all__ if n.isupper() or n in ("Method", "__version__")}
+    missing = [n for n in module.__all__ if n not in constants and f"{prefix}{n}" not in names]
+    missing = [n for n in missing if f"losses.{n}" not in names]
+    assert not missing, f"public names missing from the README's API table: {missing}"
