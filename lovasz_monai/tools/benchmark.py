@@ -737,15 +737,17 @@ def _versions() -> str:
 
 def _source_version() -> str:
     """Git commit of the checkout (``+modified`` when the loss sources differ from it) and a
-    short hash of ``functional.py`` and ``losses.py``: which code a table measured."""
+    short hash of the ``functional`` and ``losses`` packages: which code a table measured."""
     import hashlib
     import subprocess
     from pathlib import Path
 
-    package = Path(__file__).resolve().parent
-    sources = [package / "functional.py", package / "losses.py"]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.exists()))
-    text = f"functional.py+losses.py sha256 {digest.hexdigest()[:12]}"
+    package = Path(__file__).resolve().parents[1]
+    sources = sorted((package / "functional").glob("*.py")) + sorted(
+        (package / "losses").glob("*.py")
+    )
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources))
+    text = f"functional/+losses/ sha256 {digest.hexdigest()[:12]}"
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
