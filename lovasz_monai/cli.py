@@ -51,7 +51,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lovasz_monai.data import SegmentationDataModule
+from lovasz_monai.data import SegmentationDataModule, describe_dataset
 from lovasz_monai.module import LovaszSegmentationModule, modules_from_config
 from lovasz_monai.precision import LovaszTrainer, resolve_and_report
 from lovasz_monai.writer import NiftiPredictionWriter
@@ -89,14 +89,14 @@ def _set_network_channels(config: Namespace) -> None:
     """Give a ``model.network`` configured by ``class_path`` the dataset's channels.
 
     ``in_channels`` = the dataset's image channels, ``out_channels`` = ``model.out_channels``
-    or the dataset's classes/regions, read from ``dataset.json`` by a
-    :class:`SegmentationDataModule` built from ``config.data``; each is set only when the
-    network's constructor has a parameter of that name. (A Lightning instantiation link into
-    ``model.network.init_args`` would fail whenever ``model.network`` is left unset.)
+    or the dataset's classes/regions, from the :func:`~lovasz_monai.data.describe_dataset` of
+    ``config.data``; each is set only when the network's constructor has a parameter of that
+    name. (A Lightning instantiation link into ``model.network.init_args`` would fail whenever
+    ``model.network`` is left unset.)
 
     Raises:
-        FileNotFoundError, ValueError: from :class:`SegmentationDataModule` (a missing or
-            malformed ``dataset.json``), as the CLI would raise them a moment later.
+        FileNotFoundError, ValueError: a missing or malformed ``dataset.json``, as the
+            datamodule would raise them a moment later.
     """
     network = config.model.get("network")
     if not isinstance(network, Namespace) or network.get("class_path") is None:
@@ -106,14 +106,19 @@ def _set_network_channels(config: Namespace) -> None:
     wanted = {"in_channels", "out_channels"} & set(params)
     if not wanted:
         return
-    with warnings.catch_warnings():  # the datamodule the CLI builds next warns again
-        warnings.simplefilter("ignore")
-        data = SegmentationDataModule(**config.data.clone().as_dict())
+    data = config.data
+    description = describe_dataset(
+        data.data_dir,
+        data.get("synthetic", False),
+        data.get("synthetic_kwargs"),
+        ignore_index=data.get("ignore_index"),
+        regions=data.get("regions"),
+    )
     if network.get("init_args") is None:
         network.init_args = Namespace()
     channels = {
-        "in_channels": data.in_channels,
-        "out_channels": config.model.get("out_channels") or data.num_classes,
+        "in_channels": description.in_channels,
+        "out_channels": config.model.get("out_channels") or description.num_classes,
     }
     for name in wanted:
         network.init_args[name] = channels[name]

@@ -56,7 +56,12 @@ from lovasz_monai.synthetic import make_synthetic_dataset
 from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
 from lovasz_monai.writer import save_prediction
 
-__all__ = ["SegmentationDataModule", "make_synthetic_dataset", "save_prediction"]
+__all__ = [
+    "SegmentationDataModule",
+    "describe_dataset",
+    "make_synthetic_dataset",
+    "save_prediction",
+]
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -114,6 +119,48 @@ class _CaseCompose(Compose):
 # --------------------------------------------------------------------------------------------
 # the DataModule
 # --------------------------------------------------------------------------------------------
+
+
+def describe_dataset(
+    data_dir: str | os.PathLike,
+    synthetic: bool = False,
+    synthetic_kwargs: dict[str, Any] | None = None,
+    *,
+    ignore_index: int | None = None,
+    regions: dict[str, Sequence[int]] | None = None,
+) -> DatasetDescription:
+    """The :class:`~lovasz_monai.dataset.DatasetDescription` of ``<data_dir>/dataset.json``,
+    written first by :func:`make_synthetic_dataset` when ``synthetic`` and missing.
+
+    Args:
+        data_dir: folder of the dataset (MSD layout).
+        synthetic, synthetic_kwargs: as in :class:`SegmentationDataModule`.
+        ignore_index, regions: see :meth:`DatasetDescription.from_json`.
+
+    Returns:
+        The frozen description.
+
+    Raises:
+        FileNotFoundError: no ``dataset.json`` and not ``synthetic``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> description = describe_dataset(
+        ...     folder, synthetic=True, synthetic_kwargs={"num_cases": 2, "size": (8, 8, 8)}
+        ... )
+        >>> description.num_classes, description.in_channels
+        (3, 1)
+    """
+    dataset_json = Path(data_dir) / "dataset.json"
+    if not dataset_json.is_file():
+        if not synthetic:
+            raise FileNotFoundError(
+                f"{dataset_json} not found: data_dir must hold a Medical Segmentation Decathlon "
+                "style dataset.json (or pass synthetic=True to write a synthetic dataset there)."
+            )
+        make_synthetic_dataset(data_dir, **(synthetic_kwargs or {}))
+    return DatasetDescription.from_json(dataset_json, ignore_index=ignore_index, regions=regions)
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -274,16 +321,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.augment = augment
 
         self.dataset_json = self.data_dir / "dataset.json"
-        if not self.dataset_json.is_file():
-            if not synthetic:
-                raise FileNotFoundError(
-                    f"{self.dataset_json} not found: data_dir must hold a Medical Segmentation "
-                    "Decathlon style dataset.json (or pass synthetic=True to write a synthetic "
-                    "dataset there)."
-                )
-            make_synthetic_dataset(self.data_dir, **(synthetic_kwargs or {}))
-        description = DatasetDescription.from_json(
-            self.dataset_json, ignore_index=ignore_index, regions=regions
+        description = describe_dataset(
+            self.data_dir, synthetic, synthetic_kwargs, ignore_index=ignore_index, regions=regions
         )
         self.description = description
         self.label_names = list(description.label_names)
