@@ -81,11 +81,12 @@ def test_schedule_epochs_defaults_and_overrides():
 
 
 def _value(args: list[str], key: str) -> str:
-    for i, arg in enumerate(args):
-        if arg == key:
+    """The last value given for ``key``: the one the parser keeps."""
+    for i in range(len(args) - 1, -1, -1):
+        if args[i] == key:
             return args[i + 1]
-        if arg.startswith(key + "="):
-            return arg.split("=", 1)[1]
+        if args[i].startswith(key + "="):
+            return args[i].split("=", 1)[1]
     raise KeyError(key)
 
 
@@ -110,6 +111,28 @@ def test_cli_args_per_loss():
     assert _value(plain, "--model.warmup_loss") == "null"
     with pytest.raises(KeyError, match="unknown loss"):
         cli_args(DEMO, "focal", 0, 1, "runs/z")
+
+
+def test_a_recipe_replaces_the_config_loss_entirely(monkeypatch, tmp_path):
+    """``configs/demo_ddp.yaml`` sets ``LovaszCELoss(batch=True, distributed=True, ...)``; a
+    recipe's loss must not inherit those settings (jsonargparse keeps the init_args that a new
+    class_path also accepts unless the value is reset first)."""
+    from lovasz_monai.cli import LovaszCLI
+
+    monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    data = ["--data.synthetic_kwargs.num_cases=2", "--data.synthetic_kwargs.size=[16,16,16]"]
+    single = ["--trainer.devices=1", "--trainer.strategy=auto", *data]
+    single.append(f"--data.data_dir={tmp_path / 'data'}")
+    for loss, batch, distributed in [
+        ("lovasz_hist", False, False),
+        ("lovasz_hist_batch", True, False),
+        ("lovasz_hist_global", True, True),
+    ]:
+        args = cli_args(ROOT / "configs" / "demo_ddp.yaml", loss, 0, 1, tmp_path / loss, single)
+        model = LovaszCLI(args=args, run=False).model
+        assert type(model.loss).__name__ == "LovaszSoftmaxLoss"
+        assert (model.loss.batch, model.loss.distributed) == (batch, distributed), loss
+        assert model.loss.method == "histogram"
 
 
 def test_every_loss_builds_through_the_cli_parser():

@@ -168,10 +168,10 @@ def cli_args(
         ('1', '3')
         >>> args[args.index("--lr_scheduler.init_args.T_max") + 1]
         '3'
-        >>> args[-4:]  # doctest: +NORMALIZE_WHITESPACE
-        ['--model.loss={"class_path": "lovasz_monai.LovaszSoftmaxLoss", "init_args":
-        {"to_onehot_y": true}}', '--model.warmup_loss=null', '--model.warmup_epochs=0',
-        '--model.ramp_epochs=0']
+        >>> args[-5:]  # doctest: +NORMALIZE_WHITESPACE
+        ['--model.loss=null', '--model.loss={"class_path": "lovasz_monai.LovaszSoftmaxLoss",
+        "init_args": {"to_onehot_y": true}}', '--model.warmup_loss=null',
+        '--model.warmup_epochs=0', '--model.ramp_epochs=0']
 
     Raises:
         KeyError: an unknown loss.
@@ -188,6 +188,10 @@ def cli_args(
     ):
         args += ["--lr_scheduler.init_args.T_max", str(max_epochs)]
     for key, value in LOSSES[loss].model(max_epochs, warmup, ramp).items():
+        if isinstance(value, Mapping):
+            # reset first: jsonargparse would keep the config's init_args that the new class
+            # also accepts (a config's `batch: true` would leak into every recipe)
+            args.append(f"--model.{key}=null")
         args.append(f"--model.{key}={json.dumps(value)}")
     return args
 
