@@ -27,7 +27,9 @@ files. ::
 once per group of losses below (same network, data, steps and seeds for all), writing
 ``experiments/brain_tissue/<group>.json`` (+ ``.md``, ``.png``); ``table`` merges those JSON
 files into one table: mean +/- std over seeds of the foreground mIoU, the per-class IoU and the
-mean Dice on the validation volumes, and each loss's difference to Dice+CE.
+mean Dice on the validation volumes, and each loss's difference to Dice+CE. The group ``long``
+trains Dice+CE and the default recipe for twice the epochs (:data:`GROUP_EPOCH_SCALE`) into
+``experiments/brain_tissue/2x/``: ``table --folder experiments/brain_tissue/2x``.
 
 Needs ``nilearn`` (``pip install -e ".[experiments]"``) for its packaged template files.
 """
