@@ -428,6 +428,23 @@ def test_compare_command_tiny(tmp_path):
         assert run["miou"] == pytest.approx(run["logged_val_miou"], abs=1e-4)
         assert (tmp_path / "runs" / run["loss"] / "seed0" / "checkpoints" / "last.ckpt").is_file()
 
+    # --resume: the finished runs are evaluated again, not trained again: same numbers
+    first = json.loads(output.with_suffix(".json").read_text())
+    last = tmp_path / "runs" / "lovasz" / "seed0" / "checkpoints" / "last.ckpt"
+    stamp = last.stat().st_mtime_ns
+    resumed = [*command[: command.index("--bench-repeats")], "--bench-repeats", "0", "--resume"]
+    done = subprocess.run(resumed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(output.with_suffix(".json").read_text())
+    assert last.stat().st_mtime_ns == stamp
+    for a, b in zip(first["runs"], again["runs"], strict=True):
+        assert (a["loss"], a["miou"], a["iou"], a["step_times"]) == (
+            b["loss"],
+            b["miou"],
+            b["iou"],
+            b["step_times"],
+        )
+
 
 def test_old_import_paths_still_work():
     """``lovasz_monai.experiments`` / ``lovasz_monai.benchmark`` forward to ``lovasz_monai.tools``;

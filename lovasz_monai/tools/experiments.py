@@ -153,6 +153,7 @@ def compare(
     log: Callable[[str], None] | None = _print_flush,
     bench_repeats: int = 50,
     processes: int = 1,
+    resume: bool = False,
 ) -> ComparisonResult:
     """Train every (loss, seed) pair and write ``<output>.md``, ``.json`` and ``.png``.
 
@@ -171,6 +172,8 @@ def compare(
         log: progress printer (``None``: silent).
         bench_repeats: rounds of :func:`benchmark_steps` after the runs (0: no benchmark).
         processes: DDP processes per run (see :func:`run_one`).
+        resume: reuse the runs whose training finished in ``runs_dir`` (see :func:`run_one`),
+            e.g. after an interrupted comparison.
 
     Returns:
         The :class:`ComparisonResult`.
@@ -217,6 +220,7 @@ def compare(
             warmup_epochs,
             ramp_epochs,
             processes=processes,
+            resume=resume,
         )
         if result is None:
             result = ComparisonResult(
@@ -305,6 +309,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="train each run with DDP on this many processes (a `lovasz-monai fit` subprocess)",
     )
+    cmp.add_argument(
+        "--resume",
+        action="store_true",
+        help="evaluate the runs whose training finished in --runs-dir instead of training them "
+        "again (after an interruption)",
+    )
     cmp.add_argument("--verbose", action="store_true", help="keep Lightning's messages")
     rep = sub.add_parser(
         "report",
@@ -368,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         command="python -m lovasz_monai.experiments " + shlex.join(argv),
         bench_repeats=args.bench_repeats,
         processes=args.processes,
+        resume=args.resume,
     )
 
 

@@ -32,8 +32,9 @@ class TrainingRecorder(Callback):
 
     Args:
         path: optional JSON file that the global rank 0 writes at the end of ``fit``:
-            ``{"step_times": [...], "val_miou": [...]}`` (for runs in another process, e.g.
-            ``lovasz-monai fit --trainer.callbacks+=...`` under DDP).
+            ``{"step_times": [...], "val_miou": [...], "fit_seconds": ...}`` (for runs in another
+            process, e.g. ``lovasz-monai fit --trainer.callbacks+=...`` under DDP, and as the mark
+            of a finished run that ``compare --resume`` reuses).
 
     Example:
         >>> recorder = TrainingRecorder()
@@ -45,7 +46,21 @@ class TrainingRecorder(Callback):
         self.path = None if path is None else Path(path)
         self.step_times: list[float] = []
         self.val_miou: list[float] = []
+        self.fit_seconds = math.nan
         self._start = 0.0
+        self._fit_start = 0.0
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> TrainingRecorder:
+        """The recorder that :meth:`on_fit_end` wrote to ``path``."""
+        data = json.loads(Path(path).read_text())
+        recorder = cls(path)
+        recorder.step_times, recorder.val_miou = data["step_times"], data["val_miou"]
+        recorder.fit_seconds = float(data.get("fit_seconds", math.nan))
+        return recorder
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._start = time.perf_counter()
@@ -60,9 +75,14 @@ class TrainingRecorder(Callback):
         self.val_miou.append(math.nan if value is None else float(value))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_start
         if self.path is not None and trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            record = {"step_times": self.step_times, "val_miou": self.val_miou}
+            record = {
+                "step_times": self.step_times,
+                "val_miou": self.val_miou,
+                "fit_seconds": self.fit_seconds,
+            }
             self.path.write_text(json.dumps(record))
 
 
@@ -207,6 +227,7 @@ def run_one(
     ramp_epochs: int | None = None,
     progress_bar: bool = False,
     processes: int = 1,
+    resume: bool = False,
 ) -> RunResult:
     """Train and evaluate one (loss, seed) run built by :class:`~lovasz_monai.cli.LovaszCLI`.
 
@@ -217,6 +238,9 @@ def run_one(
         processes: ``> 1``: train with DDP on that many processes (``lovasz-monai fit
             --trainer.strategy ddp`` in a subprocess, its output in ``<run_dir>/fit.log``; the
             step times are those of rank 0), then evaluate ``last.ckpt`` in this process.
+        resume: a ``run_dir`` whose training finished (``recorder.json`` and
+            ``checkpoints/last.ckpt``) is evaluated again instead of trained again; its step
+            times and ``wall_time`` (the training's) come from ``recorder.json``.
 
     Returns:
         The :class:`RunResult`.
@@ -236,23 +260,28 @@ def run_one(
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    if run_dir.exists():
+    record, last = run_dir / "recorder.json", run_dir / "checkpoints" / "last.ckpt"
+    trained = resume and record.is_file() and last.is_file()
+    if run_dir.exists() and not trained:
         shutil.rmtree(run_dir)
     args = cli_args(config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs)
-    if processes > 1:
+    if trained:
+        recorder = TrainingRecorder.read(record)
+    elif processes > 1:
         recorder = _fit_ddp(args, run_dir, processes)
+    if trained or processes > 1:  # evaluate the checkpoint in this process, on one device
         args += ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
     pl.seed_everything(seed, workers=True, verbose=False)
     cli = LovaszCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if model.mode != "multiclass":
         raise ValueError("compare needs a multi-class (softmax) model and label maps")
-    if processes > 1:
-        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trained or processes > 1:
+        checkpoint = torch.load(last, weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])
         datamodule.setup("fit")
     else:
-        recorder = TrainingRecorder()
+        recorder = TrainingRecorder(record)
         callbacks = list(trainer.callbacks)
         if not progress_bar:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
@@ -273,7 +302,7 @@ def run_one(
         step_times=recorder.step_times,
         val_miou_curve=recorder.val_miou,
         logged_val_miou=logged,
-        wall_time=time.perf_counter() - start,
+        wall_time=recorder.fit_seconds if trained else time.perf_counter() - start,
         run_dir=str(run_dir),
         class_names=list(model.class_names),
         counted_classes=_counted_classes(model),
@@ -298,10 +327,7 @@ def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder
         raise RuntimeError(
             f"DDP training failed ({shlex.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"
         )
-    recorder = TrainingRecorder()
-    data = json.loads(record.read_text())
-    recorder.step_times, recorder.val_miou = data["step_times"], data["val_miou"]
-    return recorder
+    return TrainingRecorder.read(record)
 
 
 def _counted_classes(model: Any) -> list[int]:
