@@ -153,33 +153,41 @@ LOSSES: dict[str, LossSpec] = {
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
     ),
 }
-# Issue 11: the rows of the Lovász loss under DDP. All histogram (the distributed loss needs it),
-# so that only the set of voxels of a class row differs: a patch, this process's patches, or
-# the patches of all processes.
-_ROWS = {
-    "": ("each patch (volume)", {}),
-    "_batch": ("the patches of this process (batch=True)", {"batch": True}),
-    "_global": (
-        "the patches of all processes (batch=True, distributed=True)",
-        {"batch": True, "distributed": True},
-    ),
-}
-for _suffix, (_rows, _init) in _ROWS.items():
-    LOSSES[f"lovasz_hist{_suffix}"] = LossSpec(
-        f"LovaszSoftmaxLoss(method='histogram'), one row per class over {_rows}",
-        lambda e, w, r, _init=_init: {
-            "loss": _lovasz("LovaszSoftmaxLoss", method="histogram", **_init),
-            **_NO_SCHEDULE,
-        },
-    )
-    LOSSES[f"lovasz_ce_hist{_suffix}"] = LossSpec(
-        f"LovaszCELoss(lambda_ce=0.3, method='histogram'), one row per class over {_rows}",
-        lambda e, w, r, _init=_init: {
-            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, method="histogram", **_init),
-            **_NO_SCHEDULE,
-        },
-    )
 """The losses ``compare`` knows, by key."""
+
+
+def _row_recipes() -> dict[str, LossSpec]:
+    """The rows of the Lovász loss under DDP (issue 11), alone and with 0.3 x CE. All use the
+    histogram method (the distributed loss needs it), so that only the set of voxels of a class
+    row differs: a patch, this process's patches, or the patches of all processes."""
+    rows = {
+        "": ("each patch (volume)", {}),
+        "_batch": ("the patches of this process (batch=True)", {"batch": True}),
+        "_global": (
+            "the patches of all processes (batch=True, distributed=True)",
+            {"batch": True, "distributed": True},
+        ),
+    }
+    recipes = {}
+    for suffix, (where, init) in rows.items():
+        recipes[f"lovasz_hist{suffix}"] = LossSpec(
+            f"LovaszSoftmaxLoss(method='histogram'), one row per class over {where}",
+            lambda e, w, r, init=init: {
+                "loss": _lovasz("LovaszSoftmaxLoss", method="histogram", **init),
+                **_NO_SCHEDULE,
+            },
+        )
+        recipes[f"lovasz_ce_hist{suffix}"] = LossSpec(
+            f"LovaszCELoss(lambda_ce=0.3, method='histogram'), one row per class over {where}",
+            lambda e, w, r, init=init: {
+                "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, method="histogram", **init),
+                **_NO_SCHEDULE,
+            },
+        )
+    return recipes
+
+
+LOSSES.update(_row_recipes())
 
 
 def schedule_epochs(

@@ -262,6 +262,7 @@ def run_one(
     run_dir = Path(run_dir)
     record, last = run_dir / "recorder.json", run_dir / "checkpoints" / "last.ckpt"
     trained = resume and record.is_file() and last.is_file()
+    from_checkpoint = trained or processes > 1  # else trained and evaluated in this process
     if run_dir.exists() and not trained:
         shutil.rmtree(run_dir)
     args = cli_args(config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs)
@@ -269,14 +270,14 @@ def run_one(
         recorder = TrainingRecorder.read(record)
     elif processes > 1:
         recorder = _fit_ddp(args, run_dir, processes)
-    if trained or processes > 1:  # evaluate the checkpoint in this process, on one device
+    if from_checkpoint:  # evaluated in this process, on one device
         args += ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
     pl.seed_everything(seed, workers=True, verbose=False)
     cli = LovaszCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if model.mode != "multiclass":
         raise ValueError("compare needs a multi-class (softmax) model and label maps")
-    if trained or processes > 1:
+    if from_checkpoint:
         checkpoint = torch.load(last, weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])
         datamodule.setup("fit")
@@ -311,8 +312,9 @@ def run_one(
 
 
 def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder:
-    """``lovasz-monai fit`` of ``args`` with DDP on ``processes`` processes, in a subprocess;
-    the step times and logged ``val/mIoU`` that rank 0 recorded."""
+    """``lovasz-monai fit`` of ``args`` with DDP on ``processes`` processes, in a subprocess
+    (the config's callbacks replaced by a :class:`TrainingRecorder`, no progress bar); the step
+    times and logged ``val/mIoU`` that rank 0 recorded."""
     record = run_dir / "recorder.json"
     callback = {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}}
     command = [sys.executable, "-m", "lovasz_monai.cli", "fit", *args]
