@@ -221,8 +221,9 @@ GROUPS = {
 }
 #: groups trained for a multiple of ``--max-epochs``; their results go to ``<RESULTS>/<n>x/``
 GROUP_EPOCH_SCALE = {"long": 2}
-RESULTS = Path(__file__).resolve().parent / "brain_tissue"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "brain_tissue.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "brain_tissue"
+CONFIG = ROOT / "configs" / "brain_tissue.yaml"
 
 
 def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
@@ -231,12 +232,13 @@ def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
         scale = GROUP_EPOCH_SCALE.get(group, 1)
         output = RESULTS / group if scale == 1 else RESULTS / f"{scale}x" / group
         cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
-        cmd += ["--config", str(CONFIG), "--seeds", *map(str, seeds)]
+        cmd += ["--config", str(CONFIG.relative_to(ROOT)), "--seeds", *map(str, seeds)]
         cmd += ["--max-epochs", str(epochs * scale), "--losses", *GROUPS[group]]
-        cmd += ["--output", str(output), "--runs-dir", f"runs/brain_tissue/{group}"]
+        cmd += ["--output", str(output.relative_to(ROOT))]
+        cmd += ["--runs-dir", f"runs/brain_tissue/{group}"]
         cmd += ["--bench-repeats", "20" if group == "main" else "0"]
         print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)  # relative paths in the written results
 
 
 def results_table(folder: str | Path = RESULTS, baseline: str = "dicece") -> str:
