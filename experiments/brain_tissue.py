@@ -20,7 +20,7 @@ files. ::
 
     python experiments/brain_tissue.py build --output data/brain_tissue         # 24 + 8 cases
     python experiments/brain_tissue.py build --output /tmp/bt --train 2 --test 1  # a quick look
-    python experiments/brain_tissue.py compare    # every loss and variant, 3 seeds (~1 h, 2 cores)
+    python experiments/brain_tissue.py compare    # every loss and variant, 3 seeds (~2 h, 2 cores)
     python experiments/brain_tissue.py table      # experiments/brain_tissue/results.md from JSON
 
 ``compare`` runs ``python -m lovasz_monai.experiments compare --config configs/brain_tissue.yaml``
