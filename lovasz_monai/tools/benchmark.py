@@ -753,7 +753,7 @@ def _profile(case: Case, settings: Settings, device: torch.device) -> str:
     )
 
 
-def _communication(cases: list[Case], args: argparse.Namespace) -> str:
+def _communication(cases: list[Case], bins: int, processes: int, repeats: int, warmup: int) -> str:
     """The ``--communication`` section: computed for the GPU grid, measured for ``cases``."""
     from lovasz_monai.tools.communication import computed_table, measured_table
 
@@ -761,17 +761,17 @@ def _communication(cases: list[Case], args: argparse.Namespace) -> str:
     measured = [(c.batch, c.classes, c.spatial) for c in cases]
     return "\n".join(
         [
-            f"### Communication of the distributed loss per step ({args.bins} bins)",
+            f"### Communication of the distributed loss per step ({bins} bins)",
             "",
             "Computed, per process, for the GPU grid (the batch of a size is one process's):",
             "",
-            computed_table(grid, args.bins),
+            computed_table(grid, bins),
             "",
-            f"Measured with {args.processes} CPU processes (gloo) on this machine, median of "
-            f"{args.repeats} steps after {args.warmup} (each step's time is the slowest "
+            f"Measured with {processes} CPU processes (gloo) on this machine, median of "
+            f"{repeats} steps after {warmup} (each step's time is the slowest "
             "process's):",
             "",
-            measured_table(measured, args.bins, args.processes, args.repeats, args.warmup),
+            measured_table(measured, bins, processes, repeats, warmup),
             "",
         ]
     )
@@ -808,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is visible")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.communication and args.processes < 2:
+        parser.error(f"--processes must be >= 2 for --communication, got {args.processes}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -832,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header)
     sections = [header]
     if args.communication:
-        sections.append(_communication(cases, args))
+        sections.append(_communication(cases, args.bins, args.processes, args.repeats, args.warmup))
         print(sections[-1])
         cases = []
     failures = []
