@@ -63,9 +63,9 @@ def concatenated(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     }
 
 
-def losses() -> dict[str, torch.nn.Module]:
-    """The losses under test, by name, without the ``distributed`` option."""
-    common = {"batch": True, "method": "histogram", "bins": BINS}
+def losses(distributed: bool = False) -> dict[str, torch.nn.Module]:
+    """The losses under test, by name."""
+    common = {"batch": True, "method": "histogram", "bins": BINS, "distributed": distributed}
     return {
         "softmax": LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE, **common),
         "softmax_all_weighted": LovaszSoftmaxLoss(
@@ -84,13 +84,6 @@ def losses() -> dict[str, torch.nn.Module]:
     }
 
 
-def distributed_copy(loss: torch.nn.Module) -> torch.nn.Module:
-    copy = type(loss).__new__(type(loss))
-    copy.__dict__.update(loss.__dict__)
-    copy.distributed = True
-    return copy
-
-
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -98,9 +91,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         results: dict = {}
         for name in ("mixed", "rank1_ignored"):
             part = scenario(name)[rank]
-            for loss_name, loss in losses().items():
+            for loss_name, loss in losses(distributed=True).items():
                 logits = part["logits"].clone().requires_grad_(True)
-                value = distributed_copy(loss)(logits, part["labels"], part["mask"])
+                value = loss(logits, part["labels"], part["mask"])
                 value.backward()
                 results[name, loss_name] = (value.detach(), logits.grad)
             # per-class rows of the functional API, for the bound against the exact sort
@@ -115,7 +108,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         part = scenario("mixed")[rank]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = part["logits"].to(torch.bfloat16).requires_grad_(True)
-            value = distributed_copy(losses()["softmax"])(logits, part["labels"], part["mask"])
+            value = losses(distributed=True)["softmax"](logits, part["labels"], part["mask"])
         value.backward()
         results["autocast"] = (value.detach(), logits.grad.float())
         # DDP: the parameters receive the gradient of the global loss
@@ -283,7 +276,7 @@ def test_without_a_process_group_nothing_changes(loss_name):
     a = part["logits"].clone().requires_grad_(True)
     b = part["logits"].clone().requires_grad_(True)
     plain = loss(a, part["labels"], part["mask"])
-    spread = distributed_copy(loss)(b, part["labels"], part["mask"])
+    spread = losses(distributed=True)[loss_name](b, part["labels"], part["mask"])
     plain.backward()
     spread.backward()
     assert not dist.is_initialized()

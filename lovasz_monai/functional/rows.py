@@ -321,14 +321,8 @@ def _lovasz_class_rows(
     source of the errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not
     with respect to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the
     weights). ``world_size > 1``: rows span the processes of ``process_group`` (histogram
-    method only)."""
-    check_lovasz_arguments(
-        method=method,
-        bins=bins,
-        chunk_elements=chunk_elements,
-        batch=True,
-        distributed=world_size > 1,
-    )
+    method only; the caller checks that, see :func:`check_lovasz_arguments`)."""
+    check_lovasz_arguments(method=method, bins=bins, chunk_elements=chunk_elements)
     if method == "sort":
         return _class_rows_by_sort(
             key,

@@ -137,9 +137,10 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
             else:
                 with context():
                     logits = model.sliding_window(batch["image"])
+            logits = logits.float()
             label, mask = batch["label"].to(logits.device), batch["mask"].to(logits.device)
-            model.update_metric(iou_metric, logits.float(), label, mask)
-            cases.update(model.discretize(logits.float()), label, mask)
+            model.update_metric(iou_metric, logits, label, mask)
+            cases.update(model.discretize(logits), label, mask)
     finally:
         model.train(was_training)
     if not len(cases):
