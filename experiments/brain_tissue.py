@@ -218,9 +218,12 @@ GROUPS = {
     "ce_to_lovasz_lr01": ["ce_to_lovasz_lr01"],
     "lovasz_ce_csf": ["lovasz_ce_csf", "lovasz_ce_csf_ce"],
     "long": ["dicece", "lovasz_ce_lowce"],
+    "patch64": ["dicece", "lovasz_ce_lowce", "lovasz_ce_csf"],
 }
 #: groups trained for a multiple of ``--max-epochs``; their results go to ``<RESULTS>/<n>x/``
 GROUP_EPOCH_SCALE = {"long": 2}
+#: groups with a setup of their own (LovaszCLI overrides); their results go to ``<RESULTS>/<group>/``
+GROUP_OVERRIDES = {"patch64": ["--data.roi_size", "[64,64,64]"]}
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "brain_tissue"
 CONFIG = ROOT / "configs" / "brain_tissue.yaml"
@@ -231,12 +234,15 @@ def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
     for group in groups:
         scale = GROUP_EPOCH_SCALE.get(group, 1)
         output = RESULTS / group if scale == 1 else RESULTS / f"{scale}x" / group
+        if group in GROUP_OVERRIDES:
+            output = RESULTS / group / group
         cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
         cmd += ["--config", str(CONFIG.relative_to(ROOT)), "--seeds", *map(str, seeds)]
         cmd += ["--max-epochs", str(epochs * scale), "--losses", *GROUPS[group]]
         cmd += ["--output", str(output.relative_to(ROOT))]
         cmd += ["--runs-dir", f"runs/brain_tissue/{group}"]
         cmd += ["--bench-repeats", "20" if group == "main" else "0"]
+        cmd += GROUP_OVERRIDES.get(group, [])
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)  # relative paths in the written results
 
