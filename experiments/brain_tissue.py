@@ -222,7 +222,7 @@ GROUPS = {
 }
 #: groups trained for a multiple of ``--max-epochs``; their results go to ``<RESULTS>/<n>x/``
 GROUP_EPOCH_SCALE = {"long": 2}
-#: groups with a setup of their own (LovaszCLI overrides); their results go to ``<RESULTS>/<group>/``
+#: groups with a setup of their own (LovaszCLI overrides); results in ``<RESULTS>/<group>/``
 GROUP_OVERRIDES = {"patch64": ["--data.roi_size", "[64,64,64]"]}
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "brain_tissue"
