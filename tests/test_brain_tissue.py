@@ -82,3 +82,27 @@ def test_results_table_merges_comparisons(brain_tissue, tmp_path):
     assert best[-2:] == ["+0.030", "+0.060 |"]  # mIoU and CSF IoU above Dice+CE
     with pytest.raises(FileNotFoundError):
         brain_tissue.results_table(tmp_path / "none")
+
+
+def test_compare_groups_write_their_own_folders(brain_tissue, monkeypatch):
+    commands = []
+    monkeypatch.setattr(brain_tissue.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    brain_tissue.run_comparison([0, 1], 10, ["main", "long", "patch64"])
+
+    def option(cmd, name):
+        return cmd[cmd.index(name) + 1]
+
+    main, long, patch64 = commands
+    assert option(main, "--output") == "experiments/brain_tissue/main"
+    assert option(main, "--max-epochs") == "10" and "--data.roi_size" not in main
+    assert option(long, "--output") == "experiments/brain_tissue/2x/long"
+    assert option(long, "--max-epochs") == "20"
+    assert option(patch64, "--output") == "experiments/brain_tissue/patch64/patch64"
+    assert option(patch64, "--data.roi_size") == "[64,64,64]"
+    assert option(patch64, "--max-epochs") == "10"
+    assert patch64[patch64.index("--losses") + 1 : patch64.index("--output")] == [
+        "dicece",
+        "lovasz_ce_lowce",
+        "lovasz_ce_csf",
+    ]
+    assert option(patch64, "--seeds") == "0" and "1" in patch64
