@@ -218,6 +218,7 @@ GROUPS = {
     "ce_to_lovasz_lr01": ["ce_to_lovasz_lr01"],
     "lovasz_ce_csf": ["lovasz_ce_csf", "lovasz_ce_csf_ce"],
     "long": ["dicece", "lovasz_ce_lowce"],
+    "dicece_to_lovasz_ce": ["dicece_to_lovasz_ce"],
     "patch64": ["dicece", "lovasz_ce_lowce", "lovasz_ce_csf"],
 }
 #: groups trained for a multiple of ``--max-epochs``; their results go to ``<RESULTS>/<n>x/``

@@ -142,12 +142,18 @@ def test_every_loss_builds_through_the_cli_parser():
 
     parser = ArgumentParser()
     parser.add_argument("--loss", type=nn.Module)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     for name, spec in LOSSES.items():
-        config = spec.model(4, 2, 1)["loss"]
-        namespace = parser.parse_args(["--loss", json.dumps(config)])
-        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-        loss = instantiate(namespace).loss
-        assert isinstance(loss, nn.Module), name
+        model = spec.model(4, 2, 1)
+        for key in ("loss", "warmup_loss"):
+            if model.get(key) is None:
+                continue
+            namespace = parser.parse_args(["--loss", json.dumps(model[key])])
+            assert isinstance(instantiate(namespace).loss, nn.Module), (name, key)
+    warmup = LOSSES["dicece_to_lovasz_ce"].model(12, 6, 2)
+    assert warmup["warmup_loss"]["class_path"].endswith("MaskedDiceCELoss")
+    assert (warmup["warmup_epochs"], warmup["ramp_epochs"]) == (6, 2)
+    assert warmup["loss"]["init_args"]["lambda_ce"] == 0.3
 
 
 # -- MaskedDiceCELoss ------------------------------------------------------------------------------

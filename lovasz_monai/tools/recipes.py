@@ -148,6 +148,16 @@ LOSSES: dict[str, LossSpec] = {
             **_NO_SCHEDULE,
         },
     ),
+    "dicece_to_lovasz_ce": LossSpec(
+        "Dice+CE (MaskedDiceCELoss) for the warm-up epochs, linear ramp, then "
+        "LovaszCELoss(lambda_ce=0.3): Lovász fine-tuning of the strong baseline",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3),
+            "warmup_loss": {"class_path": "lovasz_monai.losses.MaskedDiceCELoss"},
+            "warmup_epochs": w,
+            "ramp_epochs": r,
+        },
+    ),
     "lovasz_ce_highce": LossSpec(
         "LovaszCELoss(to_onehot_y=True, lambda_ce=3.0): more CE in the balance",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
