@@ -217,6 +217,7 @@ GROUPS = {
     "lovasz_all": ["lovasz_all"],
     "ce_to_lovasz_lr01": ["ce_to_lovasz_lr01"],
     "lovasz_ce_csf": ["lovasz_ce_csf", "lovasz_ce_csf_ce"],
+    "lovasz_ce_csf3": ["lovasz_ce_csf3"],
     "long": ["dicece", "lovasz_ce_lowce"],
     "dicece_to_lovasz_ce": ["dicece_to_lovasz_ce"],
     "patch64": ["dicece", "lovasz_ce_lowce", "lovasz_ce_csf"],

@@ -136,6 +136,13 @@ LOSSES: dict[str, LossSpec] = {
             **_NO_SCHEDULE,
         },
     ),
+    "lovasz_ce_csf3": LossSpec(
+        "lovasz_ce_csf with weight=[1, 3, 1, 1]: the first foreground class counts three times",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, weight=[1.0, 3.0, 1.0, 1.0]),
+            **_NO_SCHEDULE,
+        },
+    ),
     "lovasz_ce_csf_ce": LossSpec(
         "lovasz_ce_csf with the same class weights in the cross-entropy (ce_weight)",
         lambda e, w, r: {
