@@ -20,7 +20,7 @@ files. ::
 
     python experiments/brain_tissue.py build --output data/brain_tissue         # 24 + 8 cases
     python experiments/brain_tissue.py build --output /tmp/bt --train 2 --test 1  # a quick look
-    python experiments/brain_tissue.py compare    # every loss and variant, 3 seeds (~2 h, 2 cores)
+    python experiments/brain_tissue.py compare    # every loss and variant, 3 seeds (~3 h, 2 cores)
     python experiments/brain_tissue.py table      # experiments/brain_tissue/results.md from JSON
 
 ``compare`` runs ``python -m lovasz_monai.experiments compare --config configs/brain_tissue.yaml``
@@ -29,7 +29,9 @@ once per group of losses below (same network, data, steps and seeds for all), wr
 files into one table: mean +/- std over seeds of the foreground mIoU, the per-class IoU and the
 mean Dice on the validation volumes, and each loss's difference to Dice+CE. The group ``long``
 trains Dice+CE and the default recipe for twice the epochs (:data:`GROUP_EPOCH_SCALE`) into
-``experiments/brain_tissue/2x/``: ``table --folder experiments/brain_tissue/2x``.
+``experiments/brain_tissue/2x/``: ``table --folder experiments/brain_tissue/2x``. The group
+``patch64`` trains Dice+CE and two Lovász recipes on 64^3 instead of 48^3 patches
+(:data:`GROUP_OVERRIDES`) into ``experiments/brain_tissue/patch64/``.
 
 Needs ``nilearn`` (``pip install -e ".[experiments]"``) for its packaged template files.
 """
