@@ -237,9 +237,12 @@ def run_comparison(seeds: list[int], epochs: int, groups: list[str]) -> None:
     """Run ``lovasz_monai.experiments compare`` for each group (see :data:`GROUPS`)."""
     for group in groups:
         scale = GROUP_EPOCH_SCALE.get(group, 1)
-        output = RESULTS / group if scale == 1 else RESULTS / f"{scale}x" / group
         if group in GROUP_OVERRIDES:
             output = RESULTS / group / group
+        elif scale != 1:
+            output = RESULTS / f"{scale}x" / group
+        else:
+            output = RESULTS / group
         cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
         cmd += ["--config", str(CONFIG.relative_to(ROOT)), "--seeds", *map(str, seeds)]
         cmd += ["--max-epochs", str(epochs * scale), "--losses", *GROUPS[group]]
