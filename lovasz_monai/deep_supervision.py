@@ -12,6 +12,7 @@ and the heads are summed with the weights of ``DeepSupervisionLoss.get_weights``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,8 +81,8 @@ def head_weights(
             they replace ``weight_mode``.
 
     Raises:
-        ValueError: unknown ``weight_mode``, or fewer ``weights`` than heads (MONAI would fall
-            back to ``weight_mode`` silently).
+        ValueError: unknown ``weight_mode``, fewer ``weights`` than heads (MONAI would fall back
+            to ``weight_mode`` silently), or a negative, NaN or inf weight.
 
     Example:
         >>> head_weights(4)
@@ -94,6 +95,8 @@ def head_weights(
             f"deep supervision weights {list(weights)} cover {len(weights)} heads, the network "
             f"returned {num_heads}"
         )
+    if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"deep supervision weights must be finite and >= 0, got {list(weights)}")
     helper = DeepSupervisionLoss(
         nn.Identity(), weight_mode=weight_mode, weights=None if weights is None else list(weights)
     )
@@ -101,7 +104,12 @@ def head_weights(
 
 
 def resize_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
-    """``x`` resized by nearest-neighbour (``"nearest-exact"``) interpolation, dtype kept.
+    """``x`` resized by nearest-neighbour (``"nearest-exact"``) interpolation, values and dtype
+    kept exactly.
+
+    The voxels are picked by index, one spatial axis at a time, with the indices that
+    ``F.interpolate(mode="nearest-exact")`` picks: the result equals MONAI's resizing of the same
+    labels, without their round trip through float32 (which changes integer labels above 2^24).
 
     Args:
         x: ``(B, C, *S)`` label map, regions or mask (any dtype).
@@ -111,18 +119,31 @@ def resize_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
         ``(B, C, *S')`` of ``x``'s dtype; ``x`` itself when ``S' == S``.
 
     Raises:
-        ValueError: ``size`` has another number of dimensions than ``x``'s spatial shape.
+        ValueError: ``size`` has another number of dimensions than ``x``'s spatial shape, or a
+            size below 1.
 
     Example:
-        >>> resize_nearest(torch.arange(4.0).view(1, 1, 4), (2,)).tolist()
-        [[[1.0, 3.0]]]
+        >>> resize_nearest(torch.arange(4).view(1, 1, 4), (2,)).tolist()
+        [[[1, 3]]]
     """
     if len(size) != x.ndim - 2:
         raise ValueError(f"size {tuple(size)} does not fit the spatial shape {tuple(x.shape[2:])}")
+    if any(int(n) < 1 for n in size):
+        raise ValueError(f"size must be positive, got {tuple(size)}")
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    resized = F.interpolate(x.float(), size=tuple(size), mode="nearest-exact")
-    return resized.to(x.dtype)
+    for axis, (old, new) in enumerate(zip(x.shape[2:], size, strict=True), start=2):
+        if old != new:
+            x = x.index_select(axis, _nearest_exact_indices(old, int(new), x.device))
+    return x
+
+
+def _nearest_exact_indices(old: int, new: int, device: torch.device) -> Tensor:
+    """The source index of each of ``new`` positions, as ``"nearest-exact"`` picks it (computed
+    by interpolating the indices themselves: exact in float32 below 2^24 voxels per axis)."""
+    positions = torch.arange(old, dtype=torch.float32, device=device).view(1, 1, old)
+    picked = F.interpolate(positions, size=new, mode="nearest-exact")
+    return picked.view(new).round().long()
 
 
 def deep_supervision_loss(

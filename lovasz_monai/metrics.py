@@ -185,6 +185,8 @@ def _check_inputs(
     for name, x in (("pred", pred), ("label", label)):
         if x.numel() == 0:
             continue
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
         if multi_label:
             bad = not bool(((x == 0) | (x == 1)).all())
             expected = "0/1 values"
@@ -213,7 +215,8 @@ def case_metrics(
 
     Args:
         pred: ``(B, 1, *S)`` predicted label map (values in ``[0, num_classes)``), or
-            ``(B, num_classes, *S)`` 0/1 regions with ``multi_label``.
+            ``(B, num_classes, *S)`` 0/1 regions with ``multi_label``; integer, bool or
+            floating point holding integers.
         label: the ground truth, same shape and kind as ``pred``.
         mask: ``(B, 1, *S)``, non-zero where the voxel counts; ``None``: every voxel counts.
         num_classes: classes (label values including background) or regions.
@@ -245,6 +248,8 @@ def case_metrics(
         >>> out["HD95"]  # class 1: 95th percentiles of (0, 0) and (0, 0, 2) mm -> max(0, 1.8)
         tensor([[   nan, 1.8000, 1.9000]])
     """
+    # bool maps (a thresholded prediction, a binary label) count as 0/1 integer maps
+    pred, label = (x.to(torch.uint8) if x.dtype == torch.bool else x for x in (pred, label))
     _check_inputs(pred, label, mask, num_classes, multi_label)
     batch = pred.shape[0]
     surface = sorted(set(surface_classes)) if surface_classes is not None else None

@@ -27,6 +27,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
+from lovasz_monai.functional import label_equals
+
 __all__ = ["CheckImageLabeld", "IgnoreMaskd", "LabelToRegionsd"]
 
 
@@ -143,7 +145,7 @@ class IgnoreMaskd(MapTransform):
             # 2a. Voxels equal to ignore_index (in any channel) do not count; the label gets
             # fill_value there, so it stays a valid class map.
             if self.ignore_index is not None:
-                ignored = lab == self.ignore_index
+                ignored = label_equals(lab, self.ignore_index)
                 if bool(ignored.any()):
                     key_valid &= ~ignored.any(dim=0, keepdim=True)
                     fill = torch.as_tensor(self.fill_value, dtype=lab.dtype, device=lab.device)
@@ -334,7 +336,7 @@ class CheckImageLabeld(MapTransform):
             if lab.is_floating_point():
                 ok &= lab == torch.round(lab)
             if self.ignore_index is not None:
-                ok |= lab == self.ignore_index
+                ok |= label_equals(lab, self.ignore_index)
             if not bool(ok.all()):
                 bad = torch.unique(lab[~ok])[:10].tolist()
                 raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -14,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from lovasz_monai import cli as cli_module
 from lovasz_monai.cli import LovaszCLI, main
@@ -26,6 +27,65 @@ CONFIGS = REPO / "configs"
 DEMO = CONFIGS / "demo.yaml"
 CLASSES = ("background", "class_1", "class_2")
 IGNORE = 255
+
+
+class TrainingProbe(Callback):
+    """What a fit starts from and what its first optimizer step does (for in-process runs:
+    ``LovaszCLI(..., trainer_defaults={"callbacks": [probe]})`` adds it to the CLI's callbacks).
+
+    At ``on_train_start`` (after a checkpoint's states are restored, before the first step): the
+    model's ``state_dict``, the first optimizer's and LR scheduler's state, epoch and step. At
+    the first ``on_before_optimizer_step``: for every parameter, whether its gradient is finite
+    and its largest absolute value (``None``: no gradient).
+    """
+
+    def __init__(self) -> None:
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.optimizer: dict | None = None
+        self.scheduler: dict | None = None
+        self.epoch = self.step = -1
+        self.grads: dict[str, tuple[bool, float] | None] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+        configs = trainer.lr_scheduler_configs
+        self.scheduler = copy.deepcopy(configs[0].scheduler.state_dict()) if configs else None
+        self.epoch, self.step = trainer.current_epoch, trainer.global_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.grads is None:
+            self.grads = {
+                name: None
+                if p.grad is None
+                else (bool(p.grad.isfinite().all()), float(p.grad.detach().abs().max()))
+                for name, p in pl_module.named_parameters()
+                if p.requires_grad
+            }
+
+
+def assert_first_step_trains(cli: LovaszCLI, probe: TrainingProbe) -> None:
+    """The first optimizer step of ``cli``'s fit trained every parameter of the model.
+
+    Every parameter got a finite gradient that is not all zero (the loss reaches the whole
+    network, every deep-supervision head included), and every parameter tensor moved by about
+    the learning rate: the first AdamW step moves each element with a non-zero gradient by
+    about ``lr`` (measured, for every config and network of the smoke tests: the largest change
+    of a tensor is 0.999-1.0 ``lr``, 0.84 ``lr`` for a relative position bias table of
+    SwinUNETR), while weight decay alone moves it by ``lr * wd * |w|``, 1e4 times less. A loss
+    without gradient, or a model that was never updated, fails.
+    """
+    assert probe.grads, "no optimizer step was taken"
+    params = dict(cli.model.named_parameters())
+    for name, grad in probe.grads.items():
+        assert grad is not None, f"{name}: no gradient"
+        finite, largest = grad
+        assert finite and largest > 0, f"{name}: gradient finite={finite}, max |g|={largest}"
+    lr = probe.optimizer["param_groups"][0]["lr"]
+    assert lr > 0
+    for name in probe.grads:
+        moved = float((params[name].detach() - probe.weights[name]).abs().max())
+        assert moved >= 0.5 * lr, f"{name} moved by {moved:.2e} (lr {lr:g})"
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> str:
@@ -90,12 +150,31 @@ def dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(root, num_cases=4, num_test=2, size=(24, 24, 24), seed=1)
 
 
+#: the shared run (``trained``): 4 epochs of one step (2 patches of 16^3) at lr 0.02 instead of
+#: the demo's 0.003, so that it learns enough to tell a working pipeline from a broken one.
+TRAINED_EPOCHS = 4
+TRAINED_LR = 0.02
+#: measured on a 2-core CPU (deterministic; bf16-mixed and 32-true alike) after the 4th epoch:
+#: val/mIoU 0.184 (bf16-mixed) / 0.177 (32-true), IoU class_1 0.198 / 0.196, class_2 0.169 /
+#: 0.159; per epoch val/mIoU 0.042, 0.086, 0.158, 0.184 and train loss 1.100, 0.878, 0.766,
+#: 0.674. An all-background prediction scores IoU 0 for both foreground classes (mIoU 0), the
+#: untrained network (seed 0) 0.021 (class_1 0.019, class_2 0.024).
+TRAINED_MIN_MIOU = 0.1
+TRAINED_MIN_CLASS_IOU = 0.08
+
+
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory) -> Path:
-    """``lovasz-monai fit`` for 2 epochs; returns the run root (trainer.default_root_dir)."""
+    """``lovasz-monai fit`` for TRAINED_EPOCHS epochs; returns the run root
+    (trainer.default_root_dir)."""
     work = tmp_path_factory.mktemp("fit")
     root = work / "runs"
-    run_cli("fit", *tiny_args(dataset, root), cwd=work)
+    run_cli(
+        "fit",
+        *tiny_args(dataset, root, epochs=TRAINED_EPOCHS),
+        f"--optimizer.init_args.lr={TRAINED_LR}",
+        cwd=work,
+    )
     return root
 
 
@@ -179,6 +258,7 @@ def test_config_runs_one_step_on_synthetic_stand_in(config, tmp_path, monkeypatc
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    probe = TrainingProbe()
     cli = LovaszCLI(
         args=[
             "fit",
@@ -198,7 +278,8 @@ def test_config_runs_one_step_on_synthetic_stand_in(config, tmp_path, monkeypatc
             "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[]",
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        ]
+        ],
+        trainer_defaults={"callbacks": [probe]},
     )
     model = cli.model
     assert (model.num_classes, model.multi_label, model.out_channels) == (
@@ -212,6 +293,7 @@ def test_config_runs_one_step_on_synthetic_stand_in(config, tmp_path, monkeypatc
         assert model.class_names == ["TC", "WT", "ET"]
     assert cli.trainer.state.finished
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    assert_first_step_trains(cli, probe)  # one step: no bound on the (near-random) mIoU
     assert 0.0 <= float(cli.trainer.callback_metrics["val/mIoU"]) <= 1.0
     # predict writes the test image in its input space: a label map, or 4D regions (last axis)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
@@ -251,6 +333,7 @@ def test_network_config_trains_one_step_on_any_experiment(network, config, tmp_p
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
     name, extra = NETWORKS[network]
+    probe = TrainingProbe()
     cli = LovaszCLI(
         args=[
             "fit",
@@ -272,7 +355,8 @@ def test_network_config_trains_one_step_on_any_experiment(network, config, tmp_p
             "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[]",
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        ]
+        ],
+        trainer_defaults={"callbacks": [probe]},
     )
     net = cli.model.network
     assert type(net).__name__ == name
@@ -282,6 +366,7 @@ def test_network_config_trains_one_step_on_any_experiment(network, config, tmp_p
         assert cli.model.eval()(image).shape == (1, num_classes, 32, 32, 32)
     assert cli.trainer.state.finished
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    assert_first_step_trains(cli, probe)  # every head of DynUNet's deep supervision too
     assert 0.0 <= float(cli.trainer.callback_metrics["val/mIoU"]) <= 1.0
 
 
@@ -365,8 +450,14 @@ def test_fit_writes_checkpoints_and_metrics(trained):
     expected = {"val/mIoU", "val/loss", "train/loss"} | {f"val/IoU/{c}" for c in CLASSES}
     assert expected <= columns
     epochs = {int(r["epoch"]) for r in rows if r["val/mIoU"]}
-    assert epochs == {0, 1}
-    assert 0.0 <= last_value(rows, "val/mIoU") <= 1.0
+    assert epochs == set(range(TRAINED_EPOCHS))
+    # the run learned (see TRAINED_MIN_MIOU): a broken or never updated model fails these
+    assert TRAINED_MIN_MIOU <= last_value(rows, "val/mIoU") <= 1.0
+    for name in CLASSES[1:]:
+        assert last_value(rows, f"val/IoU/{name}") >= TRAINED_MIN_CLASS_IOU, name
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == TRAINED_EPOCHS and all(map(math.isfinite, losses))
+    assert losses[-1] < 0.8 * losses[0], losses  # measured 1.100 -> 0.674
     # the best checkpoint holds the best val/mIoU of the run
     best = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=False)
     best_score = max(float(r["val/mIoU"]) for r in rows if r["val/mIoU"])
@@ -427,6 +518,13 @@ def test_validate_iou_equals_iou_of_predicted_files(trained, dataset, tmp_path):
         assert nib.aff2axcodes(affine) == nib.aff2axcodes(image_affine)
         assert int(header["sform_code"]) > 0
 
+    # the test images (no labels): the trained model finds both foreground classes (measured:
+    # 321 and 131 voxels of class 1 and 2 in test_000, 498 and 226 in test_001, of 13,824);
+    # an all-background model predicts none
+    for path in test_images:
+        counts = np.bincount(load(out / path.name)[0].ravel(), minlength=3)
+        assert counts[1] >= 25 and counts[2] >= 25, (path.name, counts)
+
     # IoU over both validation cases, pooled (the metric is a dataset-level confusion matrix)
     preds, labels = [], []
     for case in dm.val_files:
@@ -443,6 +541,9 @@ def test_validate_iou_equals_iou_of_predicted_files(trained, dataset, tmp_path):
         ious.append(iou)
         assert last_value(rows, f"val/IoU/{name}") == pytest.approx(iou, abs=1e-5), name
     assert last_value(rows, "val/mIoU") == pytest.approx(np.nanmean(ious[1:]), abs=1e-5)
+    # the files overlap the labels as much as the trained model does (see TRAINED_MIN_MIOU);
+    # an all-background prediction has no foreground: IoU 0 for both classes
+    assert min(ious[1:]) >= TRAINED_MIN_CLASS_IOU and np.mean(ious[1:]) >= TRAINED_MIN_MIOU, ious
 
 
 # -- the demo config learns ---------------------------------------------------------------------
@@ -484,24 +585,82 @@ def test_demo_config_learns(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-# -- resume (last: it continues the shared run) -----------------------------------------------
+# -- resume ------------------------------------------------------------------------------------
+
+
+def _assert_same_state(actual, expected, where: str) -> None:
+    """Nested dicts/lists of tensors and numbers: equal keys and exactly equal values."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), where
+        for key in expected:
+            _assert_same_state(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            _assert_same_state(a, e, f"{where}[{i}]")
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        same = torch.equal(actual, expected)  # not in the assert: no tensor dump on failure
+        assert same, f"{where} differs from the checkpoint's"
+    else:
+        assert actual == expected, where
 
 
 @pytest.mark.slow
-def test_resume_from_last_checkpoint(trained, dataset):
-    """``fit --ckpt_path last`` continues the run of ``trained`` in place (its checkpoint folder
-    is fixed, so "last" finds it). Runs after the other tests that use ``trained``."""
-    root = trained
-    before = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    output = run_cli(
-        "fit", *tiny_args(dataset, root, epochs=3), "--ckpt_path=last", cwd=root.parent
+def test_resume_restores_the_checkpoint_state(dataset, tmp_path, monkeypatch):
+    """``fit --ckpt_path <last.ckpt>`` of a 1-epoch run, in a folder of its own: the resumed fit
+    starts its first step from the checkpoint's weights, AdamW moments and step counts, LR
+    scheduler, epoch and global step, and trains on from there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lovasz-monai"])
+    first_probe, probe = TrainingProbe(), TrainingProbe()
+    LovaszCLI(
+        args=["fit", *tiny_args(dataset, tmp_path / "first", epochs=1), "--data.num_workers=0"],
+        trainer_defaults={"callbacks": [first_probe]},
     )
-    assert "Restored all states" in output
-    after = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert before["epoch"] == 1 and after["epoch"] == 2
-    assert after["global_step"] > before["global_step"] > 0
-    rows = latest_metrics(root)  # the resumed run's log: only the new epoch
-    assert {int(r["epoch"]) for r in rows} == {2}
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (0, 1)  # one step of 2 patches
+    # the comparison below can tell: one step moved the weights away from the initial ones
+    assert not all(torch.equal(saved["state_dict"][k], v) for k, v in first_probe.weights.items())
+
+    resumed = LovaszCLI(
+        args=[
+            "fit",
+            *tiny_args(dataset, tmp_path / "resumed", epochs=2),
+            "--data.num_workers=0",
+            f"--ckpt_path={ckpt}",
+        ],
+        trainer_defaults={"callbacks": [probe]},
+    )
+    # what the first step of the resumed fit starts from is the checkpoint's state
+    assert (probe.epoch, probe.step) == (1, 1)
+    _assert_same_state(probe.weights, saved["state_dict"], "state_dict")
+    (optimizer_state,) = saved["optimizer_states"]
+    assert optimizer_state["state"], "the checkpoint holds no optimizer state"
+    for moments in optimizer_state["state"].values():
+        assert float(moments["step"]) == 1 and moments["exp_avg"].abs().max() > 0
+    _assert_same_state(probe.optimizer, optimizer_state, "optimizer")
+    (scheduler_state,) = saved["lr_schedulers"]
+    _assert_same_state(probe.scheduler, scheduler_state, "lr_scheduler")
+    assert probe.optimizer["param_groups"][0]["lr"] < 0.003  # annealed once from 0.003
+    # and it trained on: one more step, in the resumed run's own folder
+    trainer = resumed.trainer
+    assert (trainer.current_epoch, trainer.global_step) == (2, 2)
+    assert probe.grads and all(g is not None and g[0] and g[1] > 0 for g in probe.grads.values())
+    steps = {float(s["step"]) for s in trainer.optimizers[0].state_dict()["state"].values()}
+    assert steps == {2.0}  # the restored AdamW state plus this run's step
+    final = resumed.model.state_dict()
+    weights = [k for k, v in probe.weights.items() if k.startswith("network.")]
+    assert weights and not any(torch.equal(final[k], probe.weights[k]) for k in weights)
+    after = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert (after["epoch"], after["global_step"]) == (1, 2)
+    rows = latest_metrics(tmp_path / "resumed")  # the resumed run's log: only the new epoch
+    assert {int(r["epoch"]) for r in rows} == {1}
+    assert (tmp_path / "first" / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 1
 
 
 def test_network_channels_are_set_only_where_the_constructor_takes_them(tmp_path):

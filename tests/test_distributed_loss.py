@@ -5,7 +5,9 @@ the histogram bound against the exact sort, and the no-op without a process grou
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
 
 import pytest
 import torch
@@ -292,3 +294,91 @@ def test_distributed_needs_batch_and_histogram(cls):
         cls(distributed=True, batch=True)
     with pytest.raises(ValueError, match="needs method='histogram'"):
         Fn.lovasz_softmax(torch.rand(1, 2, 4), torch.ones(1, 2, 4), batch=True, distributed=True)
+
+
+# -- bad input on one process: the same ValueError on every process, never a hang --------------
+
+DISAGREEMENTS = {
+    # name: (what rank 1 changes, the message every process must raise)
+    "channels": "must hold the same number of channels, bins and compute dtype",
+    "dtype": "must hold the same number of channels, bins and compute dtype",
+    "bins": "must hold the same number of channels, bins and compute dtype",
+    "bad_label": r"bad input on process 1 .*label map values must lie in \[0, 4\)",
+    "nan_logits": r"bad input on process 0 .*input contains NaN or inf",
+    "empty_batch": r"bad input on process 1 .*at least one volume",
+    "not_a_tensor": r"bad input on process 0 .*target must be a torch.Tensor, got ndarray",
+    "functional_bad_label": r"bad input on process 1 .*label map values must lie",
+}
+
+
+def _disagreeing_call(name: str, rank: int) -> torch.Tensor:
+    """One distributed loss call in which process ``rank`` holds what scenario ``name`` gives."""
+    g = torch.Generator().manual_seed(rank)
+    channels = 3 if name == "channels" and rank == 1 else C
+    batch = 0 if name == "empty_batch" and rank == 1 else 2
+    logits = torch.randn(batch, channels, 4, 5, 3, generator=g)
+    labels = torch.randint(0, channels, (batch, 1, 4, 5, 3), generator=g)
+    if name == "dtype" and rank == 1:
+        logits = logits.double()
+    if name in ("bad_label", "functional_bad_label") and rank == 1:
+        labels[0, 0, 0, 0, 0] = 7
+    if name == "nan_logits" and rank == 0:
+        logits[0, 0, 0, 0, 0] = float("nan")
+    target = labels.numpy() if name == "not_a_tensor" and rank == 0 else labels
+    bins = 32 if name == "bins" and rank == 1 else BINS
+    common = {"batch": True, "method": "histogram", "bins": bins, "distributed": True}
+    if name == "functional_bad_label":
+        return Fn.lovasz_softmax(torch.softmax(logits, 1), labels, **common)
+    cls = {"dtype": LovaszHingeLoss, "bad_label": LovaszSoftmaxLoss, "good": LovaszSoftmaxLoss}
+    return cls.get(name, LovaszCELoss)(to_onehot_y=True, **common)(logits, target)
+
+
+def _disagreement_worker(rank: int, port: int, out: str) -> None:
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a hang would end here after 60 s (the test's own limit is shorter still)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        results: dict = {}
+        for name in DISAGREEMENTS:
+            try:
+                _disagreeing_call(name, rank)
+                results[name] = ("no error", "")
+            except Exception as error:  # noqa: BLE001 - recorded for the test to check
+                results[name] = (type(error).__name__, str(error))
+        # after all these errors the processes are still in step: a good call of the global
+        # loss gives the same value on both
+        results["after"] = _disagreeing_call("good", rank).item()
+        torch.save(results, f"{out}{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_processes_that_disagree_or_hold_bad_input_all_raise_instead_of_hanging(tmp_path):
+    out = str(tmp_path / "rank")
+    context = mp.start_processes(
+        _disagreement_worker,
+        args=(_free_port(), out),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = 90.0  # seconds: a hang fails the test instead of stalling the suite
+
+    start = time.monotonic()
+    while not context.join(timeout=1.0):
+        if time.monotonic() - start > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the distributed loss hung (no result after {deadline:.0f} s)")
+    results = [torch.load(f"{out}{r}", weights_only=False) for r in range(WORLD)]
+    for name, pattern in DISAGREEMENTS.items():
+        for rank in range(WORLD):
+            kind, message = results[rank][name]
+            assert kind == "ValueError", (name, rank, kind, message)
+            assert re.search(pattern, message), (name, rank, message)
+        assert results[0][name] == results[1][name]  # the same error on every process
+    assert results[0]["after"] == results[1]["after"] > 0

@@ -1093,7 +1093,9 @@ BAD_INIT = [
     ),
     pytest.param(lambda: LovaszSoftmaxLoss(bins=0), r"bins must be a positive integer, got 0"),
     pytest.param(lambda: LovaszSoftmaxLoss(chunk_elements=0), r"chunk_elements"),
-    pytest.param(lambda: LovaszSoftmaxLoss(weight=[1.0, -1.0]), r"weight must be a non-negative"),
+    pytest.param(
+        lambda: LovaszSoftmaxLoss(weight=[1.0, -1.0]), r"weight must hold finite values >= 0"
+    ),
     pytest.param(lambda: LovaszSoftmaxLoss(weight=[[1.0, 1.0]]), r"weight"),
     pytest.param(lambda: LovaszCELoss(reduction="none"), r"none"),
     pytest.param(lambda: LovaszCELoss(softmax=False), r"logits"),
@@ -1225,6 +1227,40 @@ def test_memory_layout_and_chunking_do_not_change_the_loss(name, batch):
     torch.testing.assert_close(chunked(logits, labels_ignored), expected, rtol=0, atol=1e-7)
 
 
+def _value_and_grad(loss, logits, labels):
+    x = logits.detach().requires_grad_(True)  # keeps the layout of ``logits``
+    value = loss(x, labels)
+    value.backward()
+    return value.detach(), x.grad
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("batch", [False, True])
+def test_non_contiguous_layouts_give_the_contiguous_value(name, batch):
+    """channels-last, transposed and expanded (stride 0) views of the same values give the
+    value and gradient of their contiguous copies."""
+    logits, _, labels_ignored, _ = make_case(75)
+    loss = LOSSES[name](ignore_index=IGNORE, batch=batch)
+    layouts = {
+        "channels_last": logits.to(memory_format=torch.channels_last_3d),
+        "transposed": logits.transpose(2, 4).contiguous().transpose(2, 4),
+        "expanded_batch": logits[:1].expand(2, -1, -1, -1, -1),
+        "expanded_spatial": logits[..., :1].expand(-1, -1, -1, -1, 5),
+    }
+    for layout, view in layouts.items():
+        assert not view.is_contiguous(), layout
+        contiguous = view.contiguous()
+        expected, expected_grad = _value_and_grad(loss, contiguous, labels_ignored)
+        value, grad = _value_and_grad(loss, view, labels_ignored)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-7, msg=layout)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-7, msg=layout)
+    # and the label map may be a non-contiguous view too
+    labels_view = labels_ignored.transpose(2, 4).contiguous().transpose(2, 4)
+    torch.testing.assert_close(
+        loss(logits, labels_view), loss(logits, labels_ignored), rtol=0, atol=1e-7
+    )
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("batch", [False, True])
 def test_single_voxel_volumes(name, batch):
@@ -1233,13 +1269,12 @@ def test_single_voxel_volumes(name, batch):
     loss = LOSSES[name](ignore_index=IGNORE, batch=batch)
     value = loss(logits, labels_ignored)
     assert torch.isfinite(value)
-    expected = LOSSES[name](ignore_index=IGNORE, batch=batch)(
-        logits.contiguous().clone(), labels_ignored.clone()
-    )
-    torch.testing.assert_close(value, expected)
     if batch:  # the same voxels as one volume
         joined = LOSSES[name]()(
             logits.permute(1, 0, 2, 3).reshape(1, 3, 2, 1).contiguous(),
             labels_ignored.permute(1, 0, 2, 3).reshape(1, 1, 2, 1),
         )
         torch.testing.assert_close(value, joined, rtol=1e-6, atol=1e-7)
+    else:  # the mean of the volumes' own losses
+        alone = [loss(logits[b : b + 1], labels_ignored[b : b + 1]) for b in range(2)]
+        torch.testing.assert_close(value, torch.stack(alone).mean(), rtol=1e-6, atol=1e-7)

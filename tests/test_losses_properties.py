@@ -151,9 +151,25 @@ def test_voxel_permutation_leaves_loss_unchanged(p, seed):
     torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
 
 
+def _valid_voxels(p: Problem, x: torch.Tensor, volumes: list[int]) -> Problem | None:
+    """The valid voxels of ``volumes`` alone, as one ``(1, C, N, 1)`` volume without ignored
+    voxels (``None`` when there are none)."""
+    keep = p.valid.flatten(2)[:, 0]  # (B, P)
+    if not any(keep[b].any() for b in volumes):
+        return None
+    xs = torch.cat([x[b].flatten(1)[:, keep[b]] for b in volumes], 1)
+    ys = torch.cat([p.target[b].flatten(1)[:, keep[b]] for b in volumes], 1)
+    alone = Problem(**{**p.__dict__})
+    alone.logits = xs[None, ..., None]
+    alone.target = ys[None, ..., None]
+    alone.valid = torch.ones_like(alone.target[:, :1], dtype=torch.bool)
+    return alone
+
+
 @SETTINGS
 @given(problems())
 def test_mask_equals_ignore_and_removal(p):
+    """Every draw: ignored voxels (by mask or ignore label) are the same as removed voxels."""
     x = p.logits.float()
     value = p.call(x)
     if p.kind == "softmax":
@@ -166,15 +182,14 @@ def test_mask_equals_ignore_and_removal(p):
         labels = torch.where(p.valid, p.target.long(), IGNORE)
         ignored = p.loss(ignore_index=IGNORE)(x, labels)
         torch.testing.assert_close(ignored, value, rtol=0, atol=1e-6)
-    if p.batch and p.valid.any():
-        # the batch as one set: the valid voxels alone, as one (1, C, N, 1) volume
-        keep = p.valid.flatten(2)[:, 0]  # (B, P)
-        xs = torch.cat([x[b].flatten(1)[:, keep[b]] for b in range(x.shape[0])], 1)
-        ys = torch.cat([p.target[b].flatten(1)[:, keep[b]] for b in range(x.shape[0])], 1)
-        alone = Problem(**{**p.__dict__})
-        alone.target = ys[None, ..., None]
-        alone.valid = torch.ones_like(alone.target[:, :1], dtype=torch.bool)
-        torch.testing.assert_close(alone.call(xs[None, ..., None]), value, rtol=1e-6, atol=1e-6)
+    # removal: the batch as one set, or each volume alone (a volume without a valid voxel
+    # contributes 0), computed from the valid voxels only
+    groups = [list(range(x.shape[0]))] if p.batch else [[b] for b in range(x.shape[0])]
+    expected = []
+    for volumes in groups:
+        alone = _valid_voxels(p, x, volumes)
+        expected.append(torch.zeros(()) if alone is None else alone.call(alone.logits))
+    torch.testing.assert_close(value, torch.stack(expected).mean(), rtol=1e-6, atol=1e-6)
 
 
 @SETTINGS

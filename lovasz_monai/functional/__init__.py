@@ -24,7 +24,9 @@ from lovasz_monai.functional.arguments import (
     DEFAULT_BINS,
     DEFAULT_CHUNK_ELEMENTS,
     Method,
+    check_class_weight,
     check_lovasz_arguments,
+    collective_check,
     distributed_world_size,
 )
 from lovasz_monai.functional.class_losses import (
@@ -37,17 +39,20 @@ from lovasz_monai.functional.class_losses import (
 from lovasz_monai.functional.extension import lovasz_extension, lovasz_weights
 from lovasz_monai.functional.lovasz import lovasz_hinge, lovasz_softmax
 from lovasz_monai.functional.rows import lovasz_grad
-from lovasz_monai.functional.targets import decode_target
+from lovasz_monai.functional.targets import decode_target, label_equals
 
 __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_CHUNK_ELEMENTS",
     "Method",
     "average_class_losses",
+    "check_class_weight",
     "check_lovasz_arguments",
     "class_weights",
+    "collective_check",
     "decode_target",
     "distributed_world_size",
+    "label_equals",
     "lovasz_class_losses",
     "lovasz_extension",
     "lovasz_grad",

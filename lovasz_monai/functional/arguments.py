@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
 __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_CHUNK_ELEMENTS",
     "Method",
+    "check_class_weight",
     "check_lovasz_arguments",
+    "collective_check",
     "distributed_world_size",
 ]
 
@@ -22,6 +26,8 @@ DEFAULT_BINS = 1024
 """Default number of error bins of the histogram method."""
 
 Method = Literal["sort", "histogram"]
+
+T = TypeVar("T")
 
 
 def check_lovasz_arguments(
@@ -101,3 +107,157 @@ def distributed_world_size(distributed: bool, process_group: object | None = Non
     if not distributed or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(process_group)
+
+
+def check_class_weight(weight: Sequence[float] | float | Tensor, name: str = "weight") -> Tensor:
+    """Class weights as a float tensor, checked: a scalar or a 1-D sequence of finite,
+    non-negative values that are not all zero.
+
+    Inverse-frequency weights of a class absent from the training set come out as ``0 / 0 = NaN``
+    or ``1 / 0 = inf``; such a weight would make the loss ``NaN`` (or, averaged away, 0 with
+    ``NaN`` gradients), so it is refused here with the offending entries named.
+
+    Args:
+        weight: the weights (a number, a sequence or a tensor, on any device).
+        name: the argument's name in the error message.
+
+    Returns:
+        ``weight`` as a tensor (float32 unless it is already floating point).
+
+    Example:
+        >>> check_class_weight([1, 2.5])
+        tensor([1.0000, 2.5000])
+
+    Raises:
+        ValueError: ``weight`` has more than one dimension, holds NaN, inf or negative values, or
+            only zeros (every class would be weighted out).
+    """
+    try:
+        tensor = torch.as_tensor(weight)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{name} must be a number or a sequence of numbers, got {weight!r}"
+        ) from error
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+    if tensor.ndim > 1 or tensor.numel() == 0:
+        raise ValueError(
+            f"{name} must be a scalar or a non-empty 1-D sequence, got shape {tuple(tensor.shape)}"
+        )
+    bad = ~torch.isfinite(tensor) | (tensor < 0)
+    if bad.any():
+        where = bad.reshape(-1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} must hold finite values >= 0, got {tensor.tolist()} (bad entries at "
+            f"{where}); inverse-frequency weights of a class absent from the data give NaN or "
+            "inf: give that class a finite weight, e.g. 0"
+        )
+    if not (tensor > 0).any():
+        raise ValueError(
+            f"{name} must not be all zero (no class would count), got {tensor.tolist()}"
+        )
+    return tensor
+
+
+def _check_nonempty(shape: Sequence[int], name: str) -> None:
+    """Refuse tensors without volumes, channels or voxels (their losses have no meaning)."""
+    if any(int(n) == 0 for n in shape):
+        raise ValueError(
+            f"{name} must have at least one volume, one channel and one voxel (every size >= 1), "
+            f"got shape {tuple(int(n) for n in shape)}"
+        )
+
+
+def _signature_code(value: object) -> int:
+    """An integer for one entry of a :func:`check_processes_agree` signature."""
+    if isinstance(value, torch.dtype):
+        return _DTYPES.index(value) if value in _DTYPES else len(_DTYPES)
+    return int(value)  # type: ignore[call-overload]
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def collective_check(
+    source: Tensor,
+    bins: int,
+    checks: Callable[[], T] | None = None,
+    *,
+    process_group: object | None = None,
+) -> T | None:
+    """Run ``checks`` on every process of a distributed loss and raise the same ``ValueError`` on
+    every process when one of them failed, or when they disagree on what the loss's collectives
+    exchange: the number of channels of ``source``, ``bins`` and the compute dtype.
+
+    Every process of ``process_group`` must call it (it is a collective): one all-reduce of a few
+    integers, and only when something is wrong one ``all_gather_object`` of the messages. Without
+    it a process whose input checks raise before the loss's all-reduce leaves the others waiting
+    in that all-reduce until the process group's timeout, and processes that all-reduce tensors
+    of different sizes or dtypes hang or abort.
+
+    Args:
+        source: ``(B, C, *S)`` network output (or errors) of this process; its device holds the
+            all-reduced integers (CPU for gloo, CUDA for NCCL).
+        bins: the histogram bins of the loss.
+        checks: the local input checks (they raise ``TypeError``/``ValueError``); ``None``: none.
+        process_group: the ``torch.distributed`` group (``None``: the default group).
+
+    Returns:
+        What ``checks`` returns (``None`` without ``checks``).
+
+    Example:
+        >>> collective_check(torch.zeros(1, 3, 4), 64, lambda: "checked")  # no process group
+        'checked'
+
+    Raises:
+        ValueError: on every process, naming the process(es) whose checks failed and the first
+            message (chained to the local exception where it was raised), or each process's
+            channels, bins and dtype when they differ. Without an initialised process group
+            ``checks``' own exception propagates unchanged.
+    """
+    signature = {
+        "channels": source.shape[1] if source.ndim >= 2 else 0,
+        "bins": int(bins),
+        "dtype": torch.promote_types(source.dtype, torch.float32),
+    }
+    error: BaseException | None = None
+    result = None
+    try:
+        result = None if checks is None else checks()
+    except (TypeError, ValueError) as local_error:
+        error = local_error
+    if not dist.is_available() or not dist.is_initialized():
+        if error is not None:
+            raise error
+        return result
+    codes = [_signature_code(v) for v in signature.values()]
+    summary = torch.tensor(
+        [int(error is not None), *codes, *(-c for c in codes)],
+        dtype=torch.int64,
+        device=source.device,
+    )
+    dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=process_group)
+    failed = bool(summary[0])
+    highest, lowest = summary[1 : 1 + len(codes)], -summary[1 + len(codes) :]
+    if not failed and torch.equal(highest, lowest):
+        return result
+    local = (None if error is None else f"{type(error).__name__}: {error}", dict(signature))
+    gathered: list = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(gathered, local, group=process_group)
+    if failed:
+        bad = [(rank, message) for rank, (message, _) in enumerate(gathered) if message]
+        ranks = ", ".join(str(rank) for rank, _ in bad)
+        message = (
+            f"the distributed loss stopped on every process: bad input on process {ranks} "
+            f"(rank in the process group): {bad[0][1]}"
+        )
+    else:
+        held = "; ".join(
+            f"process {rank}: " + ", ".join(f"{k}={v}" for k, v in sig.items())
+            for rank, (_, sig) in enumerate(gathered)
+        )
+        message = (
+            "the processes of a distributed loss must hold the same number of channels, bins and "
+            f"compute dtype (their counts are all-reduced), got {held}"
+        )
+    raise ValueError(message) from error

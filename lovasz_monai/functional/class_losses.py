@@ -14,7 +14,10 @@ from lovasz_monai.functional.arguments import (
     DEFAULT_BINS,
     DEFAULT_CHUNK_ELEMENTS,
     Method,
+    _check_nonempty,
+    check_class_weight,
     check_lovasz_arguments,
+    collective_check,
     distributed_world_size,
 )
 from lovasz_monai.functional.extension import _KnownGradient
@@ -41,6 +44,7 @@ def _check_class_inputs(source: Tensor, labels: Tensor, valid: Tensor | None) ->
             "input and labels must both be (B, C, *spatial) with the same shape, got "
             f"{tuple(source.shape)} and {tuple(labels.shape)}"
         )
+    _check_nonempty(source.shape, "input")
     if valid is None:
         return None
     expected = (source.shape[0], 1, *source.shape[2:])
@@ -62,15 +66,19 @@ def _class_losses(
     overwrite_key: bool,
     distributed: bool,
     process_group: object | None,
+    validate: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per (volume, class) losses, differentiable in ``source``, and foreground counts.
 
     Distributed (see :func:`lovasz_class_losses`): the losses and counts are those of the union
     of the processes' batches, and the gradient is ``world_size`` times the derivative of those
-    losses with respect to this process's ``source``."""
+    losses with respect to this process's ``source``; with ``validate`` the processes first
+    check that they agree on the shapes and dtype that are all-reduced."""
     check_lovasz_arguments(method=method, batch=batch, distributed=distributed)
     world_size = distributed_world_size(distributed, process_group)
     num_batch, num_classes = key.shape[:2]
+    if world_size > 1 and validate:
+        collective_check(key, bins, process_group=process_group)
     with torch.no_grad():
         weights, losses, counts = _lovasz_class_rows(
             _as_class_rows(key, batch=batch),
@@ -102,6 +110,7 @@ def lovasz_class_losses(
     *,
     distributed: bool = False,
     process_group: object | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Lovász extension of every (volume, class) pair of a batch, in one batched computation.
 
@@ -119,6 +128,10 @@ def lovasz_class_losses(
             union's loss. Without an initialised process group (or with one process) nothing
             changes.
         process_group: the ``torch.distributed`` group (``None``: the default group).
+        validate: with ``distributed`` and more than one process, first check (one all-reduce of
+            a few integers) that every process holds the same number of classes, bins and dtype,
+            and raise the same ``ValueError`` on each if not; ``False``: processes that disagree
+            hang in the all-reduce until the process group's timeout.
 
     Returns:
         ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
@@ -131,8 +144,9 @@ def lovasz_class_losses(
         (tensor([[0.5000, 0.5000]]), tensor([[1, 1]]))
 
     Raises:
-        ValueError: when the shapes do not match, or ``distributed`` without ``batch=True`` and
-            ``method="histogram"``.
+        ValueError: when the shapes do not match or hold no voxel, ``distributed`` without
+            ``batch=True`` and ``method="histogram"``, or (``validate``) distributed processes
+            that disagree on classes, bins or dtype.
     """
     valid = _check_class_inputs(errors, labels, valid)
     key, fg = _key_and_foreground(errors, labels, valid)
@@ -149,6 +163,7 @@ def lovasz_class_losses(
         overwrite_key=valid is not None,
         distributed=distributed,
         process_group=process_group,
+        validate=validate,
     )
 
 
@@ -163,6 +178,7 @@ def lovasz_probability_class_losses(
     *,
     distributed: bool = False,
     process_group: object | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_class_losses` of the errors ``|y - p|``, differentiable in ``probs``.
 
@@ -172,7 +188,7 @@ def lovasz_probability_class_losses(
     Args:
         probs: ``(B, C, *spatial)`` probabilities in [0, 1] (softmax or per-channel sigmoid).
         labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements, distributed, process_group: see
+        valid, batch, method, bins, chunk_elements, distributed, process_group, validate: see
             :func:`lovasz_class_losses`.
 
     Returns:
@@ -207,6 +223,7 @@ def lovasz_probability_class_losses(
         overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
+        validate=validate,
     )
 
 
@@ -221,13 +238,14 @@ def lovasz_hinge_class_losses(
     *,
     distributed: bool = False,
     process_group: object | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_class_losses` of the hinge errors ``relu(1 - x (2 y - 1))``.
 
     Args:
         logits: ``(B, C, *spatial)`` raw scores; each channel is a binary problem.
         labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements, distributed, process_group: see
+        valid, batch, method, bins, chunk_elements, distributed, process_group, validate: see
             :func:`lovasz_class_losses`.
 
     Returns:
@@ -260,6 +278,7 @@ def lovasz_hinge_class_losses(
         overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
+        validate=validate,
     )
 
 
@@ -268,6 +287,8 @@ def class_weights(
     fg_counts: Tensor,
     present_only: bool = True,
     weight: Tensor | None = None,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Weight of each (row, class) loss in the class mean of its row.
 
@@ -275,7 +296,8 @@ def class_weights(
         losses: ``(R, C)`` per-class losses (their dtype and device are used).
         fg_counts: ``(R, C)`` foreground voxel counts of the same rows.
         present_only: classes without foreground in a row get weight 0.
-        weight: optional ``(C,)`` non-negative class weights.
+        weight: optional ``(C,)`` finite, non-negative class weights, not all zero.
+        validate: check ``weight`` (see :func:`check_class_weight`; one host synchronisation).
 
     Returns:
         ``(R, C)`` weights: ``weight_c`` (or 1) for the classes that count, 0 for the others.
@@ -286,7 +308,8 @@ def class_weights(
         tensor([[1., 2., 0.]])
 
     Raises:
-        ValueError: when shapes do not match.
+        ValueError: when shapes do not match; with ``validate``, a NaN, inf or negative weight,
+            or weights that are all zero.
     """
     if losses.shape != fg_counts.shape or losses.ndim != 2:
         raise ValueError(
@@ -300,6 +323,8 @@ def class_weights(
         raise ValueError(
             f"weight must have one value per class ({losses.shape[1]}), got {tuple(weight.shape)}"
         )
+    if validate:
+        check_class_weight(weight)
     return counted * weight.to(losses)
 
 
@@ -308,6 +333,8 @@ def average_class_losses(
     fg_counts: Tensor,
     present_only: bool = True,
     weight: Tensor | None = None,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Weighted mean over classes of each row of ``losses``.
 
@@ -316,7 +343,8 @@ def average_class_losses(
         fg_counts: ``(R, C)`` foreground voxel counts of the same rows.
         present_only: average only over the classes with foreground in that row (the paper's
             ``classes="present"``); a row without any contributes 0.
-        weight: optional ``(C,)`` non-negative class weights.
+        weight: optional ``(C,)`` finite, non-negative class weights, not all zero.
+        validate: check ``weight`` (see :func:`class_weights`).
 
     Returns:
         ``(R,)`` per-row means.
@@ -326,9 +354,11 @@ def average_class_losses(
         tensor([0.3000])
 
     Raises:
-        ValueError: when shapes do not match.
+        ValueError: as :func:`class_weights`.
     """
-    counted = class_weights(losses, fg_counts, present_only, weight)
+    counted = class_weights(losses, fg_counts, present_only, weight, validate=validate)
     total = counted.sum(-1)
     mean = (losses * counted).sum(-1) / total.clamp_min(torch.finfo(losses.dtype).tiny)
-    return torch.where(total > 0, mean, torch.zeros_like(mean))
+    # only a total of exactly 0 means "no class counts"; a NaN total (unchecked NaN weights)
+    # must stay visible in the value, not become 0 while the gradient is NaN
+    return torch.where(total == 0, torch.zeros_like(mean), mean)

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import DEFAULT_BINS, Method, check_lovasz_arguments
+from lovasz_monai.functional.arguments import (
+    DEFAULT_BINS,
+    Method,
+    check_lovasz_arguments,
+    collective_check,
+    distributed_world_size,
+)
 from lovasz_monai.functional.class_losses import (
     average_class_losses,
     lovasz_hinge_class_losses,
@@ -36,11 +42,18 @@ _PER_VOLUME_DEPRECATION = (
 
 
 def _labels_and_valid(
-    source: Tensor, labels: Tensor, valid: Tensor | None, ignore_index: int | None
+    source: Tensor,
+    labels: Tensor,
+    valid: Tensor | None,
+    ignore_index: int | None,
+    validate: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """One-hot labels and validity: a ``(B, 1, *S)`` label map (for ``C > 1`` channels) or an
     ``ignore_index`` goes through :func:`decode_target`; one-hot labels pass unchanged."""
-    label_map = labels.shape[1] == 1 and source.shape[1] > 1
+    for name, x in (("input", source), ("labels", labels)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    label_map = labels.ndim >= 2 and labels.shape[1] == 1 and source.shape[1] > 1
     if not label_map and ignore_index is None:
         return labels, valid
     fg, valid, _ = decode_target(
@@ -50,8 +63,34 @@ def _labels_and_valid(
         to_onehot_y=label_map,
         ignore_index=ignore_index,
         exclusive=False,
+        validate=validate,
     )
     return fg, valid
+
+
+def _decode_on_every_process(
+    source: Tensor,
+    labels: Tensor,
+    valid: Tensor | None,
+    ignore_index: int | None,
+    *,
+    bins: int,
+    distributed: bool,
+    process_group: object | None,
+    validate: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_labels_and_valid`; distributed with ``validate``, as a :func:`collective_check`
+    (a bad target on one process raises on every process instead of leaving them waiting)."""
+    if not isinstance(source, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(source).__name__}")
+    if not validate or distributed_world_size(distributed, process_group) == 1:
+        return _labels_and_valid(source, labels, valid, ignore_index, validate)
+    return collective_check(
+        source,
+        bins,
+        lambda: _labels_and_valid(source, labels, valid, ignore_index, validate),
+        process_group=process_group,
+    )
 
 
 def _batch_from_per_volume(batch: bool, per_volume: bool | None) -> bool:
@@ -74,6 +113,7 @@ def lovasz_softmax(
     ignore_index: int | None = None,
     distributed: bool = False,
     process_group: object | None = None,
+    validate: bool = True,
     per_volume: bool | None = None,
 ) -> Tensor:
     """Lovász-Softmax loss from probabilities and a label map or one-hot (multi-hot) labels.
@@ -94,6 +134,8 @@ def lovasz_softmax(
         method, bins: see :func:`lovasz_weights`.
         distributed, process_group: the loss of the union of all processes' batches (see
             :func:`lovasz_class_losses`; needs ``batch=True`` and ``method="histogram"``).
+        validate: check label values (one host synchronisation); distributed, the outcome is
+            shared by every process (see :func:`collective_check`).
         per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
@@ -109,12 +151,23 @@ def lovasz_softmax(
         tensor(0.2750)
 
     Raises:
-        ValueError: on shape mismatches, an invalid ``classes``, label-map values outside
-            ``[0, C)`` that are not ``ignore_index``, or ``distributed`` without ``batch=True``
-            and ``method="histogram"``.
+        TypeError: ``probs`` or ``labels`` is not a tensor.
+        ValueError: on shape mismatches, tensors without voxels, an invalid ``classes``,
+            label-map values outside ``[0, C)`` that are not ``ignore_index``, ``distributed``
+            without ``batch=True`` and ``method="histogram"``, or (distributed, ``validate``)
+            bad input on any process or processes that disagree on channels, bins or dtype.
     """
     batch = _batch_from_per_volume(batch, per_volume)
-    labels, valid = _labels_and_valid(probs, labels, valid, ignore_index)
+    labels, valid = _decode_on_every_process(
+        probs,
+        labels,
+        valid,
+        ignore_index,
+        bins=bins,
+        distributed=distributed,
+        process_group=process_group,
+        validate=validate,
+    )
     present_only, selected = _class_selection(probs.shape[1], classes)
     if len(selected) != probs.shape[1]:
         probs, labels = probs[:, selected], labels[:, selected]
@@ -127,6 +180,7 @@ def lovasz_softmax(
         bins,
         distributed=distributed,
         process_group=process_group,
+        validate=False,  # the processes' agreement is part of the decoding above
     )
     return average_class_losses(losses, counts, present_only).mean()
 
@@ -142,6 +196,7 @@ def lovasz_hinge(
     ignore_index: int | None = None,
     distributed: bool = False,
     process_group: object | None = None,
+    validate: bool = True,
     per_volume: bool | None = None,
 ) -> Tensor:
     """Lovász hinge loss of binary (or per-channel multi-label) logits.
@@ -163,6 +218,8 @@ def lovasz_hinge(
         method, bins: see :func:`lovasz_weights`.
         distributed, process_group: the loss of the union of all processes' batches (see
             :func:`lovasz_class_losses`; needs ``batch=True`` and ``method="histogram"``).
+        validate: check label values (one host synchronisation); distributed, the outcome is
+            shared by every process (see :func:`collective_check`).
         per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
@@ -175,11 +232,22 @@ def lovasz_hinge(
         tensor(1.)
 
     Raises:
-        ValueError: on shape mismatches, or ``distributed`` without ``batch=True`` and
-            ``method="histogram"``.
+        TypeError: ``logits`` or ``labels`` is not a tensor.
+        ValueError: on shape mismatches, tensors without voxels, ``distributed`` without
+            ``batch=True`` and ``method="histogram"``, or (distributed, ``validate``) bad input
+            on any process or processes that disagree on channels, bins or dtype.
     """
     batch = _batch_from_per_volume(batch, per_volume)
-    labels, valid = _labels_and_valid(logits, labels, valid, ignore_index)
+    labels, valid = _decode_on_every_process(
+        logits,
+        labels,
+        valid,
+        ignore_index,
+        bins=bins,
+        distributed=distributed,
+        process_group=process_group,
+        validate=validate,
+    )
     losses, counts = lovasz_hinge_class_losses(
         logits,
         labels,
@@ -189,5 +257,6 @@ def lovasz_hinge(
         bins,
         distributed=distributed,
         process_group=process_group,
+        validate=False,  # the processes' agreement is part of the decoding above
     )
     return average_class_losses(losses, counts, present_only=False).mean()

@@ -13,13 +13,49 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["decode_target"]
+from lovasz_monai.functional.arguments import _check_nonempty
+
+__all__ = ["decode_target", "label_equals"]
+
+
+def label_equals(labels: Tensor, value: int) -> Tensor:
+    """``labels == value`` compared as numbers, not in the dtype of ``labels``.
+
+    PyTorch casts a Python number to the tensor's dtype before comparing, so ``uint8`` labels
+    compared with ``-1`` match ``255`` (and ``int8`` labels compared with ``300`` match ``44``).
+    A value that ``labels``' dtype cannot hold matches no voxel here.
+
+    Args:
+        labels: a tensor of labels of any dtype (integer, bool or floating point).
+        value: the label value, e.g. an ignore label.
+
+    Returns:
+        A bool tensor of the shape of ``labels``.
+
+    Example:
+        >>> labels = torch.tensor([0, 1, 255], dtype=torch.uint8)
+        >>> label_equals(labels, -1), labels == -1
+        (tensor([False, False, False]), tensor([False, False,  True]))
+    """
+    if not _dtype_holds(labels.dtype, value):
+        return torch.zeros_like(labels, dtype=torch.bool)
+    return labels == value
+
+
+def _dtype_holds(dtype: torch.dtype, value: int) -> bool:
+    if dtype == torch.bool:
+        return value in (0, 1)
+    if dtype.is_floating_point:
+        return float(torch.tensor(value, dtype=torch.float64).to(dtype)) == value
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
 
 
 def _check_target_shape(target: Tensor, input_shape: tuple[int, ...]) -> None:
     num_batch, num_channels, *spatial = input_shape
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_nonempty(input_shape, "input")
     if (
         target.ndim != len(input_shape)
         or target.shape[0] != num_batch
@@ -54,9 +90,11 @@ def _label_map(
     """Integer labels ``(B, 1, *S)`` with ignored voxels set to 0, and their validity."""
     valid = None
     if ignore_index is not None:
-        valid = target != ignore_index
+        valid = ~label_equals(target, ignore_index)
         target = torch.where(valid, target, torch.zeros_like(target))
     if validate:
+        if target.is_floating_point() and not torch.isfinite(target).all():
+            raise ValueError("label map contains NaN or inf values")
         if target.is_floating_point() and not torch.equal(target, target.round()):
             raise ValueError("label map must hold integer class indices, got fractional values")
         if target.dtype == torch.bool:
@@ -64,6 +102,10 @@ def _label_map(
         low, high = target.min().item(), target.max().item()
         if low < 0 or high >= num_labels:
             ignored = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+            if ignore_index is not None and not _dtype_holds(target.dtype, ignore_index):
+                ignored += (
+                    f" (a {str(target.dtype).replace('torch.', '')} label map cannot hold it)"
+                )
             raise ValueError(
                 f"label map values must lie in [0, {num_labels}){ignored}, got values in "
                 f"[{low:g}, {high:g}]"
@@ -127,7 +169,8 @@ def decode_target(
 
     Raises:
         TypeError: ``target`` or ``mask`` is not a tensor.
-        ValueError: shapes that do not fit ``input_shape``; a label map for ``C > 1`` channels
+        ValueError: shapes that do not fit ``input_shape``, or an ``input_shape`` with a zero
+            size (no volume, channel or voxel); a label map for ``C > 1`` channels
             without ``to_onehot_y``; ``to_onehot_y`` or ``ignore_index`` with a one-hot target;
             with ``validate``: labels outside ``[0, max(C, 2))`` that are not ``ignore_index``,
             fractional labels, non-0/1 targets or masks, non-exclusive one-hot targets.

@@ -4,18 +4,70 @@ selection and reduction."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
-from monai.utils import LossReduction
+from monai.utils import LossReduction, convert_to_tensor
 from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from lovasz_monai import functional
 from lovasz_monai.functional import Method
 
+T = TypeVar("T")
+
 
 def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
+
+
+def as_loss_tensors(
+    input: Tensor, target: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The arguments of a loss's ``forward`` as plain tensors (a MONAI ``MetaTensor`` loses its
+    metadata), after checking that they are tensors: a numpy array, list or ``None`` is refused
+    rather than converted, as ``torch.nn`` losses do.
+
+    Raises:
+        TypeError: naming the argument that is not a ``torch.Tensor`` and its type.
+    """
+    for name, value in (("input", input), ("target", target), ("mask", mask)):
+        if not isinstance(value, Tensor) and not (name == "mask" and value is None):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return tuple(convert_to_tensor(x, track_meta=False) for x in (input, target, mask))
+
+
+def autocast_off(input: Tensor) -> torch.autocast:
+    """A context without autocast on ``input``'s device: the losses compute in float32+."""
+    device_type = input.device.type if isinstance(input, Tensor) else "cpu"
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def check_logits(input: Tensor, validate: bool) -> None:
+    """Check a ``(B, C, *spatial)`` floating point network output (NaN/inf only if ``validate``).
+
+    Raises:
+        TypeError: ``input`` is not a floating point tensor.
+        ValueError: fewer than 3 dimensions, a zero size, or (``validate``) NaN/inf values.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating point tensor, got dtype {input.dtype}")
+    if input.ndim < 3:
+        raise ValueError(
+            f"input must be (B, C, *spatial) with at least one spatial dimension, "
+            f"got shape {_shape(input)}"
+        )
+    if input.numel() == 0:
+        raise ValueError(
+            "input must have at least one volume, one channel and one voxel (every size >= 1), "
+            f"got shape {_shape(input)}"
+        )
+    # A non-finite sum is cheap to test; only then look for NaN/inf voxel by voxel (a sum can
+    # also overflow for huge finite values).
+    if validate and not torch.isfinite(input.sum()) and not torch.isfinite(input).all():
+        raise ValueError("input contains NaN or inf values")
 
 
 class _LovaszLoss(_Loss):
@@ -49,9 +101,9 @@ class _LovaszLoss(_Loss):
         )
         if not include_background and not isinstance(classes, str) and 0 in classes:
             raise ValueError("classes lists class 0 but include_background=False excludes it")
-        class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
-        if class_weight is not None and (class_weight.ndim > 1 or (class_weight < 0).any()):
-            raise ValueError(f"weight must be a non-negative scalar or 1-D sequence, got {weight}")
+        class_weight = None
+        if weight is not None:
+            class_weight = functional.check_class_weight(weight).to(torch.float32)
         self.register_buffer("class_weight", class_weight)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
@@ -65,22 +117,36 @@ class _LovaszLoss(_Loss):
         self.distributed = bool(distributed)
         self.process_group = process_group
 
-    # -- input checks --------------------------------------------------------------------------
+    # -- input checks ------------------------------------------------------------------------
 
     def _check_input(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if not input.is_floating_point():
-            raise TypeError(f"input must be a floating point tensor, got dtype {input.dtype}")
-        if input.ndim < 3:
-            raise ValueError(
-                f"input must be (B, C, *spatial) with at least one spatial dimension, "
-                f"got shape {_shape(input)}"
-            )
-        # A non-finite sum is cheap to test; only then look for NaN/inf voxel by voxel (a sum can
-        # also overflow for huge finite values).
-        if self.validate and not torch.isfinite(input.sum()) and not torch.isfinite(input).all():
-            raise ValueError("input contains NaN or inf values")
+        check_logits(input, self.validate)
+
+    def _checked_inputs(
+        self,
+        input: Tensor,
+        target: Tensor,
+        mask: Tensor | None,
+        prepare: Callable[[Tensor, Tensor, Tensor | None], T],
+    ) -> T:
+        """``prepare`` of the arguments checked by :func:`as_loss_tensors`; with ``distributed``
+        and ``validate`` on several processes, as a
+        :func:`~lovasz_monai.functional.collective_check`: bad input on one process, or processes
+        that disagree on channels, bins or dtype, raise the same ``ValueError`` on every process
+        instead of leaving the others waiting in the loss's all-reduce."""
+
+        def checks() -> T:
+            return prepare(*as_loss_tensors(input, target, mask))
+
+        if (
+            not isinstance(input, Tensor)
+            or not self.validate
+            or functional.distributed_world_size(self.distributed, self.process_group) == 1
+        ):
+            return checks()
+        return functional.collective_check(
+            input, self.bins, checks, process_group=self.process_group
+        )
 
     def _prepare_target(
         self, input: Tensor, target: Tensor, mask: Tensor | None, one_hot_target: bool
@@ -148,12 +214,17 @@ class _LovaszLoss(_Loss):
             self.chunk_elements,
             distributed=self.distributed,
             process_group=self.process_group,
+            validate=False,  # the processes' agreement is checked with the input (forward)
         )
         present_only = self.classes == "present"
         if self.reduction == LossReduction.NONE.value:
-            counted = functional.class_weights(losses, counts, present_only, weight)
+            counted = functional.class_weights(
+                losses, counts, present_only, weight, validate=self.validate
+            )
             return (losses * counted).view(*losses.shape, *([1] * (source.ndim - 2)))
-        per_row = functional.average_class_losses(losses, counts, present_only, weight)
+        per_row = functional.average_class_losses(
+            losses, counts, present_only, weight, validate=self.validate
+        )
         if self.reduction == LossReduction.SUM.value:
             return per_row.sum()
         return per_row.mean()

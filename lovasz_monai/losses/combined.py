@@ -7,14 +7,41 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
-from monai.networks.utils import one_hot
-from monai.utils import LossReduction, convert_to_tensor
+from monai.utils import LossReduction
 from torch import Tensor, nn
 
+from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
+from lovasz_monai.losses.base import as_loss_tensors, autocast_off, check_logits
 from lovasz_monai.losses.lovasz import LovaszSoftmaxLoss
 
 __all__ = ["LovaszCELoss", "MaskedDiceCELoss"]
+
+
+def _masked_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor | None,
+    *,
+    weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = LossReduction.MEAN.value,
+) -> Tensor:
+    """Softmax cross-entropy of ``(B, C, *S)`` logits and ``(B, *S)`` int64 labels over the valid
+    voxels: summed, or averaged with the class weights of the voxels' labels as
+    ``F.cross_entropy(weight=...)`` averages (0 when no voxel is valid)."""
+    per_voxel = F.cross_entropy(
+        logits, labels, weight=weight, reduction="none", label_smoothing=label_smoothing
+    )
+    voxel_weight = torch.ones_like(per_voxel) if weight is None else weight[labels]
+    if valid is not None:
+        voxel_weight = voxel_weight * valid[:, 0]
+        per_voxel = per_voxel * valid[:, 0]
+    total = per_voxel.sum()
+    if reduction == LossReduction.SUM.value:
+        return total
+    denominator = voxel_weight.sum()
+    return torch.where(denominator > 0, total / denominator.clamp_min(1e-12), total * 0)
 
 
 class LovaszCELoss(LovaszSoftmaxLoss):
@@ -50,7 +77,9 @@ class LovaszCELoss(LovaszSoftmaxLoss):
 
     Raises:
         ValueError: as :class:`LovaszSoftmaxLoss`, for negative lambdas, ``reduction="none"``,
-            or ``softmax=False`` with no other activation (the input would not be logits).
+            ``softmax=False`` with no other activation (the input would not be logits), or a
+            NaN, inf, negative or all-zero ``ce_weight``.
+        TypeError: as :class:`LovaszSoftmaxLoss`.
     """
 
     def __init__(
@@ -108,11 +137,11 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             distributed=distributed,
             process_group=process_group,
         )
-        ce = None if ce_weight is None else torch.as_tensor(ce_weight, dtype=torch.float32)
-        if ce is not None and (ce.ndim != 1 or (ce < 0).any()):
-            raise ValueError(
-                f"ce_weight must be a 1-D sequence of non-negative values, got {ce_weight}"
-            )
+        ce = None
+        if ce_weight is not None:
+            ce = functional.check_class_weight(ce_weight, "ce_weight").to(torch.float32)
+            if ce.ndim != 1:
+                raise ValueError(f"ce_weight must be a 1-D sequence, got {ce_weight}")
         self.register_buffer("ce_weight", ce)
         self.lambda_lovasz = float(lambda_lovasz)
         self.lambda_ce = float(lambda_ce)
@@ -128,35 +157,33 @@ class LovaszCELoss(LovaszSoftmaxLoss):
                 f"ce_weight must have one value per input channel ({num_channels}), "
                 f"got {ce_weight.numel()}"
             )
-        if self.sigmoid:
-            pos_weight = None
-            if ce_weight is not None:
-                pos_weight = ce_weight.to(logits).view(-1, *([1] * (logits.ndim - 2)))
-            per_voxel = F.binary_cross_entropy_with_logits(
-                logits, fg.to(logits.dtype), pos_weight=pos_weight, reduction="none"
-            )
-            voxel_weight = torch.ones_like(per_voxel[:, :1]) * num_channels
-        else:
+        if ce_weight is not None and self.validate:  # the buffer may have been replaced
+            functional.check_class_weight(ce_weight, "ce_weight")
+        if not self.sigmoid:
             labels = fg.to(torch.uint8).argmax(dim=1) if labels is None else labels[:, 0]
-            weight = None if ce_weight is None else ce_weight.to(logits)
-            per_voxel = F.cross_entropy(
+            return _masked_cross_entropy(
                 logits,
                 labels,
-                weight=weight,
-                reduction="none",
+                valid,
+                weight=None if ce_weight is None else ce_weight.to(logits),
                 label_smoothing=self.label_smoothing,
-            ).unsqueeze(1)
-            voxel_weight = (
-                torch.ones_like(per_voxel) if weight is None else weight[labels].unsqueeze(1)
+                reduction=self.reduction,
             )
+        pos_weight = None
+        if ce_weight is not None:
+            pos_weight = ce_weight.to(logits).view(-1, *([1] * (logits.ndim - 2)))
+        per_voxel = F.binary_cross_entropy_with_logits(
+            logits, fg.to(logits.dtype), pos_weight=pos_weight, reduction="none"
+        )
         if valid is not None:
-            voxel_weight = voxel_weight * valid
             per_voxel = per_voxel * valid
         total = per_voxel.sum()
         if self.reduction == LossReduction.SUM.value:
             return total
-        denominator = voxel_weight.sum()
-        return torch.where(denominator > 0, total / denominator.clamp_min(1e-12), total * 0)
+        if valid is None:
+            return total / per_voxel.numel()
+        denominator = valid.sum() * num_channels
+        return torch.where(denominator > 0, total / denominator.clamp_min(1), total * 0)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
@@ -171,11 +198,8 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
-        input, target, mask = (
-            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
-        )
-        with torch.autocast(device_type=input.device.type, enabled=False):
-            logits, fg, valid, labels = self._prepare(input, target, mask)
+        with autocast_off(input):
+            logits, fg, valid, labels = self._checked_inputs(input, target, mask, self._prepare)
             lovasz = self._lovasz_softmax(logits, fg, valid)
             ce = self._cross_entropy(logits, fg, valid, labels)
             return self.lambda_lovasz * lovasz + self.lambda_ce * ce
@@ -189,11 +213,17 @@ class MaskedDiceCELoss(nn.Module):
     in no intersection or sum) and CE is the softmax cross-entropy averaged over the valid
     voxels. With no mask, or an all-ones mask, the value equals ``DiceCELoss(to_onehot_y=True,
     softmax=True, lambda_dice=..., lambda_ce=...)`` (MONAI's defaults: background included,
-    ``smooth_nr = smooth_dr = 1e-5``, mean over volumes and classes).
+    ``smooth_nr = smooth_dr = 1e-5``, mean over volumes and classes). Inputs are checked as the
+    Lovász losses check them, and the loss is computed in (at least) float32.
 
     Args:
         lambda_dice: weight of the Dice term, >= 0.
         lambda_ce: weight of the cross-entropy term, >= 0.
+        ignore_index: label value of a label-map target whose voxels take part in nothing (they
+            join the mask).
+        validate: check values (one host synchronisation): NaN/inf logits, labels outside
+            ``[0, C)`` that are not ``ignore_index``, fractional labels, non-0/1 masks and
+            targets, one-hot targets without exactly one class per valid voxel.
 
     Shapes:
         input: ``(B, C, *spatial)`` logits, ``C >= 2``.
@@ -209,11 +239,20 @@ class MaskedDiceCELoss(nn.Module):
         >>> MaskedDiceCELoss()(logits, labels, mask=mask).backward()
 
     Raises:
-        ValueError: negative lambdas; in ``forward``, a single input channel or a target whose
-            channel count is neither 1 nor ``C``.
+        ValueError: negative lambdas; in ``forward``, a single input channel, shapes that do not
+            fit, tensors without voxels, and (``validate``) the bad values listed above.
+        TypeError: ``input``, ``target`` or ``mask`` is not a tensor, or ``input`` is not
+            floating point.
     """
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> None:
+    def __init__(
+        self,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        *,
+        ignore_index: int | None = None,
+        validate: bool = True,
+    ) -> None:
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0:
             raise ValueError(
@@ -221,6 +260,8 @@ class MaskedDiceCELoss(nn.Module):
             )
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
+        self.ignore_index = ignore_index
+        self.validate = validate
         self.dice = MaskedDiceLoss(softmax=True)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -234,26 +275,26 @@ class MaskedDiceCELoss(nn.Module):
             The scalar loss.
 
         Raises:
-            ValueError: see the class docstring.
+            ValueError, TypeError: see the class docstring.
         """
-        num_classes = input.shape[1]
-        if num_classes < 2:
+        input, target, mask = as_loss_tensors(input, target, mask)
+        check_logits(input, self.validate)
+        if input.shape[1] < 2:
             raise ValueError(f"input must have C >= 2 softmax channels, got {input.shape[1]}")
-        if target.shape[1] == 1:
-            labels = target[:, 0].long()
-            onehot = one_hot(target, num_classes=num_classes)
-        elif target.shape[1] == num_classes:
-            labels = target.argmax(dim=1)
-            onehot = target
-        else:
-            raise ValueError(
-                f"target must have 1 (label map) or {num_classes} (one-hot) channels, got "
-                f"shape {tuple(target.shape)}"
+        with autocast_off(input):
+            fg, valid, labels = functional.decode_target(
+                target,
+                input.shape,
+                mask,
+                to_onehot_y=target.ndim >= 2 and target.shape[1] == 1,
+                ignore_index=self.ignore_index,
+                exclusive=True,
+                validate=self.validate,
             )
-        ce_per_voxel = F.cross_entropy(input, labels, reduction="none")
-        if mask is None:
-            mask = torch.ones_like(ce_per_voxel).unsqueeze(1)
-        valid = (mask[:, 0] != 0).to(ce_per_voxel.dtype)
-        dice = self.dice(input, onehot, mask=mask)
-        ce = (ce_per_voxel * valid).sum() / valid.sum().clamp_min(1.0)
-        return self.lambda_dice * dice + self.lambda_ce * ce
+            logits = input.to(torch.promote_types(input.dtype, torch.float32))
+            if labels is None:
+                labels = fg.to(torch.uint8).argmax(dim=1, keepdim=True)
+            dice_mask = torch.ones_like(logits[:, :1]) if valid is None else valid.to(logits)
+            dice = self.dice(logits, fg.to(logits.dtype), mask=dice_mask)
+            ce = _masked_cross_entropy(logits, labels[:, 0], valid)
+            return self.lambda_dice * dice + self.lambda_ce * ce

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.utils import LossReduction, convert_to_tensor
+from monai.utils import LossReduction
 from torch import Tensor
 
 from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
-from lovasz_monai.losses.base import _LovaszLoss, _resolve_activation
+from lovasz_monai.losses.base import _LovaszLoss, _resolve_activation, autocast_off
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
 
@@ -34,9 +34,14 @@ class LovaszSoftmaxLoss(_LovaszLoss):
             probabilities in [0, 1].
         other_act: any other activation applied to ``input``, e.g. ``torch.tanh``.
         reduction: ``"mean"`` (mean over volumes of the per-volume class mean), ``"sum"`` (sum
-            over volumes of the per-volume class mean) or ``"none"``: a ``(B, C', 1, ...)`` tensor
-            (``(1, C', 1, ...)`` when ``batch``) that broadcasts against the input, holding
-            ``weight_c * loss_c`` for the classes that are averaged and 0 for the others.
+            over volumes of the per-volume class mean) or ``"none"``: as MONAI's
+            ``DiceLoss(reduction="none")``, a ``(B, N, 1, ..., 1)`` tensor (one 1 per spatial
+            dimension; ``(1, N, 1, ...)`` when ``batch``) where ``N`` is the number of selected
+            channels in their order: ``C``, ``C - 1`` (channels ``1..C-1``) with
+            ``include_background=False``, or ``len(classes)`` for a ``classes`` list. It
+            broadcasts against the input only when ``N == C``. Entry ``[b, j]`` holds
+            ``weight_c * loss_c`` of the ``j``-th selected channel ``c`` when that class counts
+            (``"present"``: it has foreground) and 0 otherwise.
         batch: False: one loss per volume (the reference's ``per_image=True``); True: the whole
             batch is one set of voxels (``per_image=False``).
         weight: per-class weights of the class mean, one per channel left after
@@ -78,11 +83,15 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         True
 
     Raises:
-        ValueError: on contradictory activation flags, an unknown reduction/method/classes, or in
-            ``forward`` on shape mismatches and (with ``validate``) bad values: NaN/inf input,
-            labels outside ``[0, C)`` that are not ``ignore_index``, targets that are not
-            one-hot, probabilities outside [0, 1].
-        TypeError: when ``input`` is not a floating point tensor.
+        ValueError: on contradictory activation flags, an unknown reduction/method/classes, a
+            NaN, inf, negative or all-zero ``weight``, or in ``forward`` on shape mismatches,
+            tensors without voxels (batch size or a spatial size 0) and (with ``validate``) bad
+            values: NaN/inf input, labels outside ``[0, C)`` that are not ``ignore_index``,
+            targets that are not one-hot, probabilities outside [0, 1]; with ``distributed`` and
+            ``validate``, on every process when any process's input is bad or the processes
+            disagree on channels, bins or dtype.
+        TypeError: when ``input``, ``target`` or ``mask`` is not a tensor (numpy arrays and
+            lists are refused, not converted) or ``input`` is not floating point.
     """
 
     def __init__(
@@ -135,18 +144,19 @@ class LovaszSoftmaxLoss(_LovaszLoss):
             return torch.sigmoid(input)
         if self.other_act is not None:
             return self.other_act(input)
-        if self.validate and not ((input >= 0) & (input <= 1)).all():
-            raise ValueError(
-                "with softmax=False and no other activation the input must hold probabilities "
-                "in [0, 1]; pass softmax=True (or leave it None) for logits"
-            )
-        return input
+        return input  # probabilities, checked in _prepare
 
     def _prepare(
         self, input: Tensor, target: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Checked float32+ input, then what :meth:`_prepare_target` returns."""
         self._check_input(input)
+        takes_probabilities = not (self.softmax or self.sigmoid or self.other_act is not None)
+        if takes_probabilities and self.validate and not ((input >= 0) & (input <= 1)).all():
+            raise ValueError(
+                "with softmax=False and no other activation the input must hold probabilities "
+                "in [0, 1]; pass softmax=True (or leave it None) for logits"
+            )
         fg, valid, labels = self._prepare_target(input, target, mask, one_hot_target=self.softmax)
         dtype = torch.promote_types(input.dtype, torch.float32)
         return input.to(dtype), fg, valid, labels
@@ -174,11 +184,8 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
-        input, target, mask = (
-            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
-        )
-        with torch.autocast(device_type=input.device.type, enabled=False):
-            input, fg, valid, _ = self._prepare(input, target, mask)
+        with autocast_off(input):
+            input, fg, valid, _ = self._checked_inputs(input, target, mask, self._prepare)
             return self._lovasz_softmax(input, fg, valid)
 
 
@@ -191,7 +198,8 @@ class LovaszHingeLoss(_LovaszLoss):
     Args:
         include_background: if False and there is more than one channel, channel 0 is left out.
         to_onehot_y: convert a ``(B, 1, *spatial)`` label map to one-hot (multi-channel input).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :class:`LovaszSoftmaxLoss`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :class:`LovaszSoftmaxLoss` (the
+            same shape rule: one entry per selected channel).
         batch: False: one loss per volume (the reference's ``per_image=True``, its default for
             the hinge); True: the batch is one set of voxels.
         weight: per-channel weights of the channel mean (or a scalar).
@@ -217,9 +225,9 @@ class LovaszHingeLoss(_LovaszLoss):
         0
 
     Raises:
-        ValueError: on an unknown reduction/method/classes, and in ``forward`` on shape
-            mismatches and (with ``validate``) bad values.
-        TypeError: when ``input`` is not a floating point tensor.
+        ValueError: on an unknown reduction/method/classes or a bad ``weight``, and in
+            ``forward`` as :class:`LovaszSoftmaxLoss`.
+        TypeError: as :class:`LovaszSoftmaxLoss`.
     """
 
     def __init__(
@@ -255,6 +263,14 @@ class LovaszHingeLoss(_LovaszLoss):
             process_group=process_group,
         )
 
+    def _prepare_hinge(
+        self, input: Tensor, target: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Checked float32+ logits, foreground and validity."""
+        self._check_input(input)
+        fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
+        return input.to(torch.promote_types(input.dtype, torch.float32)), fg, valid
+
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
         Args:
@@ -268,12 +284,7 @@ class LovaszHingeLoss(_LovaszLoss):
         Raises:
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
-        input, target, mask = (
-            convert_to_tensor(x, track_meta=False) for x in (input, target, mask)
-        )
-        with torch.autocast(device_type=input.device.type, enabled=False):
-            self._check_input(input)
-            fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
-            logits = input.to(torch.promote_types(input.dtype, torch.float32))
+        with autocast_off(input):
+            logits, fg, valid = self._checked_inputs(input, target, mask, self._prepare_hinge)
             logits, fg, weight = self._select_channels(logits, fg)
             return self._lovasz(functional.lovasz_hinge_class_losses, logits, fg, valid, weight)
