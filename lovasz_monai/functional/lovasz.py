@@ -50,9 +50,8 @@ def _labels_and_valid(
 ) -> tuple[Tensor, Tensor | None]:
     """One-hot labels and validity: a ``(B, 1, *S)`` label map (for ``C > 1`` channels) or an
     ``ignore_index`` goes through :func:`decode_target`; one-hot labels pass unchanged."""
-    for name, x in (("input", source), ("labels", labels)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(labels, Tensor):  # ``source`` is checked by the caller
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     label_map = labels.ndim >= 2 and labels.shape[1] == 1 and source.shape[1] > 1
     if not label_map and ignore_index is None:
         return labels, valid

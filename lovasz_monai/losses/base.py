@@ -44,11 +44,12 @@ def autocast_off(input: Tensor) -> torch.autocast:
 
 
 def check_logits(input: Tensor, validate: bool) -> None:
-    """Check a ``(B, C, *spatial)`` floating point network output (NaN/inf only if ``validate``).
+    """Check a ``(B, C, *spatial)`` floating point network output (NaN/inf only if ``validate``);
+    a zero size is refused with the target, by :func:`~lovasz_monai.functional.decode_target`.
 
     Raises:
         TypeError: ``input`` is not a floating point tensor.
-        ValueError: fewer than 3 dimensions, a zero size, or (``validate``) NaN/inf values.
+        ValueError: fewer than 3 dimensions, or (``validate``) NaN/inf values.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -57,11 +58,6 @@ def check_logits(input: Tensor, validate: bool) -> None:
     if input.ndim < 3:
         raise ValueError(
             f"input must be (B, C, *spatial) with at least one spatial dimension, "
-            f"got shape {_shape(input)}"
-        )
-    if input.numel() == 0:
-        raise ValueError(
-            "input must have at least one volume, one channel and one voxel (every size >= 1), "
             f"got shape {_shape(input)}"
         )
     # A non-finite sum is cheap to test; only then look for NaN/inf voxel by voxel (a sum can
