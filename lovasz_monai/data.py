@@ -51,7 +51,7 @@ from monai.transforms import (
 )
 
 from lovasz_monai.dataset import CASE_KEYS as _KEYS
-from lovasz_monai.dataset import DatasetDescription, split_cases
+from lovasz_monai.dataset import DatasetDescription, lateralised_labels, split_cases
 from lovasz_monai.synthetic import make_synthetic_dataset
 from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
 from lovasz_monai.writer import save_prediction
@@ -174,8 +174,9 @@ class SegmentationDataModule(pl.LightningDataModule):
       ``spacing``; bilinear image, nearest label and mask) -> intensity normalisation;
     * training: ``SpatialPadd(roi_size)`` (padded voxels get mask 0) ->
       ``RandCropByPosNegLabeld`` (``num_samples`` patches per volume, centres on voxels with
-      mask 1) -> ``LabelToRegionsd`` (if ``regions``) -> random flips and intensity scale/shift
-      (if ``augment``); batches of ``batch_size * num_samples`` patches, plain tensors;
+      mask 1) -> ``LabelToRegionsd`` (if ``regions``) -> random flips on ``flip_axes`` (never
+      left-right by default) and intensity scale/shift (if ``augment``); batches of
+      ``batch_size * num_samples`` patches, plain tensors;
     * validation / test: whole volumes, batch size 1, ``MetaTensor`` values (for
       ``sliding_window_inference`` and :meth:`invert_prediction`);
     * predict: images only, whole volumes, batch size 1, ``MetaTensor`` values.
@@ -227,6 +228,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         predict_images: folder (``*.nii.gz``, ``*.nii``), file or glob pattern of images to
             predict (relative to the working directory); ``None``: ``dataset.json`` ``"test"``.
         augment: random flips and intensity scale/shift in training.
+        flip_axes: the spatial axes that training flips (each with probability 0.5, with
+            ``augment``), after ``Orientationd("RAS")``: 0 left-right, 1 posterior-anterior, 2
+            inferior-superior. The default leaves out axis 0: a left-right flip of image and
+            label puts a left structure on the right still labelled "left", so lateralised
+            classes (left/right caudate, kidneys, adrenal glands) could not be learned. Add 0
+            only for symmetric labels; a warning names the lateralised labels when it is added.
+            ``()``: no flips.
 
     Attributes:
         class_names: output channel names: class names (without ``"ignore"``), or region names
@@ -286,6 +294,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         regions: dict[str, list[int]] | None = None,
         predict_images: str | None = None,
         augment: bool = True,
+        flip_axes: Sequence[int] = (1, 2),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -319,6 +328,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.ct_window = (float(ct_window[0]), float(ct_window[1]))
         self.predict_images = predict_images
         self.augment = augment
+        self.flip_axes = tuple(int(a) for a in flip_axes)
+        if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(
+            self.flip_axes
+        ):
+            raise ValueError(
+                f"flip_axes must be distinct spatial axes in (0, 1, 2) (0: left-right, 1: "
+                f"posterior-anterior, 2: inferior-superior after RAS), got {tuple(flip_axes)}."
+            )
 
         self.dataset_json = self.data_dir / "dataset.json"
         description = describe_dataset(
@@ -333,6 +350,15 @@ class SegmentationDataModule(pl.LightningDataModule):
             else {name: list(values) for name, values in description.regions.items()}
         )
         self.multi_label = description.multi_label
+        sided = lateralised_labels(description.label_names)
+        if augment and 0 in self.flip_axes and sided:
+            warnings.warn(
+                f"flip_axes={self.flip_axes} flips left and right, but labels say left or right "
+                f"({', '.join(sided[:4])}{', ...' if len(sided) > 4 else ''}): a flipped left "
+                "structure stays labelled left, so these classes cannot be learned. Leave axis 0 "
+                "out of flip_axes (the default is (1, 2)).",
+                stacklevel=2,
+            )
         self.class_names: list[str] = list(description.class_names)
         self.num_classes = description.num_classes
         self.in_channels = description.in_channels
@@ -466,7 +492,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         ]
         xforms += self._regions_transform()
         if self.augment:
-            xforms += [RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)]
+            xforms += [RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=a) for a in self.flip_axes]
             xforms += [
                 RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
                 RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),

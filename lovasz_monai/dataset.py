@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["CASE_KEYS", "DatasetDescription", "split_cases"]
+__all__ = ["CASE_KEYS", "DatasetDescription", "lateralised_labels", "split_cases"]
 
 CASE_KEYS = ("image", "label", "mask")
 """The keys of a case dict (``"label"`` and ``"mask"`` optional)."""
@@ -350,3 +351,23 @@ def split_cases(
     val = [cases[i] for i in sorted(order[:n_val])]
     train = [cases[i] for i in sorted(order[n_val:])]
     return train, val
+
+
+_SIDE = re.compile(r"(?:^|[^a-z])(left|right|lh|rh|l|r)(?:$|[^a-z])", re.IGNORECASE)
+
+
+def lateralised_labels(label_names: Sequence[str]) -> list[str]:
+    """The label names that say left or right (``"left caudate"``, ``"Kidney_R"``,
+    ``"lh-putamen"``): classes that a left-right flip of image and label would mislabel.
+
+    Args:
+        label_names: the names of the label values.
+
+    Returns:
+        The lateralised names, in their order.
+
+    Example:
+        >>> lateralised_labels(["background", "Left-Putamen", "kidney_r", "liver", "rh_insula"])
+        ['Left-Putamen', 'kidney_r', 'rh_insula']
+    """
+    return [name for name in label_names if _SIDE.search(str(name))]

@@ -82,7 +82,8 @@ def head_weights(
 
     Raises:
         ValueError: unknown ``weight_mode``, fewer ``weights`` than heads (MONAI would fall back
-            to ``weight_mode`` silently), or a negative, NaN or inf weight.
+            to ``weight_mode`` silently), a negative, NaN or inf weight, or weights of the heads
+            that are all zero.
 
     Example:
         >>> head_weights(4)
@@ -97,6 +98,11 @@ def head_weights(
         )
     if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
         raise ValueError(f"deep supervision weights must be finite and >= 0, got {list(weights)}")
+    if weights is not None and not any(w > 0 for w in list(weights)[:num_heads]):
+        raise ValueError(
+            f"deep supervision weights of the {num_heads} heads must not all be zero (no head "
+            f"would be trained), got {list(weights)}"
+        )
     helper = DeepSupervisionLoss(
         nn.Identity(), weight_mode=weight_mode, weights=None if weights is None else list(weights)
     )

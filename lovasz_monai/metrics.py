@@ -152,6 +152,9 @@ def batch_cases(image: Tensor) -> tuple[list[str] | None, list[tuple[float, ...]
     return sources, spacings
 
 
+_FEW_KERNELS = (torch.bool, torch.uint16, torch.uint32, torch.uint64)
+
+
 def _class_masks(pred: Tensor, label: Tensor, mask: Tensor | None, c: int, multi_label: bool):
     if multi_label:
         p, y = pred[:, c : c + 1] != 0, label[:, c : c + 1] != 0
@@ -248,8 +251,9 @@ def case_metrics(
         >>> out["HD95"]  # class 1: 95th percentiles of (0, 0) and (0, 0, 2) mm -> max(0, 1.8)
         tensor([[   nan, 1.8000, 1.9000]])
     """
-    # bool maps (a thresholded prediction, a binary label) count as 0/1 integer maps
-    pred, label = (x.to(torch.uint8) if x.dtype == torch.bool else x for x in (pred, label))
+    # bool maps (a thresholded prediction, a binary label) count as 0/1 integer maps; wide
+    # unsigned maps (uint16 NIfTI labels) lack the comparison kernels used here
+    pred, label = (x.long() if x.dtype in _FEW_KERNELS else x for x in (pred, label))
     _check_inputs(pred, label, mask, num_classes, multi_label)
     batch = pred.shape[0]
     surface = sorted(set(surface_classes)) if surface_classes is not None else None

@@ -466,3 +466,93 @@ def test_case_metrics_name_nan_maps():
     pred[0, 0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="pred contains NaN or inf"):
         case_metrics(pred, label, num_classes=2)
+
+
+# -- review of the first fix: wide unsigned labels, devices, weights after the cast --------------
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_wide_unsigned_label_maps_equal_int64_labels(name, dtype):
+    """uint16 label maps are what many NIfTI files hold; they have no min/max kernels."""
+    logits, labels = _case(21)
+    expected = ALL_LOSSES[name](ignore_index=2)(logits, labels)
+    torch.testing.assert_close(ALL_LOSSES[name](ignore_index=2)(logits, labels.to(dtype)), expected)
+    bad = labels.clone()
+    bad[0, 0, 0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"label map values must lie in \[0, 3\)"):
+        ALL_LOSSES[name]()(logits, bad.to(dtype))
+
+
+def test_functional_losses_take_wide_unsigned_labels_and_check_one_hot_labels():
+    logits, labels = _case(22)
+    probs = torch.softmax(logits, 1)
+    one_hot = F.one_hot(labels[:, 0], 3).movedim(-1, 1)
+    expected = Fn.lovasz_softmax(probs, labels)
+    for target in (labels.to(torch.uint16), one_hot.to(torch.uint16), one_hot.bool()):
+        torch.testing.assert_close(Fn.lovasz_softmax(probs, target), expected)
+    with pytest.raises(ValueError, match="only 0 and 1"):  # used to be read as labels.bool()
+        Fn.lovasz_softmax(probs, one_hot * 0.5)
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\) one-hot target"):
+        Fn.lovasz_softmax(probs, one_hot[..., :4])
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 2\)"):
+        Fn.lovasz_hinge(logits[:, :1], labels)  # a 0/1 map for one channel: label 2 is refused
+
+
+def test_case_metrics_accept_wide_unsigned_maps():
+    logits, labels = _case(23)
+    pred = logits.argmax(1, keepdim=True)
+    expected = case_metrics(pred, labels, num_classes=3)
+    got = case_metrics(pred.to(torch.uint16), labels.to(torch.uint32), num_classes=3)
+    for key in ("Dice", "IoU"):
+        torch.testing.assert_close(got[key], expected[key])
+
+
+@pytest.mark.parametrize("argument", ["target", "mask"])
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_target_or_mask_on_another_device_is_named(name, argument):
+    logits, labels = _case(24)
+    mask = torch.ones_like(labels)
+    if argument == "target":
+        labels = labels.to("meta")
+    else:
+        mask = mask.to("meta")
+    with pytest.raises(ValueError, match=rf"{argument} is on meta but the input is on cpu"):
+        ALL_LOSSES[name]()(logits, labels, mask=mask)
+
+
+def test_weights_are_checked_in_the_dtype_they_are_used_in():
+    """1e39 is a finite float64 but inf in float32, the dtype the loss keeps its weights in."""
+    weight = torch.tensor([1.0, 1e39, 1.0], dtype=F64)
+    assert Fn.check_class_weight(weight).isfinite().all()
+    with pytest.raises(ValueError, match="finite values >= 0"):
+        Fn.check_class_weight(weight, dtype=torch.float32)
+    for cls in (LovaszSoftmaxLoss, LovaszHingeLoss):
+        with pytest.raises(ValueError, match="finite values >= 0"):
+            cls(weight=weight)
+    with pytest.raises(ValueError, match="ce_weight must hold finite values >= 0"):
+        LovaszCELoss(ce_weight=weight)
+
+
+def test_head_weights_refuse_all_zero_weights_of_the_heads():
+    with pytest.raises(ValueError, match="must not all be zero"):
+        head_weights(2, weights=[0.0, 0.0, 1.0])
+    assert head_weights(2, weights=[0.0, 1.0]) == [0.0, 1.0]
+
+
+def test_label_outside_the_classes_under_a_mask_suggests_ignore_index():
+    logits, labels = _case(25)
+    labels[0, 0, 0, 0, 0] = 255
+    mask = (labels != 255).to(torch.uint8)
+    for name in ALL_LOSSES:
+        with pytest.raises(ValueError, match="pass it as ignore_index"):
+            ALL_LOSSES[name]()(logits, labels, mask=mask)
+        value = ALL_LOSSES[name](ignore_index=255)(logits, labels)
+        torch.testing.assert_close(value, ALL_LOSSES[name](ignore_index=255)(logits, labels, mask))
+
+
+def test_weight_count_error_names_the_channels_and_the_classes_list():
+    logits, labels = _case(26, channels=4)
+    loss = LovaszSoftmaxLoss(to_onehot_y=True, classes=[1, 3], weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"one value per channel \(4\), got 2 .*listed in classes"):
+        loss(logits, labels)

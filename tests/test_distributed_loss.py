@@ -308,6 +308,12 @@ DISAGREEMENTS = {
     "empty_batch": r"bad input on process 1 .*at least one volume",
     "not_a_tensor": r"bad input on process 0 .*target must be a torch.Tensor, got ndarray",
     "functional_bad_label": r"bad input on process 1 .*label map values must lie",
+    "input_not_a_tensor": r"bad input on process 1 .*input must be a torch.Tensor, got list",
+    "uint16_bad_label": r"bad input on process 1 .*label map values must lie in \[0, 4\)",
+    "target_on_another_device": r"bad input on process 1 .*target is on meta",
+    "classes_out_of_range": r"bad input on process 1 .*classes \[4\] out of range",
+    "functional_one_hot_shape": r"bad input on process 1 .*target must be a \(B, 1, \*spatial\)",
+    "class_losses_shape": r"bad input on process 0 .*input and labels must both be",
 }
 
 
@@ -320,15 +326,31 @@ def _disagreeing_call(name: str, rank: int) -> torch.Tensor:
     labels = torch.randint(0, channels, (batch, 1, 4, 5, 3), generator=g)
     if name == "dtype" and rank == 1:
         logits = logits.double()
-    if name in ("bad_label", "functional_bad_label") and rank == 1:
+    if name in ("bad_label", "functional_bad_label", "uint16_bad_label") and rank == 1:
         labels[0, 0, 0, 0, 0] = 7
     if name == "nan_logits" and rank == 0:
         logits[0, 0, 0, 0, 0] = float("nan")
     target = labels.numpy() if name == "not_a_tensor" and rank == 0 else labels
+    if name == "uint16_bad_label":
+        target = labels.to(torch.uint16 if rank == 1 else torch.uint8)
+    if name == "target_on_another_device" and rank == 1:
+        target = labels.to("meta")
     bins = 32 if name == "bins" and rank == 1 else BINS
     common = {"batch": True, "method": "histogram", "bins": bins, "distributed": True}
+    probs = torch.softmax(logits, 1)
     if name == "functional_bad_label":
-        return Fn.lovasz_softmax(torch.softmax(logits, 1), labels, **common)
+        return Fn.lovasz_softmax(probs, labels, **common)
+    if name == "functional_one_hot_shape":  # one-hot labels, one voxel row short on rank 1
+        one_hot = F.one_hot(labels[:, 0], C).movedim(-1, 1)
+        return Fn.lovasz_softmax(probs, one_hot[..., : 3 - rank], **common)
+    if name == "class_losses_shape":
+        one_hot = F.one_hot(labels[:, 0], C).movedim(-1, 1)
+        errors = (probs - one_hot).abs()
+        return Fn.lovasz_class_losses(errors, one_hot[:, : C - 1 + rank], **common)[0].sum()
+    if name == "input_not_a_tensor" and rank == 1:
+        logits = logits.tolist()
+    if name == "classes_out_of_range":
+        return LovaszSoftmaxLoss(to_onehot_y=True, classes=[1 + 3 * rank], **common)(logits, target)
     cls = {"dtype": LovaszHingeLoss, "bad_label": LovaszSoftmaxLoss, "good": LovaszSoftmaxLoss}
     return cls.get(name, LovaszCELoss)(to_onehot_y=True, **common)(logits, target)
 

@@ -109,7 +109,11 @@ def distributed_world_size(distributed: bool, process_group: object | None = Non
     return dist.get_world_size(process_group)
 
 
-def check_class_weight(weight: Sequence[float] | float | Tensor, name: str = "weight") -> Tensor:
+def check_class_weight(
+    weight: Sequence[float] | float | Tensor,
+    name: str = "weight",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """Class weights as a float tensor, checked: a scalar or a 1-D sequence of finite,
     non-negative values that are not all zero.
 
@@ -120,9 +124,12 @@ def check_class_weight(weight: Sequence[float] | float | Tensor, name: str = "we
     Args:
         weight: the weights (a number, a sequence or a tensor, on any device).
         name: the argument's name in the error message.
+        dtype: the floating dtype the weights are used in; they are checked after the cast (a
+            float64 ``1e39`` is finite, but ``inf`` in float32). ``None``: float32 unless
+            ``weight`` is already floating point.
 
     Returns:
-        ``weight`` as a tensor (float32 unless it is already floating point).
+        ``weight`` as a tensor of ``dtype``.
 
     Example:
         >>> check_class_weight([1, 2.5])
@@ -138,7 +145,9 @@ def check_class_weight(weight: Sequence[float] | float | Tensor, name: str = "we
         raise ValueError(
             f"{name} must be a number or a sequence of numbers, got {weight!r}"
         ) from error
-    if not tensor.is_floating_point():
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    elif not tensor.is_floating_point():
         tensor = tensor.to(torch.float32)
     if tensor.ndim > 1 or tensor.numel() == 0:
         raise ValueError(
@@ -169,7 +178,9 @@ def _check_nonempty(shape: Sequence[int], name: str) -> None:
 
 
 def _signature_code(value: object) -> int:
-    """An integer for one entry of a :func:`check_processes_agree` signature."""
+    """An integer for one entry of a :func:`collective_check` signature (``None``: -1)."""
+    if value is None:
+        return -1
     if isinstance(value, torch.dtype):
         return _DTYPES.index(value) if value in _DTYPES else len(_DTYPES)
     return int(value)  # type: ignore[call-overload]
@@ -178,8 +189,20 @@ def _signature_code(value: object) -> int:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _collective_device(source: object, process_group: object | None) -> torch.device:
+    """Where the backend of ``process_group`` all-reduces a small tensor: the input's own
+    accelerator when it is on one, else the CPU for backends that take CPU tensors (gloo, mpi),
+    else this process's current CUDA device (NCCL takes no CPU tensor)."""
+    if isinstance(source, Tensor) and source.device.type != "cpu":
+        return source.device
+    backend = str(dist.get_backend(process_group))
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def collective_check(
-    source: Tensor,
+    source: object,
     bins: int,
     checks: Callable[[], T] | None = None,
     *,
@@ -193,13 +216,14 @@ def collective_check(
     integers, and only when something is wrong one ``all_gather_object`` of the messages. Without
     it a process whose input checks raise before the loss's all-reduce leaves the others waiting
     in that all-reduce until the process group's timeout, and processes that all-reduce tensors
-    of different sizes or dtypes hang or abort.
+    of different sizes or dtypes hang or abort. Any exception of ``checks`` is shared, so that a
+    process whose input is not even a tensor still joins the all-reduce.
 
     Args:
-        source: ``(B, C, *S)`` network output (or errors) of this process; its device holds the
-            all-reduced integers (CPU for gloo, CUDA for NCCL).
+        source: ``(B, C, *S)`` network output (or errors) of this process, or whatever the caller
+            was given in its place (``checks`` then raises).
         bins: the histogram bins of the loss.
-        checks: the local input checks (they raise ``TypeError``/``ValueError``); ``None``: none.
+        checks: the local input checks; ``None``: none.
         process_group: the ``torch.distributed`` group (``None``: the default group).
 
     Returns:
@@ -215,16 +239,17 @@ def collective_check(
             channels, bins and dtype when they differ. Without an initialised process group
             ``checks``' own exception propagates unchanged.
     """
+    is_tensor = isinstance(source, Tensor)
     signature = {
-        "channels": source.shape[1] if source.ndim >= 2 else 0,
+        "channels": source.shape[1] if is_tensor and source.ndim >= 2 else 0,
         "bins": int(bins),
-        "dtype": torch.promote_types(source.dtype, torch.float32),
+        "dtype": torch.promote_types(source.dtype, torch.float32) if is_tensor else None,
     }
-    error: BaseException | None = None
+    error: Exception | None = None
     result = None
     try:
         result = None if checks is None else checks()
-    except (TypeError, ValueError) as local_error:
+    except Exception as local_error:  # shared below whatever it is, then re-raised
         error = local_error
     if not dist.is_available() or not dist.is_initialized():
         if error is not None:
@@ -234,7 +259,7 @@ def collective_check(
     summary = torch.tensor(
         [int(error is not None), *codes, *(-c for c in codes)],
         dtype=torch.int64,
-        device=source.device,
+        device=_collective_device(source, process_group),
     )
     dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=process_group)
     failed = bool(summary[0])

@@ -39,6 +39,9 @@ def _as_class_rows(x: Tensor, *, batch: bool) -> Tensor:
 
 
 def _check_class_inputs(source: Tensor, labels: Tensor, valid: Tensor | None) -> Tensor | None:
+    for name, value in (("input", source), ("labels", labels), ("valid", valid)):
+        if not isinstance(value, Tensor) and not (name == "valid" and value is None):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if source.ndim < 3 or labels.shape != source.shape:
         raise ValueError(
             "input and labels must both be (B, C, *spatial) with the same shape, got "
@@ -51,6 +54,38 @@ def _check_class_inputs(source: Tensor, labels: Tensor, valid: Tensor | None) ->
     if tuple(valid.shape) != expected:
         raise ValueError(f"valid must have shape {expected}, got {tuple(valid.shape)}")
     return valid.bool()
+
+
+def _checked_class_inputs(
+    source: Tensor,
+    labels: Tensor,
+    valid: Tensor | None,
+    *,
+    batch: bool,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    distributed: bool,
+    process_group: object | None,
+    validate: bool,
+) -> Tensor | None:
+    """The settings and shapes checked and ``valid`` as bool; distributed with ``validate``, as a
+    :func:`collective_check` (bad input on one process raises on every process, as do processes
+    that disagree on the channels, bins or dtype that the loss all-reduces)."""
+
+    def checks() -> Tensor | None:
+        check_lovasz_arguments(
+            method=method,
+            bins=bins,
+            chunk_elements=chunk_elements,
+            batch=batch,
+            distributed=distributed,
+        )
+        return _check_class_inputs(source, labels, valid)
+
+    if validate and distributed_world_size(distributed, process_group) > 1:
+        return collective_check(source, bins, checks, process_group=process_group)
+    return checks()
 
 
 def _class_losses(
@@ -66,19 +101,15 @@ def _class_losses(
     overwrite_key: bool,
     distributed: bool,
     process_group: object | None,
-    validate: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Per (volume, class) losses, differentiable in ``source``, and foreground counts.
+    """Per (volume, class) losses, differentiable in ``source``, and foreground counts, of
+    inputs checked by :func:`_checked_class_inputs`.
 
     Distributed (see :func:`lovasz_class_losses`): the losses and counts are those of the union
     of the processes' batches, and the gradient is ``world_size`` times the derivative of those
-    losses with respect to this process's ``source``; with ``validate`` the processes first
-    check that they agree on the shapes and dtype that are all-reduced."""
-    check_lovasz_arguments(method=method, batch=batch, distributed=distributed)
+    losses with respect to this process's ``source``."""
     world_size = distributed_world_size(distributed, process_group)
     num_batch, num_classes = key.shape[:2]
-    if world_size > 1 and validate:
-        collective_check(key, bins, process_group=process_group)
     with torch.no_grad():
         weights, losses, counts = _lovasz_class_rows(
             _as_class_rows(key, batch=batch),
@@ -128,10 +159,12 @@ def lovasz_class_losses(
             union's loss. Without an initialised process group (or with one process) nothing
             changes.
         process_group: the ``torch.distributed`` group (``None``: the default group).
-        validate: with ``distributed`` and more than one process, first check (one all-reduce of
-            a few integers) that every process holds the same number of classes, bins and dtype,
-            and raise the same ``ValueError`` on each if not; ``False``: processes that disagree
-            hang in the all-reduce until the process group's timeout.
+        validate: with ``distributed`` and more than one process, run the checks of the settings
+            and shapes on every process and share the outcome, with a check that every process
+            holds the same number of classes, bins and dtype (one all-reduce of a few integers),
+            so that each raises the same ``ValueError``; ``False``: a process whose check fails
+            or that disagrees leaves the others waiting in the all-reduce until the process
+            group's timeout.
 
     Returns:
         ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
@@ -144,11 +177,23 @@ def lovasz_class_losses(
         (tensor([[0.5000, 0.5000]]), tensor([[1, 1]]))
 
     Raises:
+        TypeError: an argument is not a tensor.
         ValueError: when the shapes do not match or hold no voxel, ``distributed`` without
             ``batch=True`` and ``method="histogram"``, or (``validate``) distributed processes
             that disagree on classes, bins or dtype.
     """
-    valid = _check_class_inputs(errors, labels, valid)
+    valid = _checked_class_inputs(
+        errors,
+        labels,
+        valid,
+        batch=batch,
+        method=method,
+        bins=bins,
+        chunk_elements=chunk_elements,
+        distributed=distributed,
+        process_group=process_group,
+        validate=validate,
+    )
     key, fg = _key_and_foreground(errors, labels, valid)
     # a key made by _sort_key may be overwritten; the errors themselves may not
     return _class_losses(
@@ -163,7 +208,6 @@ def lovasz_class_losses(
         overwrite_key=valid is not None,
         distributed=distributed,
         process_group=process_group,
-        validate=validate,
     )
 
 
@@ -203,7 +247,18 @@ def lovasz_probability_class_losses(
     Raises:
         ValueError: as :func:`lovasz_class_losses`.
     """
-    valid = _check_class_inputs(probs, labels, valid)
+    valid = _checked_class_inputs(
+        probs,
+        labels,
+        valid,
+        batch=batch,
+        method=method,
+        bins=bins,
+        chunk_elements=chunk_elements,
+        distributed=distributed,
+        process_group=process_group,
+        validate=validate,
+    )
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
         detached = probs.detach()
@@ -223,7 +278,6 @@ def lovasz_probability_class_losses(
         overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
-        validate=validate,
     )
 
 
@@ -259,7 +313,18 @@ def lovasz_hinge_class_losses(
     Raises:
         ValueError: as :func:`lovasz_class_losses`.
     """
-    valid = _check_class_inputs(logits, labels, valid)
+    valid = _checked_class_inputs(
+        logits,
+        labels,
+        valid,
+        batch=batch,
+        method=method,
+        bins=bins,
+        chunk_elements=chunk_elements,
+        distributed=distributed,
+        process_group=process_group,
+        validate=validate,
+    )
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
         detached = logits.detach()
@@ -278,7 +343,6 @@ def lovasz_hinge_class_losses(
         overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
-        validate=validate,
     )
 
 
@@ -324,7 +388,7 @@ def class_weights(
             f"weight must have one value per class ({losses.shape[1]}), got {tuple(weight.shape)}"
         )
     if validate:
-        check_class_weight(weight)
+        check_class_weight(weight, dtype=losses.dtype)
     return counted * weight.to(losses)
 
 

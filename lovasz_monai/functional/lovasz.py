@@ -41,55 +41,62 @@ _PER_VOLUME_DEPRECATION = (
 )
 
 
-def _labels_and_valid(
+def _checked_inputs(
     source: Tensor,
     labels: Tensor,
     valid: Tensor | None,
     ignore_index: int | None,
+    classes: str | Sequence[int],
     validate: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """One-hot labels and validity: a ``(B, 1, *S)`` label map (for ``C > 1`` channels) or an
-    ``ignore_index`` goes through :func:`decode_target`; one-hot labels pass unchanged."""
-    if not isinstance(labels, Tensor):  # ``source`` is checked by the caller
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    label_map = labels.ndim >= 2 and labels.shape[1] == 1 and source.shape[1] > 1
-    if not label_map and ignore_index is None:
-        return labels, valid
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """``(source, fg, valid, present_only)``: the labels (a ``(B, 1, *S)`` label map for ``C > 1``
+    channels, or one-hot/multi-hot) decoded by :func:`decode_target` and both restricted to the
+    channels of ``classes``."""
+    if not isinstance(source, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(source).__name__}")
+    if source.ndim < 3:
+        raise ValueError(
+            "input must be (B, C, *spatial) with at least one spatial dimension, got shape "
+            f"{tuple(source.shape)}"
+        )
+    label_map = isinstance(labels, Tensor) and labels.ndim >= 2 and labels.shape[1] == 1
     fg, valid, _ = decode_target(
         labels,
         source.shape,
         valid,
-        to_onehot_y=label_map,
+        to_onehot_y=label_map and source.shape[1] > 1,
         ignore_index=ignore_index,
         exclusive=False,
         validate=validate,
+        device=source.device,
     )
-    return fg, valid
+    present_only, selected = _class_selection(source.shape[1], classes)
+    if len(selected) != source.shape[1]:
+        source, fg = source[:, selected], fg[:, selected]
+    return source, fg, valid, present_only
 
 
-def _decode_on_every_process(
+def _checked_on_every_process(
     source: Tensor,
     labels: Tensor,
     valid: Tensor | None,
     ignore_index: int | None,
+    classes: str | Sequence[int],
     *,
     bins: int,
     distributed: bool,
     process_group: object | None,
     validate: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`_labels_and_valid`; distributed with ``validate``, as a :func:`collective_check`
-    (a bad target on one process raises on every process instead of leaving them waiting)."""
-    if not isinstance(source, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(source).__name__}")
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """:func:`_checked_inputs`; distributed with ``validate``, as a :func:`collective_check`
+    (a bad input on one process raises on every process instead of leaving them waiting)."""
+
+    def checks() -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        return _checked_inputs(source, labels, valid, ignore_index, classes, validate)
+
     if not validate or distributed_world_size(distributed, process_group) == 1:
-        return _labels_and_valid(source, labels, valid, ignore_index, validate)
-    return collective_check(
-        source,
-        bins,
-        lambda: _labels_and_valid(source, labels, valid, ignore_index, validate),
-        process_group=process_group,
-    )
+        return checks()
+    return collective_check(source, bins, checks, process_group=process_group)
 
 
 def _batch_from_per_volume(batch: bool, per_volume: bool | None) -> bool:
@@ -157,19 +164,17 @@ def lovasz_softmax(
             bad input on any process or processes that disagree on channels, bins or dtype.
     """
     batch = _batch_from_per_volume(batch, per_volume)
-    labels, valid = _decode_on_every_process(
+    probs, labels, valid, present_only = _checked_on_every_process(
         probs,
         labels,
         valid,
         ignore_index,
+        classes,
         bins=bins,
         distributed=distributed,
         process_group=process_group,
         validate=validate,
     )
-    present_only, selected = _class_selection(probs.shape[1], classes)
-    if len(selected) != probs.shape[1]:
-        probs, labels = probs[:, selected], labels[:, selected]
     losses, counts = lovasz_probability_class_losses(
         probs,
         labels,
@@ -179,7 +184,7 @@ def lovasz_softmax(
         bins,
         distributed=distributed,
         process_group=process_group,
-        validate=False,  # the processes' agreement is part of the decoding above
+        validate=False,  # checked above, on every process
     )
     return average_class_losses(losses, counts, present_only).mean()
 
@@ -237,11 +242,12 @@ def lovasz_hinge(
             on any process or processes that disagree on channels, bins or dtype.
     """
     batch = _batch_from_per_volume(batch, per_volume)
-    labels, valid = _decode_on_every_process(
+    logits, labels, valid, _ = _checked_on_every_process(
         logits,
         labels,
         valid,
         ignore_index,
+        "all",
         bins=bins,
         distributed=distributed,
         process_group=process_group,
@@ -256,6 +262,6 @@ def lovasz_hinge(
         bins,
         distributed=distributed,
         process_group=process_group,
-        validate=False,  # the processes' agreement is part of the decoding above
+        validate=False,  # checked above, on every process
     )
     return average_class_losses(losses, counts, present_only=False).mean()

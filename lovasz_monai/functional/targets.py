@@ -51,6 +51,14 @@ def _dtype_holds(dtype: torch.dtype, value: int) -> bool:
     return info.min <= value <= info.max
 
 
+def _check_device(name: str, value: Tensor, device: torch.device | None) -> None:
+    if device is not None and value.device != torch.device(device):
+        raise ValueError(
+            f"{name} is on {value.device} but the input is on {torch.device(device)}: move both "
+            "to the same device"
+        )
+
+
 def _check_target_shape(target: Tensor, input_shape: tuple[int, ...]) -> None:
     num_batch, num_channels, *spatial = input_shape
     if not isinstance(target, Tensor):
@@ -84,11 +92,25 @@ def _mask_to_valid(mask: Tensor, expected: tuple[int, ...], validate: bool) -> T
     return mask != 0
 
 
+# unsigned integer dtypes wider than uint8 (NIfTI label maps are often uint16) have few kernels
+# (no min/max, where or scatter): their values are read as int64
+_WIDE_UNSIGNED = tuple(
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)
+)
+
+
 def _label_map(
     target: Tensor, num_labels: int, ignore_index: int | None, validate: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Integer labels ``(B, 1, *S)`` with ignored voxels set to 0, and their validity."""
     valid = None
+    if target.dtype in _WIDE_UNSIGNED:
+        if target.dtype == _WIDE_UNSIGNED[-1] and validate:
+            # uint64 has no comparison kernels either; values above int64's range would wrap
+            as_float = target.to(torch.float64)
+            if (as_float >= 2.0**63).any():
+                raise ValueError("uint64 label map holds values beyond the int64 range")
+        target = target.to(torch.int64)
     if ignore_index is not None:
         valid = ~label_equals(target, ignore_index)
         target = torch.where(valid, target, torch.zeros_like(target))
@@ -106,9 +128,15 @@ def _label_map(
                 ignored += (
                     f" (a {str(target.dtype).replace('torch.', '')} label map cannot hold it)"
                 )
+            hint = ""
+            if ignore_index is None:
+                hint = (
+                    "; labels are checked under a mask too: if a value marks unlabelled voxels, "
+                    "pass it as ignore_index"
+                )
             raise ValueError(
                 f"label map values must lie in [0, {num_labels}){ignored}, got values in "
-                f"[{low:g}, {high:g}]"
+                f"[{low:g}, {high:g}]{hint}"
             )
     return target.long(), valid
 
@@ -135,6 +163,7 @@ def decode_target(
     ignore_index: int | None = None,
     exclusive: bool = True,
     validate: bool = True,
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Foreground, validity and labels of a target for an input of ``input_shape``.
 
@@ -151,6 +180,8 @@ def decode_target(
             ``False`` allows overlapping regions (sigmoid, hinge).
         validate: check values (one host synchronisation): label range, integer labels, 0/1
             targets and masks, exclusivity. Shapes are always checked.
+        device: the input's device: ``target`` and ``mask`` must be on it (``None``: not
+            checked).
 
     Returns:
         ``(fg, valid, labels)``: bool ``(B, C, *S)`` foreground (at ignored voxels as if their
@@ -170,16 +201,20 @@ def decode_target(
     Raises:
         TypeError: ``target`` or ``mask`` is not a tensor.
         ValueError: shapes that do not fit ``input_shape``, or an ``input_shape`` with a zero
-            size (no volume, channel or voxel); a label map for ``C > 1`` channels
-            without ``to_onehot_y``; ``to_onehot_y`` or ``ignore_index`` with a one-hot target;
+            size (no volume, channel or voxel); ``target`` or ``mask`` not on ``device``; a
+            label map for ``C > 1`` channels without ``to_onehot_y``; ``to_onehot_y`` or
+            ``ignore_index`` with a one-hot target;
             with ``validate``: labels outside ``[0, max(C, 2))`` that are not ``ignore_index``,
             fractional labels, non-0/1 targets or masks, non-exclusive one-hot targets.
     """
     input_shape = tuple(int(n) for n in input_shape)
     num_batch, num_channels = input_shape[:2]
     _check_target_shape(target, input_shape)
+    _check_device("target", target, device)
     valid = None
     if mask is not None:
+        if isinstance(mask, Tensor):
+            _check_device("mask", mask, device)
         valid = _mask_to_valid(mask, (num_batch, 1, *input_shape[2:]), validate)
 
     if target.shape[1] == 1:  # a label map (or the 0/1 map of a single channel)

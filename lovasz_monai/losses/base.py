@@ -99,7 +99,7 @@ class _LovaszLoss(_Loss):
             raise ValueError("classes lists class 0 but include_background=False excludes it")
         class_weight = None
         if weight is not None:
-            class_weight = functional.check_class_weight(weight).to(torch.float32)
+            class_weight = functional.check_class_weight(weight, dtype=torch.float32)
         self.register_buffer("class_weight", class_weight)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
@@ -132,11 +132,12 @@ class _LovaszLoss(_Loss):
         instead of leaving the others waiting in the loss's all-reduce."""
 
         def checks() -> T:
-            return prepare(*as_loss_tensors(input, target, mask))
+            prepared = prepare(*as_loss_tensors(input, target, mask))
+            self._channels_and_weight(input.shape[1])  # ``classes`` and ``weight`` fit C
+            return prepared
 
         if (
-            not isinstance(input, Tensor)
-            or not self.validate
+            not self.validate
             or functional.distributed_world_size(self.distributed, self.process_group) == 1
         ):
             return checks()
@@ -157,14 +158,14 @@ class _LovaszLoss(_Loss):
             ignore_index=self.ignore_index,
             exclusive=one_hot_target,
             validate=self.validate,
+            device=input.device,
         )
 
     # -- classes and reduction -----------------------------------------------------------------
 
-    def _select_channels(self, source: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``source`` and ``fg`` restricted to the channels that enter the class mean
-        (``include_background``, ``classes``), and the class weights of those channels."""
-        num_channels = source.shape[1]
+    def _channels_and_weight(self, num_channels: int) -> tuple[list[int], Tensor | None]:
+        """The channels that enter the class mean (``include_background``, ``classes``) of an
+        input with ``num_channels`` channels, and their class weights."""
         first = 0 if self.include_background or num_channels == 1 else 1
         if isinstance(self.classes, str):
             channels = list(range(first, num_channels))
@@ -183,10 +184,21 @@ class _LovaszLoss(_Loss):
                 raise ValueError(
                     f"weight must have one value per channel ({num_channels - first}"
                     + ("" if first == 0 else ", background excluded")
-                    + f"), got {weight.numel()}"
+                    + f"), got {weight.numel()} for an input with {num_channels} channels"
+                    + (
+                        ""
+                        if isinstance(self.classes, str)
+                        else " (the weights of the channels listed in classes are picked from them)"
+                    )
                 )
             weight = weight[[c - first for c in channels]]
-        if len(channels) != num_channels:
+        return channels, weight
+
+    def _select_channels(self, source: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``source`` and ``fg`` restricted to the channels that enter the class mean, and the
+        class weights of those channels (see :meth:`_channels_and_weight`)."""
+        channels, weight = self._channels_and_weight(source.shape[1])
+        if len(channels) != source.shape[1]:
             source, fg = source[:, channels], fg[:, channels]
         return source, fg, weight
 

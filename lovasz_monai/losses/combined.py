@@ -139,7 +139,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         )
         ce = None
         if ce_weight is not None:
-            ce = functional.check_class_weight(ce_weight, "ce_weight").to(torch.float32)
+            ce = functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
             if ce.ndim != 1:
                 raise ValueError(f"ce_weight must be a 1-D sequence, got {ce_weight}")
         self.register_buffer("ce_weight", ce)
@@ -147,18 +147,26 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         self.lambda_ce = float(lambda_ce)
         self.label_smoothing = float(label_smoothing)
 
+    def _prepare(
+        self, input: Tensor, target: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """As the Lovász-Softmax's, and ``ce_weight`` checked against the input's channels."""
+        prepared = super()._prepare(input, target, mask)
+        ce_weight = self.ce_weight
+        if ce_weight is not None and ce_weight.numel() != input.shape[1]:
+            raise ValueError(
+                f"ce_weight must have one value per input channel ({input.shape[1]}), "
+                f"got {ce_weight.numel()}"
+            )
+        if ce_weight is not None and self.validate:  # the buffer may have been replaced
+            functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
+        return prepared
+
     def _cross_entropy(
         self, logits: Tensor, fg: Tensor, valid: Tensor | None, labels: Tensor | None
     ) -> Tensor:
         num_channels = logits.shape[1]
         ce_weight = self.ce_weight
-        if ce_weight is not None and ce_weight.numel() != num_channels:
-            raise ValueError(
-                f"ce_weight must have one value per input channel ({num_channels}), "
-                f"got {ce_weight.numel()}"
-            )
-        if ce_weight is not None and self.validate:  # the buffer may have been replaced
-            functional.check_class_weight(ce_weight, "ce_weight")
         if not self.sigmoid:
             labels = fg.to(torch.uint8).argmax(dim=1) if labels is None else labels[:, 0]
             return _masked_cross_entropy(
@@ -190,7 +198,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         Args:
             input: ``(B, C, *spatial)`` logits.
             target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
-            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
 
         Returns:
             ``lambda_lovasz * lovasz + lambda_ce * ce`` (a scalar).
@@ -229,7 +237,7 @@ class MaskedDiceCELoss(nn.Module):
         input: ``(B, C, *spatial)`` logits, ``C >= 2``.
         target: ``(B, 1, *spatial)`` label map with values in ``[0, C)``, or ``(B, C, *spatial)``
         one-hot.
-        mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+        mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
 
     Example:
         >>> logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
@@ -269,7 +277,7 @@ class MaskedDiceCELoss(nn.Module):
         Args:
             input: ``(B, C, *spatial)`` logits.
             target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot.
-            mask: optional ``(B, 1, *spatial)``.
+            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
 
         Returns:
             The scalar loss.
@@ -290,6 +298,7 @@ class MaskedDiceCELoss(nn.Module):
                 ignore_index=self.ignore_index,
                 exclusive=True,
                 validate=self.validate,
+                device=input.device,
             )
             logits = input.to(torch.promote_types(input.dtype, torch.float32))
             if labels is None:

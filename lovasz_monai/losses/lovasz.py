@@ -36,9 +36,10 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         reduction: ``"mean"`` (mean over volumes of the per-volume class mean), ``"sum"`` (sum
             over volumes of the per-volume class mean) or ``"none"``: as MONAI's
             ``DiceLoss(reduction="none")``, a ``(B, N, 1, ..., 1)`` tensor (one 1 per spatial
-            dimension; ``(1, N, 1, ...)`` when ``batch``) where ``N`` is the number of selected
-            channels in their order: ``C``, ``C - 1`` (channels ``1..C-1``) with
-            ``include_background=False``, or ``len(classes)`` for a ``classes`` list. It
+            dimension; ``(1, N, 1, ...)`` when ``batch``, where MONAI returns ``(N, 1, ...)``)
+            where ``N`` is the number of selected channels in their order: ``C``, ``C - 1``
+            (channels ``1..C-1``) with ``include_background=False``, or ``len(classes)`` for a
+            ``classes`` list. It
             broadcasts against the input only when ``N == C``. Entry ``[b, j]`` holds
             ``weight_c * loss_c`` of the ``j``-th selected channel ``c`` when that class counts
             (``"present"``: it has foreground) and 0 otherwise.
@@ -176,7 +177,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         Args:
             input: ``(B, C, *spatial)`` logits (or probabilities with ``softmax=False``).
             target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
-            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
 
         Returns:
             The loss, reduced as set by ``reduction``.
@@ -276,7 +277,7 @@ class LovaszHingeLoss(_LovaszLoss):
         Args:
             input: ``(B, C, *spatial)`` logits.
             target: binary ``(B, C, *spatial)`` target or ``(B, 1, *spatial)`` label map.
-            mask: optional ``(B, 1, *spatial)``, nonzero where the voxel counts.
+            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
 
         Returns:
             The loss, reduced as set by ``reduction``.
