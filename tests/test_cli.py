@@ -239,6 +239,7 @@ CONFIG_DATA = {
     "brats_multilabel.yaml": ({"num_classes": 4, "num_modalities": 4}, 3, True, 3),
     "finetune_ce_to_lovasz.yaml": ({"num_classes": 2}, 2, False, 2),
     "brain_tissue.yaml": ({"num_classes": 4}, 4, False, 4),
+    "subcortical.yaml": ({"num_classes": 16}, 16, False, 16),
     "demo_ddp.yaml": ({"num_classes": 3}, 3, False, 3),  # on one device here (test_ddp.py: 2)
 }
 

