@@ -49,7 +49,8 @@ def test_subcortical_task_has_15_structures_on_their_own_side(subcortical):
     assert counts[1:].min() < 2500  # the accumbens: small classes
     # MNI x grows to the subject's right: every left structure lies left of the midline
     for i in range(1, 8):
-        assert _world_centroid_x(label, affine, i) < -5 < 5 < _world_centroid_x(label, affine, i + 7)
+        left, right = (_world_centroid_x(label, affine, v) for v in (i, i + 7))
+        assert left < -5 and right > 5, names[i]
     assert abs(_world_centroid_x(label, affine, 15)) < 3  # the brainstem sits on the midline
 
 

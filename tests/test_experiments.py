@@ -261,6 +261,15 @@ def test_evaluate_matches_hand_computation():
     assert result["miou"] == pytest.approx(np.mean(iou[1:]), abs=1e-6)
     assert result["dice_mean"] == pytest.approx(np.mean(dice[1:]), abs=1e-6)
     assert result["num_volumes"] == 2
+    # per case: each volume's IoU per class, its mean over the foreground, then over volumes
+    case_iou = [
+        [((p == c) & (t == c) & v).sum() / (((p == c) | (t == c)) & v).sum() for c in range(3)]
+        for p, t, v in zip(preds, labels, valid, strict=True)
+    ]
+    assert result["case_iou"] == pytest.approx(np.mean(case_iou, axis=0).tolist())
+    expected = np.mean([np.mean(per_class[1:]) for per_class in case_iou])
+    assert result["case_miou"] == pytest.approx(expected, abs=1e-6)
+    assert result["case_miou"] != pytest.approx(result["miou"], abs=1e-6)  # not dataset-level
 
 
 def test_evaluate_absent_class_and_ignored_voxels():
@@ -276,6 +285,7 @@ def test_evaluate_absent_class_and_ignored_voxels():
     assert result["iou"][:2] == [1.0, 1.0] and math.isnan(result["iou"][2])
     assert result["dice"][:2] == [1.0, 1.0] and math.isnan(result["dice"][2])
     assert result["miou"] == 1.0 and result["dice_mean"] == 1.0
+    assert result["case_miou"] == 1.0  # class 2, absent from label and prediction, left out
 
     logits[:, 2, 0, 0, 2] = 5  # now a false positive of class 2 on a valid voxel
     result = evaluate(_fixed_model([logits]), [batch])
@@ -397,7 +407,7 @@ def test_compare_command_tiny(tmp_path):
         '{"num_cases": 3, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
         "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
         "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
-        "--bench-repeats", "2",
+        "--bench-repeats", "2", "--eval-split", "test",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -405,20 +415,22 @@ def test_compare_command_tiny(tmp_path):
 
     text = output.with_suffix(".md").read_text(encoding="utf-8")
     assert "--losses ce lovasz --seeds 0 --max-epochs 1" in text
+    # the synthetic test images have no labels: evaluated on the validation split, said so
+    assert "the 1 validation volume(s)" in text and "test volume" not in text
     rows = _table_rows(text)
     header, body = rows[0], rows[2:]
     assert header == [
-        "loss", "mIoU", "IoU background", "IoU class_1", "IoU class_2", "Dice",
+        "loss", "per-case mIoU", "mIoU", "IoU background", "IoU class_1", "IoU class_2", "Dice",
         "train step (ms)", "timed step (ms)", "ratio",
     ]  # fmt: skip
     assert [r[0] for r in body] == ["`ce`", "`lovasz`"]
     for row in body:
-        for cell in row[1:6]:
+        for cell in row[1:7]:
             match = re.fullmatch(r"(\d+\.\d{3}) ± (\d+\.\d{3})", cell)
             assert match, cell
             assert 0.0 <= float(match.group(1)) <= 1.0 and float(match.group(2)) == 0.0
-        assert float(row[6]) > 0 and float(row[7]) > 0 and float(row[8]) > 0
-    assert body[0][8] == "1.00"
+        assert float(row[7]) > 0 and float(row[8]) > 0 and float(row[9]) > 0
+    assert body[0][9] == "1.00"
 
     png = output.with_suffix(".png")
     assert png.read_bytes()[:8] == PNG_SIGNATURE

@@ -46,6 +46,9 @@ matrix of the whole validation split (as the module's ``val/IoU``), ``mIoU`` its
 classes the module counts (foreground unless ``metric_include_background``), and ``Dice`` the
 mean over volumes and those classes of the per-volume Dice ``2 |P & L| / (|P| + |L|)`` (a class
 absent from both prediction and label of a volume is left out; predicted but absent gives 0).
+With ``--eval-split test`` the labelled ``test`` cases of ``dataset.json`` are evaluated instead,
+and every table also shows the per-case mIoU (each volume's mean IoU over the counted classes in
+its label or prediction, averaged over volumes: the score medical challenges report).
 Each is reported as mean +- sample standard deviation over seeds, with
 the median wall time of a training step (forward, loss, backward, optimizer; the first step of
 every run left out).
@@ -154,6 +157,7 @@ def compare(
     bench_repeats: int = 50,
     processes: int = 1,
     resume: bool = False,
+    eval_split: str = "val",
 ) -> ComparisonResult:
     """Train every (loss, seed) pair and write ``<output>.md``, ``.json`` and ``.png``.
 
@@ -174,6 +178,8 @@ def compare(
         processes: DDP processes per run (see :func:`run_one`).
         resume: reuse the runs whose training finished in ``runs_dir`` (see :func:`run_one`),
             e.g. after an interrupted comparison.
+        eval_split: evaluate on ``"val"`` (the validation split) or ``"test"`` (the labelled
+            test cases; see :func:`run_one`).
 
     Returns:
         The :class:`ComparisonResult`.
@@ -221,6 +227,7 @@ def compare(
             ramp_epochs,
             processes=processes,
             resume=resume,
+            eval_split=eval_split,
         )
         if result is None:
             result = ComparisonResult(
@@ -243,7 +250,8 @@ def compare(
         result.runs.append(run)
         if log is not None:
             log(
-                f"[{i}/{total}] {loss} seed {seed}: mIoU {run.miou:.3f} (logged "
+                f"[{i}/{total}] {loss} seed {seed}: mIoU {run.miou:.3f} (per case "
+                f"{run.case_miou:.3f}, logged "
                 f"{run.logged_val_miou:.3f}), Dice {run.dice:.3f}, step "
                 f"{1000 * run.median_step:.0f} ms, run {run.wall_time:.0f} s"
             )
@@ -315,6 +323,12 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate the runs whose training finished in --runs-dir instead of training them "
         "again (after an interruption)",
     )
+    cmp.add_argument(
+        "--eval-split",
+        choices=("val", "test"),
+        default="val",
+        help="evaluate on the validation split or on the labelled test cases",
+    )
     cmp.add_argument("--verbose", action="store_true", help="keep Lightning's messages")
     rep = sub.add_parser(
         "report",
@@ -379,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         bench_repeats=args.bench_repeats,
         processes=args.processes,
         resume=args.resume,
+        eval_split=args.eval_split,
     )
 
 

@@ -100,6 +100,9 @@ class RunResult:
         wall_time: seconds of the whole run.
         run_dir: the run's ``default_root_dir``.
         class_names, counted_classes, num_val_volumes: as in :class:`ComparisonResult`.
+        case_miou: per-case mIoU averaged over the evaluated volumes (see :func:`evaluate`).
+        case_iou: per-class IoU averaged over the volumes, ``C``.
+        eval_split: the evaluated split, ``"val"`` or ``"test"``.
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
@@ -122,6 +125,9 @@ class RunResult:
     class_names: list[str] = field(default_factory=list)
     counted_classes: list[int] = field(default_factory=list)
     num_val_volumes: int = 0
+    case_miou: float = math.nan
+    case_iou: list[float] = field(default_factory=list)
+    eval_split: str = "val"
 
     @property
     def median_step(self) -> float:
@@ -209,6 +215,9 @@ class ComparisonResult:
             run = dict(run)
             for key in ("miou", "dice", "iou", "dice_per_class", "val_miou_curve"):
                 run[key] = nan(run.get(key))
+            for key in ("case_miou", "case_iou"):  # absent from results before they existed
+                if key in run:
+                    run[key] = nan(run[key])
             run["logged_val_miou"] = nan(run.get("logged_val_miou"))
             runs.append(RunResult(**run))
         return cls(**fields, runs=runs)
@@ -292,7 +301,25 @@ def markdown_table(result: ComparisonResult) -> str:
             "--trainer.strategy ddp`), each with its share of the batches; `train step` is "
             "rank 0's, collectives included; the final `last.ckpt` is evaluated in one process.",
         ]
-    header = ["loss", "mIoU", *[f"IoU {n}" for n in names], "Dice"]
+    per_case = any(math.isfinite(r.case_miou) for r in result.runs)
+    split = result.runs[0].eval_split if result.runs else "val"
+    if split == "test":
+        evaluated = f"the {result.num_val_volumes} labelled test volume(s)"
+        lines = [
+            line.replace(f"the {result.num_val_volumes} validation volume(s)", evaluated).replace(
+                "the whole validation split", "all evaluated volumes"
+            )
+            for line in lines
+        ]
+    if per_case:
+        lines[-1:-1] = [
+            "",
+            "`per-case mIoU`: each volume's mean IoU over the counted classes present in its "
+            "label or prediction, averaged over volumes (the per-case score of medical "
+            "challenges); `mIoU` and the IoU columns are dataset-level.",
+        ]
+    header = ["loss", *(["per-case mIoU"] if per_case else []), "mIoU"]
+    header += [*[f"IoU {n}" for n in names], "Dice"]
     header += ["train step (ms)", "timed step (ms)", "ratio"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
@@ -303,7 +330,10 @@ def markdown_table(result: ComparisonResult) -> str:
         if not runs:
             raise ValueError(f"no runs for loss {loss!r}")
         step = statistics.median([r.median_step for r in runs])
-        cells = [f"`{loss}`", format_mean_std([r.miou for r in runs])]
+        cells = [f"`{loss}`"]
+        if per_case:
+            cells.append(format_mean_std([r.case_miou for r in runs]))
+        cells.append(format_mean_std([r.miou for r in runs]))
         cells += [format_mean_std([r.iou[c] for r in runs]) for c in range(len(names))]
         cells += [format_mean_std([r.dice for r in runs]), f"{1000 * step:.0f}"]
         timed = bench.get(loss)

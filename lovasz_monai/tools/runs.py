@@ -100,10 +100,13 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
             trainer's ``precision_plugin.val_step_context``).
 
     Returns:
-        ``{"iou": [C], "dice": [C], "miou": float, "dice_mean": float, "num_volumes": int}``:
-        per-class IoU from the confusion matrix over all volumes, per-class Dice averaged over
-        volumes (NaN where the class is in neither label nor prediction of any volume), and
-        their means over the classes ``model.mean_iou`` counts.
+        ``{"iou": [C], "dice": [C], "miou": float, "dice_mean": float, "case_iou": [C],
+        "case_miou": float, "num_volumes": int}``: per-class IoU from the confusion matrix over
+        all volumes (dataset-level), per-class Dice and IoU averaged over volumes (NaN where the
+        class is in neither label nor prediction of any volume), the means of IoU and Dice over
+        the classes ``model.mean_iou`` counts, and ``case_miou``: the per-case mIoU (each
+        volume's mean IoU over the counted classes in its label or prediction) averaged over
+        volumes, the score medical challenges report.
 
     Raises:
         ValueError: a multi-label or one-channel binary model, or an empty loader.
@@ -119,7 +122,7 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         ... }
         >>> metrics = evaluate(model, [batch])
         >>> sorted(metrics), len(metrics["iou"]), metrics["num_volumes"]
-        (['dice', 'dice_mean', 'iou', 'miou', 'num_volumes'], 3, 2)
+        (['case_iou', 'case_miou', 'dice', 'dice_mean', 'iou', 'miou', 'num_volumes'], 3, 2)
     """
     if model.mode != "multiclass":
         raise ValueError("evaluate supports multi-class (softmax) models only")
@@ -146,12 +149,16 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     if not len(cases):
         raise ValueError("evaluate got an empty loader")
     iou = iou_metric.compute().float().cpu()
-    dice = cases.gather().values["Dice"].nanmean(0)
+    values = cases.gather().values
+    dice = values["Dice"].nanmean(0)
+    per_case = values["IoU"][:, _counted_classes(model)].nanmean(1)
     return {
         "iou": iou.tolist(),
         "dice": dice.tolist(),
         "miou": float(model.mean_iou(iou)),
         "dice_mean": float(model.mean_iou(dice)),
+        "case_iou": values["IoU"].nanmean(0).tolist(),
+        "case_miou": float(per_case.nanmean()),
         "num_volumes": len(cases),
     }
 
@@ -229,6 +236,7 @@ def run_one(
     progress_bar: bool = False,
     processes: int = 1,
     resume: bool = False,
+    eval_split: str = "val",
 ) -> RunResult:
     """Train and evaluate one (loss, seed) run built by :class:`~lovasz_monai.cli.LovaszCLI`.
 
@@ -242,13 +250,17 @@ def run_one(
         resume: a ``run_dir`` whose training finished (``recorder.json`` and
             ``checkpoints/last.ckpt``) is evaluated again instead of trained again; its step
             times and ``wall_time`` (the training's) come from ``recorder.json``.
+        eval_split: ``"val"``: evaluate on the validation split; ``"test"``: on the labelled
+            ``test`` cases of ``dataset.json`` (the validation split when there are none, as
+            ``lovasz-monai test`` does; the result's ``eval_split`` says which).
 
     Returns:
         The :class:`RunResult`.
 
     Raises:
         KeyError: an unknown loss.
-        ValueError: a config whose model is not multi-class, or without a validation split.
+        ValueError: a config whose model is not multi-class, without a validation split (with
+            ``eval_split="val"``), or an unknown ``eval_split``.
         SystemExit: a LovaszCLI parse error (jsonargparse prints what is wrong).
         RuntimeError: the DDP training subprocess failed (the end of its output is included).
 
@@ -259,6 +271,8 @@ def run_one(
     """
     from lovasz_monai.cli import LovaszCLI  # heavy import, only when a run is made
 
+    if eval_split not in ("val", "test"):
+        raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
     start = time.perf_counter()
     run_dir = Path(run_dir)
     record, last = run_dir / "recorder.json", run_dir / "checkpoints" / "last.ckpt"
@@ -289,7 +303,12 @@ def run_one(
             callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
         trainer.callbacks = [*callbacks, recorder]
         trainer.fit(model, datamodule=datamodule)
-    loader = datamodule.val_dataloader()
+    if eval_split == "test" and datamodule.test_files:
+        datamodule.setup("test")
+        loader = datamodule.test_dataloader()
+    else:  # no labelled test case: the validation split, recorded as such
+        eval_split = "val"
+        loader = datamodule.val_dataloader()
     if not isinstance(loader, torch.utils.data.DataLoader):
         raise ValueError("compare needs a validation split (data.val_fraction > 0)")
     metrics = evaluate(model, loader, trainer.precision_plugin.val_step_context)
@@ -309,6 +328,9 @@ def run_one(
         class_names=list(model.class_names),
         counted_classes=_counted_classes(model),
         num_val_volumes=int(metrics["num_volumes"]),
+        case_miou=metrics["case_miou"],
+        case_iou=metrics["case_iou"],
+        eval_split=eval_split,
     )
 
 
