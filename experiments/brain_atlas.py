@@ -298,6 +298,17 @@ PIPELINE_VARIANTS = {
     ),
     "fp32": ("the shipped pipeline in float32", ["--trainer.precision", "32-true"]),
     "all_cases": ("no validation split: all 24 cases train", ["--data.val_fraction", "0"]),
+    "adam_constant": (
+        "the plain loop's optimiser: Adam 1e-3, no weight decay, no schedule",
+        [
+            "--optimizer",
+            '{"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}',
+            "--optimizer.init_args.weight_decay",
+            "0",
+            "--lr_scheduler",
+            "null",
+        ],
+    ),
 }
 PLAIN = "plain_monai"
 SUBCORTICAL_CONFIG = ROOT / "configs" / "subcortical.yaml"
