@@ -290,8 +290,11 @@ PIPELINE_VARIANTS = {
         "the pipeline as shipped before the fix: flips on all three axes",
         ["--data.flip_axes", "[0, 1, 2]"],
     ),
-    "shipped": ("the shipped pipeline: flips never left-right (flip_axes [1, 2])", []),
-    "no_flips": ("no flips at all", ["--data.flip_axes", "[]"]),
+    "shipped": (
+        "flips on axes 1, 2, never left-right (the first fix)",
+        ["--data.flip_axes", "[1, 2]"],
+    ),
+    "no_flips": ("no flips at all: the default now", ["--data.flip_axes", "[]"]),
     "dicece": (
         "the shipped pipeline with the masked Dice+CE loss",
         ["--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"],

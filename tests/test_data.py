@@ -277,9 +277,11 @@ def _flips_seen(dm, epochs: int = 6) -> set[tuple[int, ...]]:
     return seen
 
 
-def test_training_flips_follow_flip_axes_and_never_left_right_by_default(tiny):
-    dm = _dm(tiny, roi_size=SIZE, batch_size=1, num_samples=1, num_workers=0, seed=3)
-    assert dm.flip_axes == (1, 2)
+def test_training_flips_follow_flip_axes(tiny):
+    assert _dm(tiny).flip_axes == ()  # the default flips nothing
+    dm = _dm(
+        tiny, roi_size=SIZE, batch_size=1, num_samples=1, num_workers=0, seed=3, flip_axes=(1, 2)
+    )
     dm.setup("fit")
     seen = _flips_seen(dm)
     assert all(0 not in axes for axes in seen), seen  # never a left-right flip
@@ -296,7 +298,8 @@ def test_left_right_flip_of_lateralised_labels_warns(tiny_copy, recwarn):
     info = _read_json(tiny_copy)
     info["labels"] = {"0": "background", "1": "Left-Caudate", "2": "caudate_R", "255": "ignore"}
     _write_json(tiny_copy, info)
-    _dm(tiny_copy)  # the default never flips left-right: no warning
+    _dm(tiny_copy)  # the default flips nothing: no warning
+    _dm(tiny_copy, flip_axes=(1, 2))  # no left-right flip: no warning
     _dm(tiny_copy, flip_axes=(0, 1, 2), augment=False)  # no augmentation, no flip
     assert not [w for w in recwarn if "flips left and right" in str(w.message)]
     with pytest.warns(UserWarning, match=r"flips left and right.*Left-Caudate, caudate_R"):
