@@ -200,25 +200,9 @@ def build(
     if num_train < 1 or num_test < 0:
         raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
     t1, label, affine, names = load_task(task)
-    make_case = _brain_tissue().make_case
     root = Path(output)
     rs = np.random.RandomState(seed)
-    entries: dict[str, list] = {"training": [], "test": []}
-    for split, count, folder in (("training", num_train, "Tr"), ("test", num_test, "Ts")):
-        (root / f"images{folder}").mkdir(parents=True, exist_ok=True)
-        (root / f"labels{folder}").mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            name = f"{task}_{split[:2]}{i:03d}.nii.gz"
-            image, seg = make_case(t1, label, rs, ignore_slab=split == "training")
-            for kind, array in (("images", image), ("labels", seg)):
-                img = nib.Nifti1Image(array, affine)
-                img.set_qform(affine, code=1)
-                img.set_sform(affine, code=1)
-                img.header.set_xyzt_units("mm")
-                nib.save(img, root / f"{kind}{folder}" / name)
-            entries[split].append(
-                {"image": f"./images{folder}/{name}", "label": f"./labels{folder}/{name}"}
-            )
+    entries = _brain_tissue().write_cases(root, task, t1, label, affine, rs, num_train, num_test)
     info = {
         "name": f"DesikanKilliany{task.capitalize()}",
         "description": (

@@ -153,6 +153,38 @@ def make_case(
     return 1000.0 * image, seg
 
 
+def write_cases(
+    root: Path,
+    prefix: str,
+    t1: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    rs: np.random.RandomState,
+    num_train: int,
+    num_test: int,
+) -> dict[str, list]:
+    """Write ``num_train`` training cases (with an unlabelled slab) and ``num_test`` fully
+    labelled test cases made by :func:`make_case` into ``root`` (MSD layout); return the
+    ``"training"`` and ``"test"`` entries of ``dataset.json``."""
+    entries: dict[str, list] = {"training": [], "test": []}
+    for split, count, folder in (("training", num_train, "Tr"), ("test", num_test, "Ts")):
+        (root / f"images{folder}").mkdir(parents=True, exist_ok=True)
+        (root / f"labels{folder}").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            name = f"{prefix}_{split[:2]}{i:03d}.nii.gz"
+            image, seg = make_case(t1, label, rs, ignore_slab=split == "training")
+            for kind, array in (("images", image), ("labels", seg)):
+                img = nib.Nifti1Image(array, affine)
+                img.set_qform(affine, code=1)
+                img.set_sform(affine, code=1)
+                img.header.set_xyzt_units("mm")
+                nib.save(img, root / f"{kind}{folder}" / name)
+            entries[split].append(
+                {"image": f"./images{folder}/{name}", "label": f"./labels{folder}/{name}"}
+            )
+    return entries
+
+
 def build(output: str | Path, num_train: int = 24, num_test: int = 8, seed: int = 0) -> Path:
     """Write the dataset into ``output`` (MSD layout) and return the folder.
 
@@ -173,22 +205,7 @@ def build(output: str | Path, num_train: int = 24, num_test: int = 8, seed: int 
     root = Path(output)
     t1, label, affine = load_template()
     rs = np.random.RandomState(seed)
-    entries: dict[str, list] = {"training": [], "test": []}
-    for split, count, folder in (("training", num_train, "Tr"), ("test", num_test, "Ts")):
-        (root / f"images{folder}").mkdir(parents=True, exist_ok=True)
-        (root / f"labels{folder}").mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            name = f"brain_{split[:2]}{i:03d}.nii.gz"
-            image, seg = make_case(t1, label, rs, ignore_slab=split == "training")
-            for kind, array in (("images", image), ("labels", seg)):
-                img = nib.Nifti1Image(array, affine)
-                img.set_qform(affine, code=1)
-                img.set_sform(affine, code=1)
-                img.header.set_xyzt_units("mm")
-                nib.save(img, root / f"{kind}{folder}" / name)
-            entries[split].append(
-                {"image": f"./images{folder}/{name}", "label": f"./labels{folder}/{name}"}
-            )
+    entries = write_cases(root, "brain", t1, label, affine, rs, num_train, num_test)
     info = {
         "name": "BrainTissueMNI",
         "description": (
