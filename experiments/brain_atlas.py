@@ -68,11 +68,10 @@ SPACING = {"subcortical": 1.0, "parcellation": 2.0}
 MARGIN = {"subcortical": 8, "parcellation": 4}
 
 
-def _brain_tissue():
-    """``experiments/brain_tissue.py`` as a module (the case recipe and the template live there)."""
-    spec = importlib.util.spec_from_file_location(
-        "brain_tissue", Path(__file__).with_name("brain_tissue.py")
-    )
+def _sibling(name: str):
+    """``experiments/<name>.py`` as a module (experiments is a folder of scripts, not a package):
+    ``brain_tissue`` holds the case recipe, ``plain_monai`` the baseline loop."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -202,7 +201,8 @@ def build(
     t1, label, affine, names = load_task(task)
     root = Path(output)
     rs = np.random.RandomState(seed)
-    entries = _brain_tissue().write_cases(root, task, t1, label, affine, rs, num_train, num_test)
+    write_cases = _sibling("brain_tissue").write_cases
+    entries = write_cases(root, task, t1, label, affine, rs, num_train, num_test)
     info = {
         "name": f"DesikanKilliany{task.capitalize()}",
         "description": (
@@ -358,7 +358,7 @@ def pipeline(
     results = json.loads(store.read_text()) if store.is_file() else {"runs": {}}
     names = json.loads((ROOT / data / "dataset.json").read_text())["labels"]
     names = [names[str(i)] for i in range(len(names) - 1)]  # "255": "ignore" left out
-    plain = _load_plain()
+    plain = _sibling("plain_monai")
     for variant in variants:
         for seed in seeds:
             start = time.monotonic()
@@ -377,15 +377,6 @@ def pipeline(
             store.write_text(json.dumps(results, indent=2))
             output.with_suffix(".md").write_text(pipeline_table(results, names))
     return results
-
-
-def _load_plain():
-    spec = importlib.util.spec_from_file_location(
-        "plain_monai", Path(__file__).with_name("plain_monai.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pipeline_table(results: dict, names: list[str], smallest: int = 5) -> str:
