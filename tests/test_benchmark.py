@@ -258,6 +258,23 @@ def test_cli_fails_loudly_when_the_sort_method_disagrees(tmp_path, monkeypatch, 
     assert "**VALUE CHECK FAILED**" in out.read_text()
 
 
+def test_present_classes_inputs() -> None:
+    """``present=K``: each volume holds exactly K classes, a different draw per volume, and the
+    logits still favour the true class."""
+    logits, labels = make_inputs(Case(3, 20, (10, 10, 10)), seed=2, present=4)
+    kinds = [set(volume.unique().tolist()) for volume in labels]
+    assert [len(k) for k in kinds] == [4, 4, 4] and len(set(map(frozenset, kinds))) > 1
+    assert (logits.argmax(1, keepdim=True) == labels).float().mean() > 0.5
+    with pytest.raises(ValueError, match=r"present must be in \[1, 20\], got 21"):
+        make_inputs(Case(1, 20, (4,)), present=21)
+
+
+def test_present_classes_rows_match_the_reference(capsys) -> None:
+    argv = ["--sizes", "2x12x6x6x6", "--present", "3", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--skip-memory", "--methods", "sort,sort-volume,histogram"]) == 0
+    assert "3 of the 12 classes in each volume" in capsys.readouterr().out
+
+
 def test_kornia_is_optional(monkeypatch, capsys) -> None:
     monkeypatch.setattr(benchmark, "_kornia_available", lambda: False)
     parser = benchmark._parser()
@@ -268,7 +285,9 @@ def test_kornia_is_optional(monkeypatch, capsys) -> None:
 
 
 def test_cli_rejects_bad_arguments(capsys) -> None:
-    for argv in (["--sizes", "2x3"], ["--methods", "nope"], ["--repeats", "0"]):
+    bad = (["--sizes", "2x3"], ["--methods", "nope"], ["--repeats", "0"])
+    bad += (["--sizes", "1x3x4x4", "--present", "4"], ["--sizes", "1x3x4x4", "--present", "0"])
+    for argv in bad:
         with pytest.raises(SystemExit) as error:
             main(argv)
         assert error.value.code == 2

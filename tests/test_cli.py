@@ -240,6 +240,7 @@ CONFIG_DATA = {
     "finetune_ce_to_lovasz.yaml": ({"num_classes": 2}, 2, False, 2),
     "brain_tissue.yaml": ({"num_classes": 4}, 4, False, 4),
     "subcortical.yaml": ({"num_classes": 16}, 16, False, 16),
+    "parcellation.yaml": ({"num_classes": 84}, 84, False, 84),
     "demo_ddp.yaml": ({"num_classes": 3}, 3, False, 3),  # on one device here (test_ddp.py: 2)
 }
 

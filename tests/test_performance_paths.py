@@ -99,3 +99,79 @@ def test_backward_keeps_one_voxel_sized_tensor(loss_cls, kwargs):
     assert all(dtype.is_floating_point for dtype, _ in large), saved
     activation = 0 if loss_cls is LovaszHingeLoss else 1  # softmax/sigmoid save their output
     assert len(large) <= activation + 1, saved
+
+
+def _few_classes_present(seed: int, num_classes: int = 9, present: int = 3):
+    """Logits, a label map where each of 2 volumes holds ``present`` of ``num_classes`` classes,
+    and a mask."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, num_classes, 5, 6, 4, generator=gen, dtype=torch.float64)
+    picks = torch.randint(0, present, (2, 1, 5, 6, 4), generator=gen)
+    chosen = torch.stack([torch.randperm(num_classes, generator=gen)[:present] for _ in range(2)])
+    labels = torch.stack([chosen[b][picks[b]] for b in range(2)])
+    mask = torch.rand(2, 1, 5, 6, 4, generator=gen) > 0.2
+    return logits.requires_grad_(True), labels, mask
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("method", ["sort", "histogram"])
+@pytest.mark.parametrize("kind", ["probability", "hinge", "errors"])
+def test_skip_absent_keeps_present_rows_and_their_gradient(seed, batch, method, kind):
+    """Rows without foreground are skipped: the present rows' losses, the counts and the
+    gradient of the present-class mean are those of the full computation."""
+    logits, labels, mask = _few_classes_present(seed)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], logits.shape[1]).movedim(-1, 1)
+    sources = {
+        "probability": (lambda: logits.softmax(1), Fn.lovasz_probability_class_losses),
+        "hinge": (lambda: logits, Fn.lovasz_hinge_class_losses),
+        "errors": (lambda: (onehot - logits.softmax(1)).abs(), Fn.lovasz_class_losses),
+    }
+    make_source, class_losses = sources[kind]
+    outcome = []
+    for skip in (False, True):
+        losses, counts = class_losses(
+            make_source(), onehot, mask, batch, method, skip_absent=skip, bins=64
+        )
+        (grad,) = torch.autograd.grad(Fn.average_class_losses(losses, counts).sum(), logits)
+        outcome.append((losses.detach(), counts, grad))
+    (full, full_counts, full_grad), (skipped, counts, grad) = outcome
+    present = counts > 0
+    assert not present.all() and present.any()  # both kinds of rows occur
+    assert torch.equal(counts, full_counts)
+    torch.testing.assert_close(skipped[present], full[present], rtol=0, atol=1e-12)
+    assert torch.all(skipped[~present] == 0)
+    torch.testing.assert_close(grad, full_grad, rtol=0, atol=1e-12)
+
+
+def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
+    """The saving is real: only rows with foreground reach the sort."""
+    sorted_rows = []
+    sort = row_kernels._class_rows_by_sort
+
+    def counting_sort(key, fg, **kwargs):
+        sorted_rows.append(key.shape[0])
+        return sort(key, fg, **kwargs)
+
+    monkeypatch.setattr(row_kernels, "_class_rows_by_sort", counting_sort)
+    logits, labels, _ = _few_classes_present(0, num_classes=9, present=3)
+    LovaszSoftmaxLoss(to_onehot_y=True)(logits, labels)
+    LovaszSoftmaxLoss(to_onehot_y=True, batch=True)(logits, labels)
+    LovaszSoftmaxLoss(to_onehot_y=True, classes="all")(logits, labels)
+    present_rows = sum(len(volume.unique()) for volume in labels)
+    assert sorted_rows == [present_rows, len(labels.unique()), 2 * 9]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_present_classes_loss_matches_the_reference_loop_with_absent_classes(batch):
+    """The loss class (which skips absent rows) against the benchmark's independent per-class
+    loop, value and gradient, when most classes are absent."""
+    from lovasz_monai.tools.benchmark import reference_lovasz_softmax
+
+    logits, labels, _ = _few_classes_present(1, num_classes=12, present=4)
+    value = LovaszSoftmaxLoss(to_onehot_y=True, batch=batch)(logits, labels)
+    (grad,) = torch.autograd.grad(value, logits)
+    expected = reference_lovasz_softmax(logits, labels, per_volume=not batch, classes="present")
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(value, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)

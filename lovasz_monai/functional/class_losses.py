@@ -101,6 +101,7 @@ def _class_losses(
     overwrite_key: bool,
     distributed: bool,
     process_group: object | None,
+    skip_absent: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per (volume, class) losses, differentiable in ``source``, and foreground counts, of
     inputs checked by :func:`_checked_class_inputs`.
@@ -121,6 +122,7 @@ def _class_losses(
             overwrite_key=overwrite_key,
             world_size=world_size,
             process_group=process_group,
+            skip_absent=skip_absent,
         )
         weights = weights.transpose(0, 1) if batch else weights
         weights = weights.reshape(source.shape)
@@ -142,6 +144,7 @@ def lovasz_class_losses(
     distributed: bool = False,
     process_group: object | None = None,
     validate: bool = True,
+    skip_absent: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Lovász extension of every (volume, class) pair of a batch, in one batched computation.
 
@@ -165,6 +168,11 @@ def lovasz_class_losses(
             so that each raises the same ``ValueError``; ``False``: a process whose check fails
             or that disagrees leaves the others waiting in the all-reduce until the process
             group's timeout.
+        skip_absent: rows without valid foreground are not computed: their loss is 0 and they
+            get no gradient, which is all that ``classes="present"`` (:func:`class_weights`)
+            takes of them. With many classes, most absent from a volume, this saves most of the
+            work (one host synchronisation finds the rows). Distributed rows are always
+            computed (a row may have foreground on another process).
 
     Returns:
         ``(losses, fg_counts)``, each ``(B, C)`` (``(1, C)`` when ``batch``): the extension of each
@@ -208,6 +216,7 @@ def lovasz_class_losses(
         overwrite_key=valid is not None,
         distributed=distributed,
         process_group=process_group,
+        skip_absent=skip_absent,
     )
 
 
@@ -223,6 +232,7 @@ def lovasz_probability_class_losses(
     distributed: bool = False,
     process_group: object | None = None,
     validate: bool = True,
+    skip_absent: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_class_losses` of the errors ``|y - p|``, differentiable in ``probs``.
 
@@ -232,8 +242,8 @@ def lovasz_probability_class_losses(
     Args:
         probs: ``(B, C, *spatial)`` probabilities in [0, 1] (softmax or per-channel sigmoid).
         labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements, distributed, process_group, validate: see
-            :func:`lovasz_class_losses`.
+        valid, batch, method, bins, chunk_elements, distributed, process_group, validate,
+            skip_absent: see :func:`lovasz_class_losses`.
 
     Returns:
         ``(losses, fg_counts)`` as :func:`lovasz_class_losses`.
@@ -278,6 +288,7 @@ def lovasz_probability_class_losses(
         overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
+        skip_absent=skip_absent,
     )
 
 
@@ -293,14 +304,15 @@ def lovasz_hinge_class_losses(
     distributed: bool = False,
     process_group: object | None = None,
     validate: bool = True,
+    skip_absent: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lovasz_class_losses` of the hinge errors ``relu(1 - x (2 y - 1))``.
 
     Args:
         logits: ``(B, C, *spatial)`` raw scores; each channel is a binary problem.
         labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements, distributed, process_group, validate: see
-            :func:`lovasz_class_losses`.
+        valid, batch, method, bins, chunk_elements, distributed, process_group, validate,
+            skip_absent: see :func:`lovasz_class_losses`.
 
     Returns:
         ``(losses, fg_counts)`` as :func:`lovasz_class_losses`, differentiable in ``logits``.
@@ -343,6 +355,7 @@ def lovasz_hinge_class_losses(
         overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
+        skip_absent=skip_absent,
     )
 
 

@@ -223,6 +223,7 @@ class _LovaszLoss(_Loss):
             distributed=self.distributed,
             process_group=self.process_group,
             validate=False,  # the processes' agreement is checked with the input (forward)
+            skip_absent=self.classes == "present",
         )
         present_only = self.classes == "present"
         if self.reduction == LossReduction.NONE.value:

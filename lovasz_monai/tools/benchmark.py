@@ -190,16 +190,18 @@ def parse_sizes(text: str, batch: int = 2, classes: int = 4) -> list[Case]:
 
 
 def make_inputs(
-    case: Case, device: torch.device | str = "cpu", seed: int = 0
+    case: Case, device: torch.device | str = "cpu", seed: int = 0, present: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Logits and a label map of a partly trained network, reproducible from ``seed``.
 
-    Labels are uniform in ``[0, C)``; logits are ``N(0, 1)`` plus 2 on the true class.
+    Labels are uniform in ``[0, C)`` (with ``present``: in ``present`` classes drawn for each
+    volume, as in a patch of a many-class task); logits are ``N(0, 1)`` plus 2 on the true class.
 
     Args:
         case: the size.
         device: where the tensors are made (generated on CPU, then moved).
         seed: random seed.
+        present: classes that occur in each volume (``None``: all ``C``).
 
     Returns:
         ``(logits, labels)``: float32 ``(B, C, *spatial)`` leaf with ``requires_grad`` and int64
@@ -209,12 +211,23 @@ def make_inputs(
         >>> logits, labels = make_inputs(Case(1, 3, (4, 4)))
         >>> tuple(logits.shape), tuple(labels.shape), logits.requires_grad
         ((1, 3, 4, 4), (1, 1, 4, 4), True)
+        >>> _, labels = make_inputs(Case(2, 10, (8, 8)), present=3)
+        >>> [len(volume.unique()) for volume in labels]
+        [3, 3]
 
     Raises:
+        ValueError: ``present`` is not in ``[1, C]``.
         RuntimeError: when ``device`` is not available.
     """
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, case.classes, (case.batch, 1, *case.spatial), generator=generator)
+    if present is None:
+        labels = torch.randint(0, case.classes, (case.batch, 1, *case.spatial), generator=generator)
+    else:
+        if not 1 <= present <= case.classes:
+            raise ValueError(f"present must be in [1, {case.classes}], got {present}")
+        picks = torch.randint(0, present, (case.batch, 1, *case.spatial), generator=generator)
+        chosen = [torch.randperm(case.classes, generator=generator)[:present] for _ in picks]
+        labels = torch.stack([classes[pick] for classes, pick in zip(chosen, picks, strict=True)])
     logits = torch.randn(case.batch, case.classes, *case.spatial, generator=generator)
     logits.scatter_add_(1, labels, torch.full(labels.shape, 2.0))
     logits = logits.to(device).requires_grad_(True)
@@ -310,6 +323,7 @@ class Settings:
         bins: bins of our histogram method.
         chunk_elements: ``chunk_elements`` of our sort method (``None``: the loss's default).
         seed: random seed of the inputs.
+        present: classes that occur in each volume (``None``: all; see :func:`make_inputs`).
 
     Example:
         >>> Settings(repeats=1, warmup=0).skip_memory
@@ -322,6 +336,7 @@ class Settings:
     bins: int = 1024
     chunk_elements: int | None = None
     seed: int = 0
+    present: int | None = None
 
 
 @dataclass(frozen=True)
@@ -435,7 +450,7 @@ def run_case(
     Raises:
         KeyError: on an unknown method name.
     """
-    logits, labels = make_inputs(case, device, settings.seed)
+    logits, labels = make_inputs(case, device, settings.seed, settings.present)
     references: dict[tuple[bool, str], float] = {}
     results, loss_fns = [], []
     for name in methods:
@@ -695,6 +710,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
     parser.add_argument(
+        "--present",
+        type=int,
+        default=None,
+        help="classes that occur in each volume (default: all); the rest are absent, as in "
+        "a patch of a many-class task",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print a torch.profiler table of our sort method at the first size",
@@ -727,7 +749,7 @@ def _methods(text: str, parser: argparse.ArgumentParser) -> list[str]:
 def _profile(case: Case, settings: Settings, device: torch.device) -> str:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    logits, labels = make_inputs(case, device, settings.seed)
+    logits, labels = make_inputs(case, device, settings.seed, settings.present)
     loss_fn = METHODS["sort"].make(settings)
     _step(loss_fn, logits, labels)
     activities = [ProfilerActivity.CPU]
@@ -828,7 +850,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bins=args.bins,
         chunk_elements=args.chunk_elements,
         seed=args.seed,
+        present=args.present,
     )
+    if args.present is not None and not all(1 <= args.present <= c.classes for c in cases):
+        parser.error(f"--present {args.present}: must be in [1, C] for every size")
     command = shlex.join(["python", "-m", "lovasz_monai.benchmark", *argv])
     header = markdown_header(device, command, settings)
     print(header)
@@ -841,6 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case in cases:
         results = run_case(case, methods, settings, device, log=lambda m: print(m, file=sys.stderr))
         title = f"B x C x spatial = {case.name} ({case.batch * case.voxels:,} voxels per class)"
+        if settings.present is not None:
+            title += f", {settings.present} of the {case.classes} classes in each volume"
         print(f"{title}\n{format_table(results)}\n", flush=True)
         sections.append(f"### {title}\n\n{format_table(results, markdown=True)}\n")
         failures += [
