@@ -371,7 +371,13 @@ def _present_rows_only(
     present = counts.nonzero().view(-1)
     if present.numel() == key.shape[0]:
         return _lovasz_class_rows(
-            key, fg, method, bins, chunk_elements, wrt_source=wrt_source, overwrite_key=overwrite_key
+            key,
+            fg,
+            method,
+            bins,
+            chunk_elements,
+            wrt_source=wrt_source,
+            overwrite_key=overwrite_key,
         )
     present_key, present_fg = key.index_select(0, present), fg.index_select(0, present)
     weights = key.zero_() if overwrite_key else torch.zeros_like(key)
