@@ -35,6 +35,7 @@ from lovasz_monai.deep_supervision import (
     split_heads,
 )
 from lovasz_monai.losses import LovaszCELoss
+from lovasz_monai.losses.base import accepts_mask
 from lovasz_monai.metrics import CaseMetrics, batch_cases, counted_classes
 
 __all__ = ["LovaszSegmentationModule", "modules_from_config"]
@@ -72,22 +73,6 @@ DEFAULT_LOSS_LAMBDA_CE = 0.3
 METRIC_IGNORE = -1
 #: file name of the per-case test metrics, written in ``trainer.log_dir``
 CASES_CSV = "test_cases.csv"
-
-
-def accepts_mask(loss: nn.Module) -> bool:
-    """Whether ``loss.forward`` takes a ``mask`` argument (like ``MaskedDiceLoss`` and the Lovász
-    losses).
-
-    Example:
-        >>> from monai.losses import DiceLoss, MaskedDiceLoss
-        >>> accepts_mask(MaskedDiceLoss()), accepts_mask(DiceLoss())
-        (True, False)
-    """
-    try:
-        params = inspect.signature(loss.forward).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-    return "mask" in params
 
 
 class LovaszSegmentationModule(pl.LightningModule):

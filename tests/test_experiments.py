@@ -210,6 +210,96 @@ def test_masked_dice_ce_one_hot_target_and_errors():
         MaskedDiceCELoss(lambda_ce=-1)
 
 
+def test_masked_dice_ce_weighted_cross_entropy():
+    """``ce_weight``: the CE term is torch's weighted mean (an independent oracle), the Dice term
+    is unchanged; with a mask, the weighted mean over the valid voxels."""
+    logits, labels = _tensors(3)
+    weight = [0.2, 1.0, 3.0]
+    dice_only = MaskedDiceCELoss(lambda_ce=0.0)(logits, labels)
+    expected_ce = torch.nn.functional.cross_entropy(
+        logits, labels[:, 0], weight=torch.tensor(weight)
+    )
+    got = MaskedDiceCELoss(lambda_dice=0.0, ce_weight=weight)(logits, labels)
+    torch.testing.assert_close(got, expected_ce)
+    torch.testing.assert_close(
+        MaskedDiceCELoss(ce_weight=weight)(logits, labels), dice_only + expected_ce
+    )
+    mask = torch.ones_like(labels)
+    mask[..., :3] = 0
+    masked = MaskedDiceCELoss(lambda_dice=0.0, ce_weight=weight)(logits, labels, mask=mask)
+    cropped = torch.nn.functional.cross_entropy(
+        logits[..., 3:], labels[:, 0, ..., 3:], weight=torch.tensor(weight)
+    )
+    torch.testing.assert_close(masked, cropped)
+    with pytest.raises(ValueError, match=r"one value per input channel \(3\), got 2"):
+        MaskedDiceCELoss(ce_weight=[1.0, 2.0])(logits, labels)
+    with pytest.raises(ValueError, match="ce_weight"):
+        MaskedDiceCELoss(ce_weight=[1.0, -1.0, 1.0])
+
+
+def test_weighted_sum_loss_adds_its_terms():
+    from lovasz_monai.losses import LovaszSoftmaxLoss, WeightedSumLoss
+
+    logits, labels = _tensors(4)
+    mask = torch.ones_like(labels)
+    mask[..., 6:] = 0
+    dice_ce, lovasz = MaskedDiceCELoss(), LovaszSoftmaxLoss(to_onehot_y=True)
+    three = WeightedSumLoss([dice_ce, lovasz], weights=[1.0, 0.5])
+    x = logits.clone().requires_grad_()
+    value = three(x, labels, mask=mask)
+    expected = dice_ce(logits, labels, mask=mask) + 0.5 * lovasz(logits, labels, mask=mask)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert (x.grad[..., 6:] == 0).all()  # the mask reached every term
+    assert WeightedSumLoss([dice_ce, lovasz], [0.0, 1.0])(logits, labels) == lovasz(logits, labels)
+    for bad, error in [
+        (([],), "at least one"),
+        (([dice_ce], [1.0, 1.0]), "2 weights for 1 terms"),
+        (([dice_ce], [-1.0]), ">= 0"),
+        (([dice_ce], [0.0]), "not all 0"),
+        (([dice_ce], [float("nan")]), "finite"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            WeightedSumLoss(*bad)
+    with pytest.raises(TypeError, match="CrossEntropyLoss.forward takes no mask"):
+        WeightedSumLoss([torch.nn.CrossEntropyLoss()])
+    with pytest.raises(TypeError, match="nn.Module"):
+        WeightedSumLoss([lambda x, y, mask=None: x.sum()])
+
+
+def test_inverse_frequency_weights_by_hand(tmp_path):
+    """Two label volumes of 96 voxels written here: counts 0 -> 66 + 84, 1 -> 30, 2 -> 6, 3 -> 0
+    (6 voxels of ignore 255 left out); 1/f is 1 : 5 : 25, scaled to mean 1 over the 3 classes
+    that occur, and 0 for the absent one."""
+    import nibabel as nib
+
+    from lovasz_monai.tools.recipes import inverse_frequency_weights
+
+    volumes = [np.zeros((4, 4, 6), np.uint8), np.zeros((4, 4, 6), np.uint8)]
+    volumes[0].flat[:30] = 1
+    volumes[1].flat[:6] = 2
+    volumes[1].flat[6:12] = 255
+    cases = []
+    for i, volume in enumerate(volumes):
+        for kind, data in (("image", volume.astype(np.float32)), ("label", volume)):
+            nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{kind}{i}.nii.gz")
+        cases.append({"image": f"image{i}.nii.gz", "label": f"label{i}.nii.gz"})
+    labels = {"0": "background", "1": "a", "2": "b", "3": "c", "255": "ignore"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels, "training": cases}))
+    expected = [3 / 31, 15 / 31, 75 / 31, 0.0]
+    np.testing.assert_allclose(inverse_frequency_weights(tmp_path), expected, rtol=1e-12)
+
+    args = cli_args(DEMO, "lovasz_ce_invfreq", 0, 1, "runs/w", ["--data.data_dir", str(tmp_path)])
+    init = json.loads(_value(args, "--model.loss"))["init_args"]
+    np.testing.assert_allclose(init["weight"], expected)
+    assert init["ce_weight"] == init["weight"] and init["lambda_ce"] == 0.3
+    args = cli_args(DEMO, "dicece_invfreq", 0, 1, "runs/w", [f"--data.data_dir={tmp_path}"])
+    assert "weight" not in json.loads(_value(args, "--model.loss"))["init_args"]
+    np.testing.assert_allclose(
+        json.loads(_value(args, "--model.loss"))["init_args"]["ce_weight"], expected
+    )
+
+
 # -- evaluate ----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lovasz_monai.losses import LovaszCELoss, LovaszHingeLoss
-from lovasz_monai.module import LovaszSegmentationModule, accepts_mask
+from lovasz_monai.losses.base import accepts_mask
+from lovasz_monai.module import LovaszSegmentationModule
 
 S = (16, 16, 16)
 

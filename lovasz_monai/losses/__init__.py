@@ -4,11 +4,18 @@
   reduction shared by the Lovász losses;
 - :mod:`~lovasz_monai.losses.lovasz`: :class:`LovaszSoftmaxLoss` (softmax or sigmoid) and
   :class:`LovaszHingeLoss`;
-- :mod:`~lovasz_monai.losses.combined`: :class:`LovaszCELoss` (Lovász + cross-entropy) and
-  :class:`MaskedDiceCELoss` (MONAI's Dice + cross-entropy with an ignore mask).
+- :mod:`~lovasz_monai.losses.combined`: :class:`LovaszCELoss` (Lovász + cross-entropy),
+  :class:`MaskedDiceCELoss` (MONAI's Dice + cross-entropy with an ignore mask) and
+  :class:`WeightedSumLoss` (a weighted sum of losses, such as Dice + CE + Lovász).
 """
 
-from lovasz_monai.losses.combined import LovaszCELoss, MaskedDiceCELoss
+from lovasz_monai.losses.combined import LovaszCELoss, MaskedDiceCELoss, WeightedSumLoss
 from lovasz_monai.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 
-__all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss", "MaskedDiceCELoss"]
+__all__ = [
+    "LovaszCELoss",
+    "LovaszHingeLoss",
+    "LovaszSoftmaxLoss",
+    "MaskedDiceCELoss",
+    "WeightedSumLoss",
+]

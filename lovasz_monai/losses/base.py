@@ -3,12 +3,13 @@ selection and reduction."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from monai.utils import LossReduction, convert_to_tensor
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
 from lovasz_monai import functional
@@ -35,6 +36,22 @@ def as_loss_tensors(
         if not isinstance(value, Tensor) and not (name == "mask" and value is None):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return tuple(convert_to_tensor(x, track_meta=False) for x in (input, target, mask))
+
+
+def accepts_mask(loss: nn.Module) -> bool:
+    """Whether ``loss.forward`` takes a ``mask`` argument (like ``MaskedDiceLoss`` and the Lovász
+    losses).
+
+    Example:
+        >>> from monai.losses import DiceLoss, MaskedDiceLoss
+        >>> accepts_mask(MaskedDiceLoss()), accepts_mask(DiceLoss())
+        (True, False)
+    """
+    try:
+        params = inspect.signature(loss.forward).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return "mask" in params
 
 
 def autocast_off(input: Tensor) -> torch.autocast:

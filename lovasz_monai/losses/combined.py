@@ -1,7 +1,9 @@
-"""Lovász + cross-entropy, and MONAI's Dice + cross-entropy with an ignore mask."""
+"""Lovász + cross-entropy, MONAI's Dice + cross-entropy with an ignore mask, and weighted sums
+of losses (e.g. Dice + CE + Lovász)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,10 +14,10 @@ from torch import Tensor, nn
 
 from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
-from lovasz_monai.losses.base import as_loss_tensors, autocast_off, check_logits
+from lovasz_monai.losses.base import accepts_mask, as_loss_tensors, autocast_off, check_logits
 from lovasz_monai.losses.lovasz import LovaszSoftmaxLoss
 
-__all__ = ["LovaszCELoss", "MaskedDiceCELoss"]
+__all__ = ["LovaszCELoss", "MaskedDiceCELoss", "WeightedSumLoss"]
 
 
 def _masked_cross_entropy(
@@ -42,6 +44,30 @@ def _masked_cross_entropy(
         return total
     denominator = voxel_weight.sum()
     return torch.where(denominator > 0, total / denominator.clamp_min(1e-12), total * 0)
+
+
+def _checked_ce_weight(ce_weight: Sequence[float] | Tensor | None) -> Tensor | None:
+    """``ce_weight`` as a checked float32 1-D tensor (``None`` stays ``None``)."""
+    if ce_weight is None:
+        return None
+    weight = functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
+    if weight.ndim != 1:
+        raise ValueError(f"ce_weight must be a 1-D sequence, got {ce_weight}")
+    return weight
+
+
+def _check_ce_weight(ce_weight: Tensor | None, num_channels: int, validate: bool) -> None:
+    """One cross-entropy weight per input channel; with ``validate`` the values again (the buffer
+    may have been replaced since construction)."""
+    if ce_weight is None:
+        return
+    if ce_weight.numel() != num_channels:
+        raise ValueError(
+            f"ce_weight must have one value per input channel ({num_channels}), "
+            f"got {ce_weight.numel()}"
+        )
+    if validate:
+        functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
 
 
 class LovaszCELoss(LovaszSoftmaxLoss):
@@ -137,12 +163,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             distributed=distributed,
             process_group=process_group,
         )
-        ce = None
-        if ce_weight is not None:
-            ce = functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
-            if ce.ndim != 1:
-                raise ValueError(f"ce_weight must be a 1-D sequence, got {ce_weight}")
-        self.register_buffer("ce_weight", ce)
+        self.register_buffer("ce_weight", _checked_ce_weight(ce_weight))
         self.lambda_lovasz = float(lambda_lovasz)
         self.lambda_ce = float(lambda_ce)
         self.label_smoothing = float(label_smoothing)
@@ -152,14 +173,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """As the Lovász-Softmax's, and ``ce_weight`` checked against the input's channels."""
         prepared = super()._prepare(input, target, mask)
-        ce_weight = self.ce_weight
-        if ce_weight is not None and ce_weight.numel() != input.shape[1]:
-            raise ValueError(
-                f"ce_weight must have one value per input channel ({input.shape[1]}), "
-                f"got {ce_weight.numel()}"
-            )
-        if ce_weight is not None and self.validate:  # the buffer may have been replaced
-            functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
+        _check_ce_weight(self.ce_weight, input.shape[1], self.validate)
         return prepared
 
     def _cross_entropy(
@@ -227,6 +241,8 @@ class MaskedDiceCELoss(nn.Module):
     Args:
         lambda_dice: weight of the Dice term, >= 0.
         lambda_ce: weight of the cross-entropy term, >= 0.
+        ce_weight: optional per-class weights of the cross-entropy, one per input channel (the
+            mean is then weighted as ``F.cross_entropy(weight=...)`` weighs it).
         ignore_index: label value of a label-map target whose voxels take part in nothing (they
             join the mask).
         validate: check values (one host synchronisation): NaN/inf logits, labels outside
@@ -247,8 +263,10 @@ class MaskedDiceCELoss(nn.Module):
         >>> MaskedDiceCELoss()(logits, labels, mask=mask).backward()
 
     Raises:
-        ValueError: negative lambdas; in ``forward``, a single input channel, shapes that do not
-            fit, tensors without voxels, and (``validate``) the bad values listed above.
+        ValueError: negative lambdas, a NaN, inf, negative or all-zero ``ce_weight``; in
+            ``forward``, a single input channel, shapes that do not fit, a ``ce_weight`` count
+            other than the channels, tensors without voxels, and (``validate``) the bad values
+            listed above.
         TypeError: ``input``, ``target`` or ``mask`` is not a tensor, or ``input`` is not
             floating point.
     """
@@ -258,6 +276,7 @@ class MaskedDiceCELoss(nn.Module):
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         *,
+        ce_weight: Sequence[float] | Tensor | None = None,
         ignore_index: int | None = None,
         validate: bool = True,
     ) -> None:
@@ -271,6 +290,7 @@ class MaskedDiceCELoss(nn.Module):
         self.ignore_index = ignore_index
         self.validate = validate
         self.dice = MaskedDiceLoss(softmax=True)
+        self.register_buffer("ce_weight", _checked_ce_weight(ce_weight))
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
@@ -289,6 +309,7 @@ class MaskedDiceCELoss(nn.Module):
         check_logits(input, self.validate)
         if input.shape[1] < 2:
             raise ValueError(f"input must have C >= 2 softmax channels, got {input.shape[1]}")
+        _check_ce_weight(self.ce_weight, input.shape[1], self.validate)
         with autocast_off(input):
             fg, valid, labels = functional.decode_target(
                 target,
@@ -305,5 +326,80 @@ class MaskedDiceCELoss(nn.Module):
                 labels = fg.to(torch.uint8).argmax(dim=1, keepdim=True)
             dice_mask = torch.ones_like(logits[:, :1]) if valid is None else valid.to(logits)
             dice = self.dice(logits, fg.to(logits.dtype), mask=dice_mask)
-            ce = _masked_cross_entropy(logits, labels[:, 0], valid)
+            weight = None if self.ce_weight is None else self.ce_weight.to(logits)
+            ce = _masked_cross_entropy(logits, labels[:, 0], valid, weight=weight)
             return self.lambda_dice * dice + self.lambda_ce * ce
+
+
+class WeightedSumLoss(nn.Module):
+    """``sum_i weights[i] * terms[i](input, target, mask=mask)``: losses of the same logits and
+    target added up, such as the three-term Dice + CE + Lovász.
+
+    Each term gets the same arguments, so each must take ``(input, target, mask=None)`` (all the
+    losses of this package do; wrap a loss that does not take a mask before adding it).
+
+    Args:
+        terms: the losses, at least one.
+        weights: one weight >= 0 per term (default 1 each), not all 0.
+
+    Shapes:
+        As the terms: ``input`` ``(B, C, *spatial)``, ``target`` a label map or one-hot, ``mask``
+        optional ``(B, 1, *spatial)``.
+
+    Example:
+        >>> from lovasz_monai.losses import LovaszSoftmaxLoss
+        >>> dice_ce_lovasz = WeightedSumLoss(
+        ...     [MaskedDiceCELoss(), LovaszSoftmaxLoss(to_onehot_y=True)], weights=[1.0, 0.5]
+        ... )
+        >>> logits = torch.randn(2, 3, 8, 8, 8)
+        >>> labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+        >>> terms = [term(logits, labels) for term in dice_ce_lovasz.terms]
+        >>> torch.allclose(dice_ce_lovasz(logits, labels), terms[0] + 0.5 * terms[1])
+        True
+
+    Raises:
+        ValueError: no terms, a weight count that differs from the term count, a negative or
+            non-finite weight, or all weights 0.
+        TypeError: a term that is not an ``nn.Module`` or whose ``forward`` takes no ``mask``.
+    """
+
+    def __init__(self, terms: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        terms = list(terms)
+        if not terms:
+            raise ValueError("terms must hold at least one loss, got none")
+        for term in terms:
+            if not isinstance(term, nn.Module):
+                raise TypeError(f"each term must be an nn.Module, got {type(term).__name__}")
+            if not accepts_mask(term):
+                raise TypeError(
+                    f"{type(term).__name__}.forward takes no mask: every term must accept "
+                    "(input, target, mask=None)"
+                )
+        weights = [1.0] * len(terms) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(terms):
+            raise ValueError(f"got {len(weights)} weights for {len(terms)} terms")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
+        self.terms = nn.ModuleList(terms)
+        self.weights = weights
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: a label map or one-hot target, as each term takes it.
+            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
+
+        Returns:
+            The weighted sum of the terms (a scalar for scalar terms).
+
+        Raises:
+            ValueError, TypeError: those of the terms.
+        """
+        total = None
+        for weight, term in zip(self.weights, self.terms, strict=True):
+            if weight:
+                value = weight * term(input, target, mask=mask)
+                total = value if total is None else total + value
+        return total

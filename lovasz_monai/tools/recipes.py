@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lovasz_monai.dataset import DatasetDescription
 
 __all__ = [
     "DEFAULT_LOSSES",
@@ -12,6 +18,7 @@ __all__ = [
     "DEFAULT_OVERRIDES",
     "LOSSES",
     "LossSpec",
+    "inverse_frequency_weights",
     "schedule_epochs",
 ]
 
@@ -40,11 +47,14 @@ class LossSpec:
     """One entry of :data:`LOSSES`: a description and the model arguments it sets.
 
     ``model`` maps ``(max_epochs, warmup_epochs, ramp_epochs)`` to ``model.*`` values given to
-    the LovaszCLI (``class_path`` dicts for modules).
+    the LovaszCLI (``class_path`` dicts for modules). ``class_weighted`` names the ``init_args``
+    of ``model["loss"]`` that receive the :func:`inverse_frequency_weights` of the training
+    labels.
     """
 
     description: str
     model: Callable[[int, int, int], dict[str, Any]]
+    class_weighted: tuple[str, ...] = ()
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -165,6 +175,34 @@ LOSSES: dict[str, LossSpec] = {
             "ramp_epochs": r,
         },
     ),
+    "dicece_lovasz": LossSpec(
+        "WeightedSumLoss([MaskedDiceCELoss(), LovaszSoftmaxLoss(to_onehot_y=True)]): the three "
+        "terms Dice + CE + Lovász, each weight 1",
+        lambda e, w, r: {
+            "loss": {
+                "class_path": "lovasz_monai.losses.WeightedSumLoss",
+                "init_args": {
+                    "terms": [{"class_path": "lovasz_monai.losses.MaskedDiceCELoss"}, _LOVASZ],
+                },
+            },
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_invfreq": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3) with inverse-frequency class weights "
+        "(weight and ce_weight) from the training labels",
+        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.3), **_NO_SCHEDULE},
+        class_weighted=("weight", "ce_weight"),
+    ),
+    "dicece_invfreq": LossSpec(
+        "MaskedDiceCELoss with inverse-frequency weights in the cross-entropy (ce_weight) from "
+        "the training labels",
+        lambda e, w, r: {
+            "loss": {"class_path": "lovasz_monai.losses.MaskedDiceCELoss"},
+            **_NO_SCHEDULE,
+        },
+        class_weighted=("ce_weight",),
+    ),
     "lovasz_ce_highce": LossSpec(
         "LovaszCELoss(to_onehot_y=True, lambda_ce=3.0): more CE in the balance",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=3.0), **_NO_SCHEDULE},
@@ -227,3 +265,40 @@ def schedule_epochs(
     warmup = max_epochs // 2 if warmup_epochs is None else int(warmup_epochs)
     ramp = max_epochs // 6 if ramp_epochs is None else int(ramp_epochs)
     return warmup, ramp
+
+
+def inverse_frequency_weights(data_dir: str | os.PathLike) -> list[float]:
+    """Class weights ``1 / f_c`` from the label files of the ``training`` cases, scaled to mean
+    1 over the classes that occur; ``f_c`` is class ``c``'s share of the labelled voxels (the
+    ignore label left out). A class that never occurs gets weight 0.
+
+    Args:
+        data_dir: a dataset folder (``dataset.json``, MSD layout) of label maps.
+
+    Returns:
+        One weight per class of ``dataset.json``.
+
+    Example:
+        >>> import tempfile
+        >>> from lovasz_monai.synthetic import make_synthetic_dataset
+        >>> root = make_synthetic_dataset(tempfile.mkdtemp(), num_cases=2, size=(12, 12, 12))
+        >>> weights = inverse_frequency_weights(root)
+        >>> len(weights), round(sum(weights) / len(weights), 6), weights[0] < min(weights[1:])
+        (3, 1.0, True)
+
+    Raises:
+        FileNotFoundError: no ``dataset.json`` (or a listed file is missing).
+        ValueError: a dataset in multi-label (regions) mode, or one without labelled voxels.
+    """
+    description = DatasetDescription.from_json(data_dir)
+    if description.multi_label:
+        raise ValueError(f"{data_dir}: inverse-frequency weights need label maps, not regions")
+    num_classes = description.num_classes
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for case in description.training:
+        labels = np.asarray(nib.load(case["label"]).dataobj).astype(np.int64).ravel()
+        counts += np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
+    if not counts.any():
+        raise ValueError(f"{data_dir}: the training labels hold no voxel of any class")
+    inverse = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+    return (inverse * (counts > 0).sum() / inverse.sum()).tolist()

@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ProgressBar
 from torch import Tensor
 
-from lovasz_monai.tools.recipes import LOSSES, schedule_epochs
+from lovasz_monai.tools.recipes import LOSSES, inverse_frequency_weights, schedule_epochs
 from lovasz_monai.tools.report import RunResult, _yaml_config
 
 __all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "evaluate", "run_one"]
@@ -203,6 +203,8 @@ def cli_args(
 
     Raises:
         KeyError: an unknown loss.
+        ValueError: a class-weighted recipe (``LossSpec.class_weighted``) without a
+            ``data.data_dir``, or whose data :func:`inverse_frequency_weights` refuses.
     """
     if loss not in LOSSES:
         raise KeyError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
@@ -215,13 +217,34 @@ def cli_args(
         "CosineAnnealingLR"
     ):
         args += ["--lr_scheduler.init_args.T_max", str(max_epochs)]
-    for key, value in LOSSES[loss].model(max_epochs, warmup, ramp).items():
+    spec = LOSSES[loss]
+    model = spec.model(max_epochs, warmup, ramp)
+    if spec.class_weighted:
+        weights = inverse_frequency_weights(_data_dir(config, overrides))
+        init_args = model["loss"].setdefault("init_args", {})
+        init_args.update({name: weights for name in spec.class_weighted})
+    for key, value in model.items():
         if isinstance(value, Mapping):
             # reset first: jsonargparse would keep the config's init_args that the new class
             # also accepts (a config's `batch: true` would leak into every recipe)
             args.append(f"--model.{key}=null")
         args.append(f"--model.{key}={json.dumps(value)}")
     return args
+
+
+def _data_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str:
+    """``data.data_dir`` of a run: the last ``--data.data_dir`` override, else the config's."""
+    found = None
+    for i, arg in enumerate(overrides):
+        if arg == "--data.data_dir" and i + 1 < len(overrides):
+            found = overrides[i + 1]
+        elif arg.startswith("--data.data_dir="):
+            found = arg.split("=", 1)[1]
+    if found is None:
+        found = (_yaml_config(config).get("data") or {}).get("data_dir")
+    if not found:
+        raise ValueError(f"no data.data_dir in {config} or the overrides: class weights need it")
+    return str(found)
 
 
 def run_one(
