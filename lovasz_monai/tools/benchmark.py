@@ -666,7 +666,11 @@ def markdown_header(device: torch.device, command: str, settings: Settings) -> s
             f"{settings.warmup} warm-up run(s); ratios are against rows of the same run",
             f"- peak extra memory: {memory}",
             "- inputs: float32 logits N(0, 1) + 2 on the true class, int64 label map uniform in "
-            "[0, C)",
+            + (
+                "[0, C)"
+                if settings.present is None
+                else f"{settings.present} classes drawn per volume (the others absent)"
+            ),
             "",
         ]
     )
