@@ -451,6 +451,37 @@ def test_markdown_table_hand_made():
     assert (ce[7], ce[8], lovasz[7], lovasz[8]) == ("120", "1.00", "180", "1.50")
 
 
+def test_markdown_table_many_small_classes():
+    """Per-case columns, the 5 smallest classes by training voxels (hand-picked here), and no
+    per-class columns beyond 16 classes."""
+    names = [f"c{i}" for i in range(20)]
+    voxels = [10_000] + [1000 + 10 * i for i in range(19)]  # c1 .. c5 are the smallest
+    voxels[7] = 5  # and c7, which beats them all
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        case_iou = [0.5 + shift] * 20
+        case_iou[1:5] = [0.1 + shift, 0.2 + shift, 0.3 + shift, 0.4 + shift]
+        case_iou[7] = 0.0 + shift
+        runs.append(
+            RunResult("ce", seed, 0.6, 0.7, [0.6] * 20, [0.7] * 20, [0.2], [0.5], 0.5, 1.0, "x",
+                      case_miou=0.55 + shift, case_iou=case_iou, case_dice=0.65 + shift,
+                      case_hd95=3.0 + 10 * shift, class_voxels=voxels)
+        )  # fmt: skip
+    result = ComparisonResult(
+        "configs/x.yaml", ["ce"], [0, 1], 2, [], names, list(range(1, 20)), 8, "cmd", runs
+    )
+    text = markdown_table(result)
+    header, _, row = _table_rows(text)
+    assert header == [
+        "loss", "per-case mIoU", "5 smallest", "per-case Dice", "HD95 (mm)", "mIoU", "Dice",
+        "train step (ms)", "timed step (ms)", "ratio",
+    ]  # fmt: skip
+    # the smallest: c7 (0.0), c1 .. c4 (0.1 .. 0.4): mean 0.2, then 0.3 with seed 1
+    assert row[1:6] == ["0.600 ± 0.071", "0.250 ± 0.071", "0.700 ± 0.071", "3.500 ± 0.707",
+                        "0.600 ± 0.000"]  # fmt: skip
+    assert "fewest training voxels (c7, c1, c2, c3, c4)" in text
+
+
 def test_markdown_states_scaling():
     result = _fake_result()
     result.config_max_epochs = 40

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_OVERRIDES",
     "LOSSES",
     "LossSpec",
+    "class_voxel_counts",
     "inverse_frequency_weights",
     "schedule_epochs",
 ]
@@ -267,10 +268,41 @@ def schedule_epochs(
     return warmup, ramp
 
 
+def class_voxel_counts(description: DatasetDescription) -> list[int]:
+    """Voxels of each class in the label files of the ``training`` cases (the ignore label and
+    other values outside the classes left out).
+
+    Args:
+        description: a dataset of label maps (not regions).
+
+    Returns:
+        One count per class of ``description``.
+
+    Example:
+        >>> import tempfile
+        >>> from lovasz_monai.synthetic import make_synthetic_dataset
+        >>> root = make_synthetic_dataset(tempfile.mkdtemp(), num_cases=2, size=(12, 12, 12))
+        >>> counts = class_voxel_counts(DatasetDescription.from_json(root))
+        >>> len(counts), sum(counts) <= 2 * 12**3
+        (3, True)
+
+    Raises:
+        ValueError: a dataset in multi-label (regions) mode.
+    """
+    if description.multi_label:
+        raise ValueError(f"{description.root}: class voxel counts need label maps, not regions")
+    num_classes = description.num_classes
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for case in description.training:
+        labels = np.asarray(nib.load(case["label"]).dataobj).astype(np.int64).ravel()
+        counts += np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
+    return counts.tolist()
+
+
 def inverse_frequency_weights(data_dir: str | os.PathLike) -> list[float]:
     """Class weights ``1 / f_c`` from the label files of the ``training`` cases, scaled to mean
-    1 over the classes that occur; ``f_c`` is class ``c``'s share of the labelled voxels (the
-    ignore label left out). A class that never occurs gets weight 0.
+    1 over the classes that occur; ``f_c`` is class ``c``'s share of the labelled voxels
+    (:func:`class_voxel_counts`). A class that never occurs gets weight 0.
 
     Args:
         data_dir: a dataset folder (``dataset.json``, MSD layout) of label maps.
@@ -290,14 +322,7 @@ def inverse_frequency_weights(data_dir: str | os.PathLike) -> list[float]:
         FileNotFoundError: no ``dataset.json`` (or a listed file is missing).
         ValueError: a dataset in multi-label (regions) mode, or one without labelled voxels.
     """
-    description = DatasetDescription.from_json(data_dir)
-    if description.multi_label:
-        raise ValueError(f"{data_dir}: inverse-frequency weights need label maps, not regions")
-    num_classes = description.num_classes
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for case in description.training:
-        labels = np.asarray(nib.load(case["label"]).dataobj).astype(np.int64).ravel()
-        counts += np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
+    counts = np.array(class_voxel_counts(DatasetDescription.from_json(data_dir)), dtype=np.int64)
     if not counts.any():
         raise ValueError(f"{data_dir}: the training labels hold no voxel of any class")
     inverse = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)

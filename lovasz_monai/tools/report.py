@@ -103,6 +103,10 @@ class RunResult:
         case_miou: per-case mIoU averaged over the evaluated volumes (see :func:`evaluate`).
         case_iou: per-class IoU averaged over the volumes, ``C``.
         eval_split: the evaluated split, ``"val"`` or ``"test"``.
+        case_dice, case_hd95: per-case mean Dice and HD95 (mm; NaN without surface metrics)
+            averaged over the volumes.
+        class_voxels: voxels of each class in the training labels (``C``; the report's
+            "smallest" classes).
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
@@ -128,6 +132,9 @@ class RunResult:
     case_miou: float = math.nan
     case_iou: list[float] = field(default_factory=list)
     eval_split: str = "val"
+    case_dice: float = math.nan
+    case_hd95: float = math.nan
+    class_voxels: list[int] = field(default_factory=list)
 
     @property
     def median_step(self) -> float:
@@ -215,7 +222,8 @@ class ComparisonResult:
             run = dict(run)
             for key in ("miou", "dice", "iou", "dice_per_class", "val_miou_curve"):
                 run[key] = nan(run.get(key))
-            for key in ("case_miou", "case_iou"):  # absent from results before they existed
+            # absent from results before they existed
+            for key in ("case_miou", "case_iou", "case_dice", "case_hd95"):
                 if key in run:
                     run[key] = nan(run[key])
             run["logged_val_miou"] = nan(run.get("logged_val_miou"))
@@ -223,10 +231,29 @@ class ComparisonResult:
         return cls(**fields, runs=runs)
 
 
+PER_CLASS_COLUMNS = 16
+"""Classes up to which :func:`markdown_table` has one IoU column per class."""
+
+SMALLEST = 5
+"""Smallest classes :func:`markdown_table` averages in a column of their own."""
+
+
+def _smallest_classes(result: ComparisonResult) -> list[int]:
+    """The :data:`SMALLEST` counted classes with the fewest training voxels (none when the runs
+    do not record the counts or there are no more counted classes than that)."""
+    voxels = next((r.class_voxels for r in result.runs if r.class_voxels), None)
+    counted = list(result.counted_classes)
+    if voxels is None or len(counted) <= SMALLEST:
+        return []
+    return sorted(counted, key=lambda c: voxels[c])[:SMALLEST]
+
+
 def markdown_table(result: ComparisonResult) -> str:
     """The Markdown report: header (command, settings, how metrics are computed) and the table.
 
-    Columns: loss, mIoU, IoU of every class, Dice (``mean ± std`` over seeds), the median
+    Columns: loss; when the runs have them, the per-case mIoU, the mean per-case IoU of the
+    :data:`SMALLEST` smallest classes, the per-case Dice and HD95; mIoU, IoU of every class (up
+    to :data:`PER_CLASS_COLUMNS` classes), Dice (``mean ± std`` over seeds), the median
     training-step time of the runs, the median of the interleaved timing
     (:func:`benchmark_steps`, ``n/a`` without one) and its ratio to the first loss.
 
@@ -318,8 +345,23 @@ def markdown_table(result: ComparisonResult) -> str:
             "label or prediction, averaged over volumes (the per-case score of medical "
             "challenges); `mIoU` and the IoU columns are dataset-level.",
         ]
-    header = ["loss", *(["per-case mIoU"] if per_case else []), "mIoU"]
-    header += [*[f"IoU {n}" for n in names], "Dice"]
+    smallest = _smallest_classes(result) if per_case else []
+    if smallest:
+        lines[-1:-1] = [
+            "",
+            f"`{len(smallest)} smallest`: the per-case IoU (averaged over volumes) of the "
+            f"{len(smallest)} counted classes with the fewest training voxels ("
+            + ", ".join(names[c] for c in smallest)
+            + "), averaged.",
+        ]
+    case_dice = per_case and any(math.isfinite(r.case_dice) for r in result.runs)
+    case_hd95 = per_case and any(math.isfinite(r.case_hd95) for r in result.runs)
+    per_class = len(names) <= PER_CLASS_COLUMNS
+    header = ["loss", *(["per-case mIoU"] if per_case else [])]
+    header += [f"{len(smallest)} smallest"] if smallest else []
+    header += ["per-case Dice"] if case_dice else []
+    header += ["HD95 (mm)"] if case_hd95 else []
+    header += ["mIoU", *([f"IoU {n}" for n in names] if per_class else []), "Dice"]
     header += ["train step (ms)", "timed step (ms)", "ratio"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
@@ -333,8 +375,16 @@ def markdown_table(result: ComparisonResult) -> str:
         cells = [f"`{loss}`"]
         if per_case:
             cells.append(format_mean_std([r.case_miou for r in runs]))
+        if smallest:
+            small = [float(np.nanmean([r.case_iou[c] for c in smallest])) for r in runs]
+            cells.append(format_mean_std(small))
+        if case_dice:
+            cells.append(format_mean_std([r.case_dice for r in runs]))
+        if case_hd95:
+            cells.append(format_mean_std([r.case_hd95 for r in runs]))
         cells.append(format_mean_std([r.miou for r in runs]))
-        cells += [format_mean_std([r.iou[c] for r in runs]) for c in range(len(names))]
+        if per_class:
+            cells += [format_mean_std([r.iou[c] for r in runs]) for c in range(len(names))]
         cells += [format_mean_std([r.dice for r in runs]), f"{1000 * step:.0f}"]
         timed = bench.get(loss)
         cells.append("n/a" if timed is None else f"{1000 * timed:.0f}")

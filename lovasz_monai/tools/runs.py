@@ -21,7 +21,12 @@ import torch
 from pytorch_lightning.callbacks import Callback, ProgressBar
 from torch import Tensor
 
-from lovasz_monai.tools.recipes import LOSSES, inverse_frequency_weights, schedule_epochs
+from lovasz_monai.tools.recipes import (
+    LOSSES,
+    class_voxel_counts,
+    inverse_frequency_weights,
+    schedule_epochs,
+)
 from lovasz_monai.tools.report import RunResult, _yaml_config
 
 __all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "evaluate", "run_one"]
@@ -101,12 +106,14 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
 
     Returns:
         ``{"iou": [C], "dice": [C], "miou": float, "dice_mean": float, "case_iou": [C],
-        "case_miou": float, "num_volumes": int}``: per-class IoU from the confusion matrix over
+        "case_miou": float, "case_dice": float, "case_hd95": float, "num_volumes": int}``:
+        per-class IoU from the confusion matrix over
         all volumes (dataset-level), per-class Dice and IoU averaged over volumes (NaN where the
         class is in neither label nor prediction of any volume), the means of IoU and Dice over
         the classes ``model.mean_iou`` counts, and ``case_miou``: the per-case mIoU (each
         volume's mean IoU over the counted classes in its label or prediction) averaged over
-        volumes, the score medical challenges report.
+        volumes, the score medical challenges report; ``case_dice`` and ``case_hd95`` the same
+        for Dice and (with the module's ``surface_metrics``, else NaN) HD95 in mm.
 
     Raises:
         ValueError: a multi-label or one-channel binary model, or an empty loader.
@@ -122,7 +129,9 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         ... }
         >>> metrics = evaluate(model, [batch])
         >>> sorted(metrics), len(metrics["iou"]), metrics["num_volumes"]
-        (['case_iou', 'case_miou', 'dice', 'dice_mean', 'iou', 'miou', 'num_volumes'], 3, 2)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        (['case_dice', 'case_hd95', 'case_iou', 'case_miou', 'dice', 'dice_mean', 'iou', 'miou',
+          'num_volumes'], 3, 2)
     """
     if model.mode != "multiclass":
         raise ValueError("evaluate supports multi-class (softmax) models only")
@@ -151,14 +160,22 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     iou = iou_metric.compute().float().cpu()
     values = cases.gather().values
     dice = values["Dice"].nanmean(0)
-    per_case = values["IoU"][:, _counted_classes(model)].nanmean(1)
+    counted = _counted_classes(model)
+
+    def per_case_mean(name: str) -> float:
+        if name not in values:
+            return math.nan
+        return float(values[name][:, counted].nanmean(1).nanmean())
+
     return {
         "iou": iou.tolist(),
         "dice": dice.tolist(),
         "miou": float(model.mean_iou(iou)),
         "dice_mean": float(model.mean_iou(dice)),
         "case_iou": values["IoU"].nanmean(0).tolist(),
-        "case_miou": float(per_case.nanmean()),
+        "case_miou": per_case_mean("IoU"),
+        "case_dice": per_case_mean("Dice"),
+        "case_hd95": per_case_mean("HD95"),
         "num_volumes": len(cases),
     }
 
@@ -352,6 +369,9 @@ def run_one(
         counted_classes=_counted_classes(model),
         num_val_volumes=int(metrics["num_volumes"]),
         case_miou=metrics["case_miou"],
+        case_dice=metrics["case_dice"],
+        case_hd95=metrics["case_hd95"],
+        class_voxels=class_voxel_counts(datamodule.description),
         case_iou=metrics["case_iou"],
         eval_split=eval_split,
     )
