@@ -7,6 +7,8 @@ the rows of ``batch=True`` span the processes of a ``torch.distributed`` group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ from lovasz_monai.functional.arguments import (
     distributed_world_size,
 )
 from lovasz_monai.functional.extension import _KnownGradient
-from lovasz_monai.functional.rows import _key_and_foreground, _lovasz_class_rows
+from lovasz_monai.functional.rows import _lovasz_class_rows, _sort_key
 
 __all__ = [
     "average_class_losses",
@@ -88,30 +90,58 @@ def _checked_class_inputs(
     return checks()
 
 
+KeyOf = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""``key_of(source, fg, valid)``: the sort keys (errors, ``-1`` at invalid voxels) of detached
+source values, masked foreground and validity of the same (broadcastable) shape; it may return
+``source`` itself or write into it."""
+
+
+def _error_key(errors: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+    return _sort_key(errors, valid)
+
+
+def _probability_key(probs: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+    key = torch.rsub(probs, 1.0)
+    torch.where(fg, key, probs, out=key).abs_()
+    return key if valid is None else key.masked_fill_(~valid, -1.0)
+
+
+def _hinge_key(logits: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
+    key = torch.where(fg, -logits, logits).add_(1.0).clamp_min_(0.0)
+    return key if valid is None else key.masked_fill_(~valid, -1.0)
+
+
 def _class_losses(
     source: Tensor,
-    key: Tensor,
     fg: Tensor,
+    valid: Tensor | None,
+    key_of: KeyOf,
     batch: bool,
     method: Method,
     bins: int,
     chunk_elements: int,
     *,
     wrt_source: bool,
-    overwrite_key: bool,
     distributed: bool,
     process_group: object | None,
-    skip_absent: bool = False,
+    skip_absent: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per (volume, class) losses, differentiable in ``source``, and foreground counts, of
-    inputs checked by :func:`_checked_class_inputs`.
+    inputs checked by :func:`_checked_class_inputs` (``fg`` already masked by ``valid``).
 
     Distributed (see :func:`lovasz_class_losses`): the losses and counts are those of the union
     of the processes' batches, and the gradient is ``world_size`` times the derivative of those
-    losses with respect to this process's ``source``."""
+    losses with respect to this process's ``source``. ``skip_absent`` (not distributed, not
+    under ``torch.compile``): see :func:`_present_class_losses`."""
     world_size = distributed_world_size(distributed, process_group)
-    num_batch, num_classes = key.shape[:2]
+    if skip_absent and world_size == 1 and not torch.compiler.is_compiling():
+        return _present_class_losses(
+            source, fg, valid, key_of, batch, method, bins, chunk_elements, wrt_source
+        )
+    num_batch, num_classes = source.shape[:2]
     with torch.no_grad():
+        detached = source.detach()
+        key = key_of(detached, fg, valid)
         weights, losses, counts = _lovasz_class_rows(
             _as_class_rows(key, batch=batch),
             _as_class_rows(fg, batch=batch),
@@ -119,10 +149,9 @@ def _class_losses(
             bins,
             chunk_elements,
             wrt_source=wrt_source,
-            overwrite_key=overwrite_key,
+            overwrite_key=key is not detached,  # the source itself is never overwritten
             world_size=world_size,
             process_group=process_group,
-            skip_absent=skip_absent,
         )
         weights = weights.transpose(0, 1) if batch else weights
         weights = weights.reshape(source.shape)
@@ -130,6 +159,97 @@ def _class_losses(
             weights.mul_(world_size)
     shape = (1 if batch else num_batch, num_classes)
     return _KnownGradient.apply(source, losses.view(shape), weights), counts.view(shape)
+
+
+def _present_class_losses(
+    source: Tensor,
+    fg: Tensor,
+    valid: Tensor | None,
+    key_of: KeyOf,
+    batch: bool,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    wrt_source: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_class_losses` of the rows with foreground only: their source values are copied
+    out, keyed and computed; every other row gets loss 0, count 0 and no gradient. With dozens
+    of classes most are absent from a volume, and this skips their keys and sorts (at the price
+    of one host synchronisation to find the present rows)."""
+    num_batch, num_classes = source.shape[:2]
+    shape = (1 if batch else num_batch, num_classes)
+    with torch.no_grad():
+        values = source.detach().flatten(2)  # (B, C, P)
+        fg = fg.flatten(2)
+        present = fg.any(dim=-1)
+        if batch:  # one row per class over the batch
+            present = present.any(dim=0, keepdim=True)
+        rows = present.view(-1).nonzero().view(-1)
+        weights = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
+        losses = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        counts = torch.zeros(shape, dtype=torch.int64, device=values.device)
+        if rows.numel():
+            _present_rows_into(
+                (weights, losses, counts),
+                values,
+                fg,
+                valid,
+                rows,
+                key_of,
+                batch,
+                method,
+                bins,
+                chunk_elements,
+                wrt_source,
+            )
+    return _KnownGradient.apply(source, losses, weights.view(source.shape)), counts
+
+
+def _present_rows_into(
+    outputs: tuple[Tensor, Tensor, Tensor],
+    values: Tensor,
+    fg: Tensor,
+    valid: Tensor | None,
+    rows: Tensor,
+    key_of: KeyOf,
+    batch: bool,
+    method: Method,
+    bins: int,
+    chunk_elements: int,
+    wrt_source: bool,
+) -> None:
+    """The weights, losses and counts of the present ``rows`` (flat indices into ``losses``)
+    of ``(B, C, P)`` ``values`` and ``fg``, written into the zero-filled ``outputs`` (weights
+    ``(B, C, P)``, losses and counts as :func:`_class_losses` returns them)."""
+    weights, losses, counts = outputs
+    num_classes, num_voxels = values.shape[1:]
+    if batch:  # (B, n, P) copies, keyed, and seen as (n, B, P) rows
+        row_fg = fg.index_select(1, rows)
+        row_valid = None if valid is None else valid.flatten(2)
+        key = key_of(values.index_select(1, rows), row_fg, row_valid)
+        key_rows, fg_rows = key.transpose(0, 1), row_fg.transpose(0, 1)
+    else:  # (n, P) copies of the (volume, class) rows, seen as (n, 1, P)
+        row_fg = fg.reshape(-1, num_voxels).index_select(0, rows)
+        row_valid = None
+        if valid is not None:
+            row_valid = valid.flatten(2)[:, 0].index_select(0, rows // num_classes)
+        key = key_of(values.reshape(-1, num_voxels).index_select(0, rows), row_fg, row_valid)
+        key_rows, fg_rows = key.unsqueeze(1), row_fg.unsqueeze(1)
+    row_weights, row_losses, row_counts = _lovasz_class_rows(
+        key_rows,
+        fg_rows,
+        method,
+        bins,
+        chunk_elements,
+        wrt_source=wrt_source,
+        overwrite_key=True,
+    )
+    if batch:
+        weights.index_copy_(1, rows, row_weights.transpose(0, 1))
+    else:
+        weights.view(-1, num_voxels).index_copy_(0, rows, row_weights.view(-1, num_voxels))
+    losses.view(-1).index_copy_(0, rows, row_losses)
+    counts.view(-1).index_copy_(0, rows, row_counts)
 
 
 def lovasz_class_losses(
@@ -202,18 +322,18 @@ def lovasz_class_losses(
         process_group=process_group,
         validate=validate,
     )
-    key, fg = _key_and_foreground(errors, labels, valid)
-    # a key made by _sort_key may be overwritten; the errors themselves may not
+    with torch.no_grad():
+        fg = labels.bool() if valid is None else labels.bool() & valid
     return _class_losses(
         errors,
-        key,
         fg,
+        valid,
+        _error_key,
         batch,
         method,
         bins,
         chunk_elements,
         wrt_source=False,
-        overwrite_key=valid is not None,
         distributed=distributed,
         process_group=process_group,
         skip_absent=skip_absent,
@@ -271,21 +391,16 @@ def lovasz_probability_class_losses(
     )
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
-        detached = probs.detach()
-        key = torch.rsub(detached, 1.0)
-        torch.where(fg, key, detached, out=key).abs_()
-        if valid is not None:
-            key.masked_fill_(~valid, -1.0)
     return _class_losses(
         probs,
-        key,
         fg,
+        valid,
+        _probability_key,
         batch,
         method,
         bins,
         chunk_elements,
         wrt_source=True,
-        overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
         skip_absent=skip_absent,
@@ -339,20 +454,16 @@ def lovasz_hinge_class_losses(
     )
     with torch.no_grad():
         fg = labels.bool() if valid is None else labels.bool() & valid
-        detached = logits.detach()
-        key = torch.where(labels.bool(), -detached, detached).add_(1.0).clamp_min_(0.0)
-        if valid is not None:
-            key.masked_fill_(~valid, -1.0)
     return _class_losses(
         logits,
-        key,
         fg,
+        valid,
+        _hinge_key,
         batch,
         method,
         bins,
         chunk_elements,
         wrt_source=True,
-        overwrite_key=True,
         distributed=distributed,
         process_group=process_group,
         skip_absent=skip_absent,

@@ -315,27 +315,14 @@ def _lovasz_class_rows(
     overwrite_key: bool = False,
     world_size: int = 1,
     process_group: object | None = None,
-    skip_absent: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(weights, losses, fg_counts)`` of ``(R, S, P)`` class rows (see above) from sort keys
     and masked labels. ``wrt_source``: the weights are the derivatives with respect to the
     source of the errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not
     with respect to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the
     weights). ``world_size > 1``: rows span the processes of ``process_group`` (histogram
-    method only; the caller checks that, see :func:`check_lovasz_arguments`). ``skip_absent``:
-    rows without foreground are not computed (loss 0, weights 0; with ``world_size > 1`` a row
-    absent here may be present elsewhere, so every row is computed)."""
+    method only; the caller checks that, see :func:`check_lovasz_arguments`)."""
     check_lovasz_arguments(method=method, bins=bins, chunk_elements=chunk_elements)
-    if skip_absent and world_size == 1 and not torch.compiler.is_compiling():
-        return _present_rows_only(
-            key,
-            fg,
-            method,
-            bins,
-            chunk_elements,
-            wrt_source=wrt_source,
-            overwrite_key=overwrite_key,
-        )
     if method == "sort":
         return _class_rows_by_sort(
             key,
@@ -352,46 +339,3 @@ def _lovasz_class_rows(
         world_size=world_size,
         process_group=process_group,
     )
-
-
-def _present_rows_only(
-    key: Tensor,
-    fg: Tensor,
-    method: Method,
-    bins: int,
-    chunk_elements: int,
-    *,
-    wrt_source: bool,
-    overwrite_key: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_lovasz_class_rows` of the rows that have foreground, copied out of ``key`` and
-    ``fg``; the other rows get loss 0 and weight 0. With dozens of classes most are absent from
-    a patch, and their sort is what this saves (at the price of one host synchronisation)."""
-    counts = fg.sum(dim=(1, 2))
-    present = counts.nonzero().view(-1)
-    if present.numel() == key.shape[0]:
-        return _lovasz_class_rows(
-            key,
-            fg,
-            method,
-            bins,
-            chunk_elements,
-            wrt_source=wrt_source,
-            overwrite_key=overwrite_key,
-        )
-    present_key, present_fg = key.index_select(0, present), fg.index_select(0, present)
-    weights = key.zero_() if overwrite_key else torch.zeros_like(key)
-    losses = key.new_zeros(key.shape[0])
-    if present.numel():
-        present_weights, present_losses, _ = _lovasz_class_rows(
-            present_key,
-            present_fg,
-            method,
-            bins,
-            chunk_elements,
-            wrt_source=wrt_source,
-            overwrite_key=True,
-        )
-        weights.index_copy_(0, present, present_weights)
-        losses.index_copy_(0, present, present_losses)
-    return weights, losses, counts
