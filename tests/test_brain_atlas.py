@@ -117,3 +117,25 @@ def test_case_scores_average_per_case_then_over_cases(atlas, tmp_path):
     assert scores["mDice"] == pytest.approx((0.7 + 0.9) / 2)
     assert scores["HD95"] == pytest.approx((3 + 1) / 2)
     assert not math.isnan(scores["HD95"])
+
+
+def test_comparison_command_runs_each_task_config_as_it_is(atlas):
+    from lovasz_monai.tools.recipes import LOSSES
+
+    assert set(atlas.COMPARISON) <= set(LOSSES)
+    assert len(set(atlas.COMPARISON)) == len(atlas.COMPARISON)
+    for task in atlas.TASKS:
+        cmd = atlas.comparison_command(task, [0, 1, 2], atlas.COMPARISON)
+        text = " ".join(cmd)
+        assert f"--config configs/{task}.yaml --seeds 0 1 2 --max-epochs 79 --no-scale-down" in text
+        assert "--eval-split test --resume" in text
+        assert cmd[-2:] == ["--model.surface_metrics", "true"]
+        assert f"--output experiments/brain_atlas/{task} " in text
+        assert cmd[cmd.index("--losses") + 1 : cmd.index("--eval-split")] == atlas.COMPARISON
+
+
+def test_pipeline_variants_change_one_setting_each(atlas):
+    """``shipped`` is the config itself; every other variant overrides something."""
+    assert atlas.PIPELINE_VARIANTS["shipped"][1] == []
+    others = {k: v for k, v in atlas.PIPELINE_VARIANTS.items() if k != "shipped"}
+    assert all(overrides for _, overrides in others.values())

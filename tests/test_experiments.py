@@ -303,10 +303,10 @@ def test_inverse_frequency_weights_by_hand(tmp_path):
 # -- evaluate ----------------------------------------------------------------------------------
 
 
-def _fixed_model(logits: list[torch.Tensor]) -> LovaszSegmentationModule:
+def _fixed_model(logits: list[torch.Tensor], **kwargs) -> LovaszSegmentationModule:
     """A real module whose sliding window returns the given logits, one batch after the other
     (the foreground classes count in the means)."""
-    model = LovaszSegmentationModule(logits[0].shape[1], network=torch.nn.Identity())
+    model = LovaszSegmentationModule(logits[0].shape[1], network=torch.nn.Identity(), **kwargs)
     outputs = iter(logits)
     model.sliding_window = lambda image: next(outputs)
     model.train()
@@ -360,6 +360,43 @@ def test_evaluate_matches_hand_computation():
     expected = np.mean([np.mean(per_class[1:]) for per_class in case_iou])
     assert result["case_miou"] == pytest.approx(expected, abs=1e-6)
     assert result["case_miou"] != pytest.approx(result["miou"], abs=1e-6)  # not dataset-level
+
+
+def test_evaluate_surface_metrics_in_mm():
+    """With the module's ``surface_metrics``, ``case_hd95`` is MONAI's HD95 of each foreground
+    class (in mm of the image's affine), averaged per case then over cases; per-case Dice too."""
+    from monai.data import MetaTensor
+    from monai.metrics import compute_hausdorff_distance
+
+    label = torch.zeros(1, 1, 12, 12, 12)
+    label[..., 2:7, 2:7, 2:7] = 1
+    label[..., 7:11, 6:11, 5:9] = 2
+    pred = torch.zeros(1, 12, 12, 12, dtype=torch.long)
+    pred[..., 3:8, 2:7, 2:6] = 1
+    pred[..., 7:10, 6:11, 5:10] = 2
+    logits = torch.nn.functional.one_hot(pred, 3).movedim(-1, 1).float()
+    affine = torch.diag(torch.tensor([2.0, 1.0, 1.5, 1.0]))
+    image = MetaTensor(torch.zeros(1, 1, 12, 12, 12), affine=affine)
+    batch = {"image": image, "label": label, "mask": torch.ones_like(label)}
+    model = _fixed_model([logits], surface_metrics=True)
+    result = evaluate(model, [batch])
+    onehot = lambda x: torch.nn.functional.one_hot(x.long(), 3).movedim(-1, 1)  # noqa: E731
+    hd95 = compute_hausdorff_distance(
+        onehot(pred), onehot(label[:, 0]), include_background=True, percentile=95,
+        spacing=(2.0, 1.0, 1.5),
+    )[0]  # fmt: skip
+    assert result["case_hd95"] == pytest.approx(float(hd95[1:].mean()), rel=1e-5)
+    assert result["case_hd95"] != pytest.approx(
+        float(compute_hausdorff_distance(onehot(pred), onehot(label[:, 0]),
+                                         include_background=True, percentile=95)[0][1:].mean()),
+        rel=1e-3,
+    )  # fmt: skip
+    truth = label[:, 0]
+    dice = [
+        2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum())
+        for c in (1, 2)
+    ]
+    assert result["case_dice"] == pytest.approx(float(np.mean(dice)), rel=1e-6)
 
 
 def test_evaluate_absent_class_and_ignored_voxels():

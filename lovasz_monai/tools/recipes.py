@@ -135,6 +135,22 @@ LOSSES: dict[str, LossSpec] = {
         "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3): more Lovász in the balance",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.3), **_NO_SCHEDULE},
     ),
+    "lovasz_ce_lowce_all": LossSpec(
+        'LovaszCELoss(to_onehot_y=True, lambda_ce=0.3, classes="all"): absent classes count '
+        "in the Lovász mean",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, classes="all"),
+            **_NO_SCHEDULE,
+        },
+    ),
+    "lovasz_ce_lowce_batch": LossSpec(
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=0.3, batch=True): one row per class over the "
+        "batch",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=0.3, batch=True),
+            **_NO_SCHEDULE,
+        },
+    ),
     "lovasz_ce_mince": LossSpec(
         "LovaszCELoss(to_onehot_y=True, lambda_ce=0.1): mostly Lovász",
         lambda e, w, r: {"loss": _lovasz("LovaszCELoss", lambda_ce=0.1), **_NO_SCHEDULE},

@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ProgressBar
 from torch import Tensor
 
+from lovasz_monai.metrics import batch_cases
 from lovasz_monai.tools.recipes import (
     LOSSES,
     class_voxel_counts,
@@ -135,10 +136,11 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     """
     if model.mode != "multiclass":
         raise ValueError("evaluate supports multi-class (softmax) models only")
-    # fresh copies of the module's own metrics: torchmetrics IoU and the per-case Dice
+    # fresh copies of the module's own metrics: torchmetrics IoU and the per-case metrics of
+    # its test step (with the module's surface_metrics: HD95 too, in mm of the image's affine)
     iou_metric = model.val_iou.clone()
     iou_metric.reset()
-    cases = copy.deepcopy(model.val_cases)
+    cases = copy.deepcopy(model.test_cases)
     cases.reset()
     was_training = model.training
     model.eval()
@@ -152,7 +154,8 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
             logits = logits.float()
             label, mask = batch["label"].to(logits.device), batch["mask"].to(logits.device)
             model.update_metric(iou_metric, logits, label, mask)
-            cases.update(model.discretize(logits), label, mask)
+            _, spacing = batch_cases(batch["image"])
+            cases.update(model.discretize(logits), label, mask, spacing=spacing)
     finally:
         model.train(was_training)
     if not len(cases):
