@@ -127,7 +127,7 @@ def test_comparison_command_runs_each_task_config_as_it_is(atlas):
     for task in atlas.TASKS:
         cmd = atlas.comparison_command(task, [0, 1, 2], atlas.COMPARISON)
         text = " ".join(cmd)
-        assert f"--config configs/{task}.yaml --seeds 0 1 2 --max-epochs 79 --no-scale-down" in text
+        assert f"--config configs/{task}.yaml --seeds 0 1 2 --max-epochs 63 --no-scale-down" in text
         assert "--eval-split test --resume" in text
         assert cmd[-2:] == ["--model.surface_metrics", "true"]
         assert f"--output experiments/brain_atlas/{task} " in text

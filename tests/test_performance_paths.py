@@ -175,3 +175,32 @@ def test_present_classes_loss_matches_the_reference_loop_with_absent_classes(bat
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(value, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_threaded_numpy_sort_equals_torch_sort(monkeypatch, batch):
+    """Large inputs are packed and sorted in several threads, a share of the rows each (here
+    forced on small rows and 3 threads, so that the shares are uneven): the same losses, counts
+    and gradient as the single-threaded torch path."""
+    gen = torch.Generator().manual_seed(7)
+    probs = torch.rand(3, 5, 6, 7, generator=gen).softmax(1).requires_grad_(True)
+    labels = torch.rand(3, 5, 6, 7, generator=gen) < 0.3
+    valid = torch.rand(3, 1, 6, 7, generator=gen) < 0.8
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(row_kernels, "_THREADED_SORT_ELEMENTS", 0)
+    used = []
+    pool = row_kernels.ThreadPoolExecutor
+    monkeypatch.setattr(row_kernels, "ThreadPoolExecutor", lambda n: used.append(n) or pool(n))
+    try:
+        torch.set_num_threads(3)
+        fast, fast_counts = Fn.lovasz_probability_class_losses(probs, labels, valid, batch=batch)
+        (fast_grad,) = torch.autograd.grad(fast.sum(), probs)
+    finally:
+        torch.set_num_threads(threads)
+    assert used == [3]
+    _torch_only(monkeypatch)
+    ref, ref_counts = Fn.lovasz_probability_class_losses(probs, labels, valid, batch=batch)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), probs)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
+    assert torch.equal(fast_counts, ref_counts)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=0, atol=1e-6)

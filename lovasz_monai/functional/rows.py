@@ -11,6 +11,7 @@ nearly equal numbers. A row without foreground puts weight 1 on its largest vali
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -148,6 +149,8 @@ def _sort_rows_torch(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, T
 _ERROR_BITS_MAX = 0x7F800000  # bit pattern of +inf: non-negative float32 bits are ordered
 _IGNORED = _ERROR_BITS_MAX + 1
 _INDEX_MASK = 0x7FFFFFFF
+# below this many voxels per call, starting threads costs more than it saves
+_THREADED_SORT_ELEMENTS = 1 << 20
 
 
 def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -156,19 +159,35 @@ def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     Each voxel becomes one int64: the inverted error bits (a value past them for ignored voxels)
     in the high word, the foreground bit and the voxel index in the low word. numpy's vectorised
     sort of these integers alone yields the order, the sorted labels and the sorted errors.
+    Large inputs are packed and sorted in ``torch.get_num_threads()`` threads, a share of the
+    rows each (numpy releases the GIL).
     """
     num_rows, segments, num_voxels = key.shape
-    key_np = key.numpy()
-    packed = key_np.view(np.int32).astype(np.int64)
-    np.bitwise_and(packed, _INDEX_MASK, out=packed)  # the sign bit of -0.0
-    np.subtract(_ERROR_BITS_MAX, packed, out=packed)  # ascending order == descending error
-    np.copyto(packed, _IGNORED, where=key_np < 0)
-    packed <<= 1
-    packed |= fg.numpy()
-    packed <<= 31
-    packed |= np.arange(segments * num_voxels, dtype=np.int64).reshape(segments, num_voxels)
-    packed = packed.reshape(num_rows, segments * num_voxels)
-    packed.sort(axis=-1)
+    key_np, fg_np = key.numpy(), fg.numpy()
+    packed = np.empty((num_rows, segments * num_voxels), dtype=np.int64)
+    index = np.arange(segments * num_voxels, dtype=np.int64).reshape(segments, num_voxels)
+
+    def pack_and_sort(rows: slice) -> None:
+        out = packed[rows].reshape(-1, segments, num_voxels)
+        rows_key = key_np[rows]
+        np.copyto(out, rows_key.view(np.int32))
+        np.bitwise_and(out, _INDEX_MASK, out=out)  # the sign bit of -0.0
+        np.subtract(_ERROR_BITS_MAX, out, out=out)  # ascending order == descending error
+        np.copyto(out, _IGNORED, where=rows_key < 0)
+        out <<= 1
+        out |= fg_np[rows]
+        out <<= 31
+        out |= index
+        packed[rows].sort(axis=-1)
+
+    workers = min(torch.get_num_threads(), num_rows)
+    if workers > 1 and packed.size >= _THREADED_SORT_ELEMENTS:
+        bounds = np.linspace(0, num_rows, workers + 1).astype(int)
+        shares = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(pack_and_sort, shares))
+    else:
+        pack_and_sort(slice(None))
     packed_t = torch.from_numpy(packed)
     # little-endian: low word first (flattened first: a size-1 row may carry any stride)
     words = packed_t.reshape(-1).view(torch.int32).view(num_rows, -1)
