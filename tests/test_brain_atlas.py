@@ -139,3 +139,20 @@ def test_pipeline_variants_change_one_setting_each(atlas):
     assert atlas.PIPELINE_VARIANTS["shipped"][1] == []
     others = {k: v for k, v in atlas.PIPELINE_VARIANTS.items() if k != "shipped"}
     assert all(overrides for _, overrides in others.values())
+
+
+def test_pipeline_table_puts_the_plain_loop_first_with_differences(atlas):
+    names = ["background", *[f"s{i}" for i in range(1, 16)]]
+
+    def run(variant, seed, miou):
+        return {"variant": variant, "seed": seed, "mIoU": miou, "mDice": 0.9, "HD95": 2.0,
+                **{f"IoU/{n}": miou for n in names[1:]}}  # fmt: skip
+
+    runs = [run("shipped", 0, 0.76), run("plain_monai", 0, 0.80), run("plain_monai", 1, 0.70)]
+    runs.append(run("flips_all", 0, 0.70))
+    table = atlas.pipeline_table({"steps": 1500, "runs": {str(i): r for i, r in enumerate(runs)}},
+                                 names)  # fmt: skip
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["| plain_monai", "| shipped", "| flips_all"]
+    assert rows[0][3:5] == ["0.750 +/- 0.071", "+0.000"]
+    assert rows[1][3:5] == ["0.760 +/- 0.000", "+0.010"] and rows[2][4] == "-0.050"
