@@ -44,6 +44,7 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -343,9 +344,11 @@ def _case_scores(csv_path: Path, names: list[str]) -> dict[str, float]:
 
 
 def _run_shipped(name: str, overrides: list[str], steps: int, seed: int, data: str) -> Path:
-    """Train ``configs/subcortical.yaml`` with ``overrides`` for ``steps`` steps, then test the
-    last checkpoint; return its ``test_cases.csv``."""
+    """Train ``configs/subcortical.yaml`` with ``overrides`` for ``steps`` steps in a fresh
+    ``runs/brain_atlas/pipeline/<name>_seed<seed>``, then test the last checkpoint; return its
+    ``test_cases.csv``."""
     root = ROOT / "runs" / "brain_atlas" / "pipeline" / f"{name}_seed{seed}"
+    shutil.rmtree(root, ignore_errors=True)  # a stale last.ckpt would be tested instead
     common = ["--config", str(SUBCORTICAL_CONFIG), "--data.data_dir", data]
     common += ["--trainer.default_root_dir", str(root), "--seed_everything", str(seed)]
     common += ["--trainer.enable_progress_bar", "false"]
