@@ -332,3 +332,16 @@ def test_communication_benchmark_command(capsys):
     assert low - 0.005 <= ratio <= high + 0.005
     # no loss grid in this mode
     assert "ours sort (batch)" not in out
+
+
+def test_many_classes_preset(monkeypatch, capsys) -> None:
+    """``--sizes many-classes`` runs the parcellation and TotalSegmentator sizes with 20 classes
+    present per volume unless ``--present`` says otherwise (sizes shrunk here to be quick)."""
+    monkeypatch.setattr(benchmark, "MANY_CLASS_GRID", "1x24x4x4x4,1x30x3x3x3")
+    argv = ["--sizes", "many-classes", "--repeats", "1", "--warmup", "0", "--skip-memory"]
+    assert main([*argv, "--methods", "sort,reference"]) == 0
+    out = capsys.readouterr().out
+    assert "1x24x4x4x4 (64 voxels per class), 20 of the 24 classes in each volume" in out
+    assert "1x30x3x3x3 (27 voxels per class), 20 of the 30 classes in each volume" in out
+    assert main([*argv, "--methods", "sort", "--present", "5"]) == 0
+    assert "5 of the 30 classes" in capsys.readouterr().out

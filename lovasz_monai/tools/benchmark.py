@@ -76,6 +76,8 @@ from lovasz_monai.tools.reference import ref_lovasz_softmax
 __all__ = [
     "CPU_GRID",
     "GPU_GRID",
+    "MANY_CLASS_GRID",
+    "MANY_CLASS_PRESENT",
     "METHODS",
     "Case",
     "Result",
@@ -96,6 +98,12 @@ CPU_GRID = "2x4x64x64x64,2x14x96x96x96,1x2x128x128x128"
 
 GPU_GRID = CPU_GRID + ",2x14x128x128x128,1x105x128x128x128"
 """Sizes required on a GPU."""
+
+MANY_CLASS_GRID = "2x84x96x96x96,1x105x128x128x128"
+"""``--sizes many-classes``: a brain parcellation (84 classes) and TotalSegmentator's 105."""
+
+MANY_CLASS_PRESENT = 20
+"""Classes present per volume of ``--sizes many-classes`` unless ``--present`` is given."""
 
 SORT_TOLERANCE = 1e-4
 """Largest accepted difference between our sort method and the reference loop."""
@@ -689,7 +697,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sizes",
         default=None,
         help="comma-separated sizes: N (an N^3 volume with --batch and --classes) or "
-        f"BxCxS1x...xSk (default: {CPU_GRID}; on cuda also 2x14x128x128x128,1x105x128x128x128)",
+        f"BxCxS1x...xSk (default: {CPU_GRID}; on cuda also 2x14x128x128x128,1x105x128x128x128), "
+        f"or many-classes ({MANY_CLASS_GRID} with --present {MANY_CLASS_PRESENT} unless given)",
     )
     parser.add_argument("--classes", type=int, default=4, help="classes of N sizes (default 4)")
     parser.add_argument("--batch", type=int, default=2, help="volumes of N sizes (default 2)")
@@ -842,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         sizes = args.sizes or (GPU_GRID if args.device == "cuda" else CPU_GRID)
+        if sizes == "many-classes":
+            sizes = MANY_CLASS_GRID
+            args.present = MANY_CLASS_PRESENT if args.present is None else args.present
         cases = parse_sizes(sizes, args.batch, args.classes)
     except ValueError as error:
         parser.error(f"--sizes: {error}")
