@@ -578,17 +578,17 @@ def test_compare_command_tiny(tmp_path):
     rows = _table_rows(text)
     header, body = rows[0], rows[2:]
     assert header == [
-        "loss", "per-case mIoU", "mIoU", "IoU background", "IoU class_1", "IoU class_2", "Dice",
-        "train step (ms)", "timed step (ms)", "ratio",
+        "loss", "per-case mIoU", "per-case Dice", "mIoU", "IoU background", "IoU class_1",
+        "IoU class_2", "Dice", "train step (ms)", "timed step (ms)", "ratio",
     ]  # fmt: skip
     assert [r[0] for r in body] == ["`ce`", "`lovasz`"]
     for row in body:
-        for cell in row[1:7]:
+        for cell in row[1:8]:
             match = re.fullmatch(r"(\d+\.\d{3}) ± (\d+\.\d{3})", cell)
             assert match, cell
             assert 0.0 <= float(match.group(1)) <= 1.0 and float(match.group(2)) == 0.0
-        assert float(row[7]) > 0 and float(row[8]) > 0 and float(row[9]) > 0
-    assert body[0][9] == "1.00"
+        assert float(row[8]) > 0 and float(row[9]) > 0 and float(row[10]) > 0
+    assert body[0][10] == "1.00"
 
     png = output.with_suffix(".png")
     assert png.read_bytes()[:8] == PNG_SIGNATURE
