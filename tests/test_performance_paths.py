@@ -158,8 +158,10 @@ def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
     LovaszSoftmaxLoss(to_onehot_y=True)(logits, labels)
     LovaszSoftmaxLoss(to_onehot_y=True, batch=True)(logits, labels)
     LovaszSoftmaxLoss(to_onehot_y=True, classes="all")(logits, labels)
+    LovaszSoftmaxLoss(to_onehot_y=True, validate=False)(logits, labels)  # CPU: skipped too
+    Fn.lovasz_softmax(logits.softmax(1), labels)
     present_rows = sum(len(volume.unique()) for volume in labels)
-    assert sorted_rows == [present_rows, len(labels.unique()), 2 * 9]
+    assert sorted_rows == [present_rows, len(labels.unique()), 2 * 9, present_rows, present_rows]
 
 
 @pytest.mark.parametrize("batch", [False, True])

@@ -229,6 +229,9 @@ class _LovaszLoss(_Loss):
     ) -> Tensor:
         """``class_losses`` (a ``functional.lovasz_*class_losses``) of ``source``, averaged over
         classes and reduced over volumes."""
+        present_only = self.classes == "present"
+        # absent rows are found with one host synchronisation: skip them on an accelerator only
+        # where validate synchronises anyway
         losses, counts = class_losses(
             source,
             fg,
@@ -240,9 +243,8 @@ class _LovaszLoss(_Loss):
             distributed=self.distributed,
             process_group=self.process_group,
             validate=False,  # the processes' agreement is checked with the input (forward)
-            skip_absent=self.classes == "present",
+            skip_absent=present_only and (self.validate or source.device.type == "cpu"),
         )
-        present_only = self.classes == "present"
         if self.reduction == LossReduction.NONE.value:
             counted = functional.class_weights(
                 losses, counts, present_only, weight, validate=self.validate
