@@ -31,7 +31,7 @@ from lovasz_monai.tools.experiments import (
     schedule_epochs,
     write_results,
 )
-from lovasz_monai.tools.runs import cli_args
+from lovasz_monai.tools.runs import cli_args, cosine_t_max
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -88,6 +88,46 @@ def _value(args: list[str], key: str) -> str:
         if args[i].startswith(key + "="):
             return args[i].split("=", 1)[1]
     raise KeyError(key)
+
+
+def test_cli_args_keep_the_ratio_of_t_max_to_the_epochs(tmp_path):
+    """A schedule set to stop early (T_max 79 for 63 epochs) stays early at any length; one that
+    ends with the training still does; a non-cosine scheduler gets no T_max."""
+    subcortical = ROOT / "configs" / "subcortical.yaml"
+    assert (
+        _value(cli_args(subcortical, "dicece", 0, 63, "runs/x"), "--lr_scheduler.init_args.T_max")
+        == "79"
+    )
+    assert (
+        _value(cli_args(subcortical, "dicece", 0, 20, "runs/x"), "--lr_scheduler.init_args.T_max")
+        == "25"
+    )
+    assert _value(cli_args(DEMO, "dicece", 0, 7, "runs/x"), "--lr_scheduler.init_args.T_max") == "7"
+    step = tmp_path / "step.yaml"
+    step.write_text(
+        "trainer: {max_epochs: 10}\nlr_scheduler: {class_path: torch.optim.lr_scheduler.StepLR}"
+    )
+    assert "--lr_scheduler.init_args.T_max" not in cli_args(step, "dicece", 0, 5, "runs/x")
+    # a cosine config without T_max or max_epochs: the schedule ends with the run
+    assert cosine_t_max({"lr_scheduler": {"class_path": "CosineAnnealingLR"}}, 9) == 9
+
+
+def test_atlas_configs_end_at_a_tenth_of_the_peak_learning_rate():
+    """The schedule the pipeline ablation chose: after max_epochs the cosine learning rate is
+    ~10% of its peak (0.5 * (1 + cos(pi * 63 / 79)) = 0.098), computed by torch itself."""
+    import yaml
+
+    for task in ("subcortical", "parcellation"):
+        config = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())
+        epochs = config["trainer"]["max_epochs"]
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, **config["lr_scheduler"]["init_args"]
+        )
+        for _ in range(epochs):
+            optimizer.step()
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.098, abs=0.002), task
 
 
 def test_cli_args_per_loss():

@@ -36,9 +36,10 @@ batches. Runs are written to ``--runs-dir`` (default ``runs/compare/<config name
 CSV/TensorBoard logs), the results to ``<output>.md``, ``<output>.json`` and ``<output>.png``.
 
 By default the comparison is scaled down so that 5 losses x 3 seeds run in minutes on a CPU:
-``--max-epochs`` (default :data:`DEFAULT_MAX_EPOCHS`, the cosine schedule's ``T_max`` follows it)
-and :data:`DEFAULT_OVERRIDES`; ``--no-scale-down`` keeps the config's data and trainer settings
-(``--max-epochs`` still applies). The table header records the exact command.
+``--max-epochs`` (default :data:`DEFAULT_MAX_EPOCHS`; the cosine schedule's ``T_max`` keeps its
+ratio to the config's ``max_epochs``) and :data:`DEFAULT_OVERRIDES`; ``--no-scale-down`` keeps
+the config's data and trainer settings (``--max-epochs`` still applies).
+The table header records the exact command.
 
 Metrics, from the same predictions of the final model (whole validation volumes, sliding window,
 the trainer's precision), on voxels with ``mask == 1`` only: per-class IoU from the confusion

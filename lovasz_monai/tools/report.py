@@ -302,7 +302,8 @@ def markdown_table(result: ComparisonResult) -> str:
         "```",
         "",
         f"Settings: {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), "
-        f"{result.max_epochs} epochs per run ({config_epochs}the cosine `T_max` follows), "
+        f"{result.max_epochs} epochs per run ({config_epochs}the cosine `T_max` keeps its ratio "
+        "to them), "
         f"overrides applied after the config: `{' '.join(result.overrides) or 'none'}`.{scaled}"
         f"{warm}",
         "",

@@ -30,7 +30,7 @@ from lovasz_monai.tools.recipes import (
 )
 from lovasz_monai.tools.report import RunResult, _yaml_config
 
-__all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "evaluate", "run_one"]
+__all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "cosine_t_max", "evaluate", "run_one"]
 
 
 class TrainingRecorder(Callback):
@@ -199,7 +199,8 @@ def cli_args(
         config: LightningCLI YAML.
         loss: a key of :data:`LOSSES`.
         seed: ``seed_everything`` value.
-        max_epochs: training epochs; a ``CosineAnnealingLR``'s ``T_max`` in the config follows.
+        max_epochs: training epochs; a ``CosineAnnealingLR``'s ``T_max`` in the config follows
+            (see :func:`cosine_t_max`).
         run_dir: ``trainer.default_root_dir`` of the run.
         overrides: further ``--key value`` arguments (applied after the config).
         warmup_epochs, ramp_epochs: schedule of ``ce_to_lovasz`` (see :func:`schedule_epochs`).
@@ -232,11 +233,9 @@ def cli_args(
     args = ["--config", str(config), *overrides]
     args += ["--seed_everything", str(seed), "--trainer.max_epochs", str(max_epochs)]
     args += ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_model_summary", "false"]
-    scheduler = _yaml_config(config).get("lr_scheduler")
-    if isinstance(scheduler, Mapping) and str(scheduler.get("class_path", "")).endswith(
-        "CosineAnnealingLR"
-    ):
-        args += ["--lr_scheduler.init_args.T_max", str(max_epochs)]
+    t_max = cosine_t_max(_yaml_config(config), max_epochs)
+    if t_max is not None:
+        args += ["--lr_scheduler.init_args.T_max", str(t_max)]
     spec = LOSSES[loss]
     model = spec.model(max_epochs, warmup, ramp)
     if spec.class_weighted:
@@ -250,6 +249,41 @@ def cli_args(
             args.append(f"--model.{key}=null")
         args.append(f"--model.{key}={json.dumps(value)}")
     return args
+
+
+def cosine_t_max(config: Mapping, max_epochs: int) -> int | None:
+    """The ``T_max`` of a config's ``CosineAnnealingLR`` when the run trains ``max_epochs``.
+
+    ``T_max`` keeps its ratio to ``trainer.max_epochs`` in the config: a config whose schedule
+    ends with the training (``T_max == max_epochs``) still does, and one that stops early on
+    purpose (``configs/subcortical.yaml``: 79 for 63 epochs, the learning rate ends at ~10% of
+    its peak) keeps doing so at any length. Without ``trainer.max_epochs`` or ``T_max`` in the
+    config, ``T_max`` is ``max_epochs``.
+
+    Args:
+        config: a parsed LightningCLI YAML.
+        max_epochs: the epochs of the run.
+
+    Returns:
+        The ``T_max`` to pass, or ``None`` when the config's scheduler is not cosine.
+
+    Example:
+        >>> cfg = {"trainer": {"max_epochs": 63}, "lr_scheduler": {
+        ...     "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        ...     "init_args": {"T_max": 79}}}
+        >>> cosine_t_max(cfg, 63), cosine_t_max(cfg, 12), cosine_t_max({}, 12)
+        (79, 15, None)
+    """
+    scheduler = config.get("lr_scheduler")
+    if not isinstance(scheduler, Mapping):
+        return None
+    if not str(scheduler.get("class_path", "")).endswith("CosineAnnealingLR"):
+        return None
+    config_t_max = (scheduler.get("init_args") or {}).get("T_max")
+    config_epochs = (config.get("trainer") or {}).get("max_epochs")
+    if not config_t_max or not config_epochs or config_epochs <= 0:
+        return max_epochs
+    return max(1, round(max_epochs * config_t_max / config_epochs))
 
 
 def _data_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str:
