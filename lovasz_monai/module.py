@@ -34,7 +34,7 @@ from lovasz_monai.deep_supervision import (
     head_weights,
     split_heads,
 )
-from lovasz_monai.losses import LovaszCELoss
+from lovasz_monai.losses import default_loss
 from lovasz_monai.losses.base import accepts_mask
 from lovasz_monai.metrics import CaseMetrics, batch_cases, counted_classes
 
@@ -63,11 +63,6 @@ def modules_from_config() -> Iterator[None]:
     finally:
         _MODULES_FROM_CONFIG.reset(token)
 
-
-#: weight of the cross-entropy in the default multi-class loss, ``LovaszCELoss(to_onehot_y=True,
-#: lambda_ce=0.3)``: on the real-anatomy comparison (README, experiments/brain_tissue) it gave
-#: the best mean IoU of 13 recipes, above Lovász + CE with equal weights and Dice + CE
-DEFAULT_LOSS_LAMBDA_CE = 0.3
 
 #: target value given to masked (ignored) voxels for the torchmetrics IoU
 METRIC_IGNORE = -1
@@ -149,9 +144,9 @@ class LovaszSegmentationModule(pl.LightningModule):
             builds a MONAI ``UNet(spatial_dims=3, in_channels, out_channels,
             channels=unet_channels, strides=unet_strides, num_res_units=unet_num_res_units)``.
         loss: training/validation loss taking ``(logits, label[, mask])``; ``None``:
-            ``LovaszCELoss(to_onehot_y=True, lambda_ce=0.3)`` (multi-class: the best recipe of the
-            real-anatomy comparison in the README) or ``LovaszCELoss(sigmoid=True)``
-            (multi-label and 1-channel binary).
+            :func:`~lovasz_monai.losses.default_loss`, ``LovaszCELoss(to_onehot_y=True,
+            lambda_ce=0.3)`` (multi-class: the best recipe of the real-anatomy comparison in the
+            README) or ``LovaszCELoss(sigmoid=True)`` (multi-label and 1-channel binary).
         in_channels: image channels (modalities).
         class_names: one name per class/region, used in the logged metric names; ``None``:
             ``class_0, class_1, ...``.
@@ -312,11 +307,7 @@ class LovaszSegmentationModule(pl.LightningModule):
                 num_res_units=unet_num_res_units,
             )
         if loss is None:
-            loss = (
-                LovaszCELoss(sigmoid=True)
-                if self.sigmoid_outputs
-                else LovaszCELoss(to_onehot_y=True, lambda_ce=DEFAULT_LOSS_LAMBDA_CE)
-            )
+            loss = default_loss(sigmoid=self.sigmoid_outputs)
         self.network = network
         self.loss = loss
         self.warmup_loss = warmup_loss

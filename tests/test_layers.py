@@ -23,6 +23,7 @@ LAYERS = {
     "precision": 1,
     "data": 2,
     "module": 2,
+    "nnunet": 2,
     "cli": 3,
     "tools": 4,
     "benchmark": 5,
@@ -85,5 +86,18 @@ def test_the_math_knows_nothing_of_monai_or_lightning(path):
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "losses").glob("*.py")), ids=str)
 def test_the_losses_know_nothing_of_lightning(path):
+    used = {name.split(".")[0] for name in imports(path)}
+    assert not used & {"pytorch_lightning", "lightning", "torchmetrics"}
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_nnunet_is_imported_in_the_nnunet_subpackage_only(path):
+    """nnunetv2 is an optional extra: the rest of the package must import without it."""
+    uses = any(name.split(".")[0] == "nnunetv2" for name in imports(path))
+    assert not uses or part(module_name(path)) == "nnunet", module_name(path)
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "nnunet").rglob("*.py")), ids=str)
+def test_the_nnunet_trainers_know_nothing_of_lightning(path):
     used = {name.split(".")[0] for name in imports(path)}
     assert not used & {"pytorch_lightning", "lightning", "torchmetrics"}

@@ -6,16 +6,25 @@
   :class:`LovaszHingeLoss`;
 - :mod:`~lovasz_monai.losses.combined`: :class:`LovaszCELoss` (Lovász + cross-entropy),
   :class:`MaskedDiceCELoss` (MONAI's Dice + cross-entropy with an ignore mask) and
-  :class:`WeightedSumLoss` (a weighted sum of losses, such as Dice + CE + Lovász).
+  :class:`WeightedSumLoss` (a weighted sum of losses, such as Dice + CE + Lovász) and
+  :func:`default_loss` (the recommended recipe).
 """
 
-from lovasz_monai.losses.combined import LovaszCELoss, MaskedDiceCELoss, WeightedSumLoss
+from lovasz_monai.losses.combined import (
+    DEFAULT_LOSS_LAMBDA_CE,
+    LovaszCELoss,
+    MaskedDiceCELoss,
+    WeightedSumLoss,
+    default_loss,
+)
 from lovasz_monai.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 
 __all__ = [
+    "DEFAULT_LOSS_LAMBDA_CE",
     "LovaszCELoss",
     "LovaszHingeLoss",
     "LovaszSoftmaxLoss",
     "MaskedDiceCELoss",
     "WeightedSumLoss",
+    "default_loss",
 ]
