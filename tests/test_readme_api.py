@@ -52,7 +52,22 @@ def test_the_table_is_found():
 
 @pytest.mark.parametrize("name", api_table_names())
 def test_every_name_in_the_table_exists(name):
+    if name.startswith("nnunet."):
+        pytest.importorskip("nnunetv2", reason="the nnunet extra")
     assert resolve(name) is not None
+
+
+def test_every_public_nnunet_name_is_in_the_table():
+    pytest.importorskip("nnunetv2", reason="the nnunet extra")
+    from lovasz_monai import nnunet
+
+    names = set(api_table_names())
+    # the short variants (_5epochs, _tiny) are listed in the README's nnU-Net section
+    public = [
+        n for n in nnunet.__all__ if not n.isupper() and not n.endswith(("_5epochs", "_tiny"))
+    ]
+    missing = [n for n in public if f"nnunet.{n}" not in names]
+    assert not missing, f"public names missing from the README's API table: {missing}"
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,7 @@ def convert_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--name", help="dataset name (default: the source folder's name)")
     parser.add_argument(
         "--raw",
-        default=os.environ.get("nnUNet_raw"),  # noqa: SIM112  (nnU-Net's name)
+        default=os.environ.get("nnUNet_raw"),
         help="nnU-Net's raw folder (default: $nnUNet_raw)",
     )
     args = parser.parse_args(argv)
