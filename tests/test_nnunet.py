@@ -33,7 +33,6 @@ from lovasz_monai.nnunet import (  # noqa: E402
     TRAINERS,
     IgnoreChannelLoss,
     lovasz_loss_for,
-    nnUNetTrainerLovasz,
     nnUNetTrainerLovaszCE,
 )
 from lovasz_monai.nnunet.cli import EXT_TRAINER, ext_trainer_value, trainer_folder  # noqa: E402
@@ -115,23 +114,41 @@ def make_trainer(trainer_class, planned, dataset_id: int):
         return trainer_class(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
 
 
-def nnunet_batch(trainer, batch_size: int = 2, seed: int = 0):
-    """Network-shaped random logits and the targets nnU-Net's own validation transforms make
-    from a label map with an ignore slab: per deep-supervision scale, ``(outputs, targets)``."""
+def nnunet_transforms(trainer, training: bool):
+    """The transforms the trainer's data loaders use (training: with augmentation)."""
+    labels = trainer.label_manager
+    common = {
+        "is_cascaded": False,
+        "foreground_labels": labels.foreground_labels,
+        "regions": labels.foreground_regions if labels.has_regions else None,
+        "ignore_label": labels.ignore_label,
+    }
+    scales = trainer._get_deep_supervision_scales()
+    if not training:
+        return trainer.get_validation_transforms(scales, **common)
+    rotation, dummy_2d, _, mirror_axes = (
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    )
+    return trainer.get_training_transforms(
+        trainer.configuration_manager.patch_size, rotation, scales, mirror_axes, dummy_2d,
+        use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm, **common,
+    )  # fmt: skip
+
+
+def nnunet_batch(trainer, batch_size: int = 2, seed: int = 0, training: bool = False):
+    """Network-shaped random logits and the targets nnU-Net's own transforms make from a label
+    map with an ignore slab: per deep-supervision scale, ``(outputs, targets)``."""
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the augmentation's random draws
     patch = trainer.configuration_manager.patch_size
     labels = trainer.label_manager
-    transforms = trainer.get_validation_transforms(
-        trainer._get_deep_supervision_scales(),
-        foreground_labels=labels.foreground_labels,
-        regions=labels.foreground_regions if labels.has_regions else None,
-        ignore_label=labels.ignore_label,
-    )
+    transforms = nnunet_transforms(trainer, training)
     samples = []
     for _ in range(batch_size):
         seg = torch.randint(0, 3, (1, *patch), generator=generator, dtype=torch.int16)
         seg[..., : patch[-1] // 4] = IGNORE
-        sample = transforms(image=torch.zeros(1, *patch), segmentation=seg)["segmentation"]
+        image = torch.randn(1, *patch, generator=generator)
+        sample = transforms(image=image, segmentation=seg)["segmentation"]
         samples.append(sample if isinstance(sample, list) else [sample])
     targets = [torch.stack(level) for level in zip(*samples, strict=True)]
     heads = labels.num_segmentation_heads
@@ -159,14 +176,13 @@ def call_reference(loss, output, target, regions: bool):
     return loss(output, target.long())
 
 
-MAIN_TRAINERS = [nnUNetTrainerLovaszCE, nnUNetTrainerLovasz]
-
-
+@pytest.mark.parametrize("training", [False, True], ids=["val_transforms", "train_transforms"])
 @pytest.mark.parametrize("dataset_id", [1, 2], ids=["labels", "regions"])
-@pytest.mark.parametrize("trainer_class", MAIN_TRAINERS, ids=lambda c: c.__name__)
-def test_loss_is_ours_inside_nnunets_deep_supervision(planned, trainer_class, dataset_id):
+@pytest.mark.parametrize("trainer_class", TRAINERS, ids=lambda c: c.__name__)
+def test_loss_is_ours_inside_nnunets_deep_supervision(planned, trainer_class, dataset_id, training):
     """The weights are the ones nnUNetTrainer builds; the value is the weighted sum of our loss
-    written by hand; ignored voxels get exactly zero gradient; no input is changed."""
+    written by hand; ignored voxels get exactly zero gradient; no input is changed. On the
+    targets of nnU-Net's validation and (augmented) training transforms."""
     trainer = make_trainer(trainer_class, planned, dataset_id)
     regions = dataset_id == 2
     assert trainer.label_manager.has_regions == regions
@@ -177,7 +193,7 @@ def test_loss_is_ours_inside_nnunets_deep_supervision(planned, trainer_class, da
     assert loss.weight_factors == nnunet_loss.weight_factors
     assert len(loss.weight_factors) >= 3 and loss.weight_factors[-1] == 0
 
-    outputs, targets = nnunet_batch(trainer)
+    outputs, targets = nnunet_batch(trainer, training=training)
     if regions:
         assert targets[0].dtype == torch.bool and targets[0].shape[1] == 3  # ab, b, ignore
     else:
@@ -252,8 +268,11 @@ def test_short_variants_change_only_the_length(planned):
     lengths = {n: (t.num_epochs, t.num_iterations_per_epoch) for n, t in runs.items()}
     assert lengths["nnUNetTrainerLovaszCE"] == (1000, 250)
     assert lengths["nnUNetTrainerLovaszCE_5epochs"] == (5, 250)
+    assert lengths["nnUNetTrainerLovasz_5epochs"] == (5, 250)
     assert lengths["nnUNetTrainerLovasz_tiny"] == (2, 3)
+    assert runs["nnUNetTrainerLovaszCE_tiny"].num_val_iterations_per_epoch == 1
     assert runs["nnUNetTrainerLovasz_tiny"].lambda_ce == 0.0
+    assert runs["nnUNetTrainerLovaszCE_5epochs"].lambda_ce is None  # the default recipe
     # nnU-Net re-creates a trainer from its saved init arguments (checkpoints, prediction)
     assert set(runs["nnUNetTrainerLovaszCE_tiny"].my_init_kwargs) == {
         "plans", "configuration", "fold", "dataset_json", "device"
@@ -265,6 +284,14 @@ def test_ext_trainer_value_puts_ours_first_and_keeps_the_users_folders():
     listed = os.pathsep.join(["/a", "", ours, "/b"])
     assert ext_trainer_value({EXT_TRAINER: listed}).split(os.pathsep) == [ours, "/a", "/b"]
     assert ext_trainer_value({}) == ours
+
+
+def test_the_wrappers_stop_with_the_fix_when_torchvision_does_not_import(monkeypatch):
+    from lovasz_monai.nnunet.cli import check_trainer_lookup
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # an import of it raises ImportError
+    with pytest.raises(SystemExit, match=r"imports torchvision.*ModuleNotFoundError.*--index-url"):
+        check_trainer_lookup()
 
 
 def test_an_old_nnunetv2_is_refused_with_the_version_and_the_fix(monkeypatch):
@@ -412,7 +439,14 @@ def test_converted_dataset_passes_nnunets_own_check_with_the_ignore_label_moved(
             np.asarray(channel.dataobj), np.asarray(image.dataobj)[..., c]
         )
         np.testing.assert_allclose(channel.affine, image.affine)
-    assert len(list((out / "imagesTs").iterdir())) == 2  # one test case, two channels
+    source_label = nib.load(msd / case["label"])
+    np.testing.assert_allclose(written.affine, source_label.affine)
+    assert written.header.get_qform(coded=True)[1] == source_label.header.get_qform(coded=True)[1]
+    assert written.header.get_sform(coded=True)[1] == source_label.header.get_sform(coded=True)[1]
+    test_stem = Path(source["test"][0]).name.removesuffix(".nii.gz")
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [
+        f"{test_stem}_0000.nii.gz", f"{test_stem}_0001.nii.gz"
+    ]  # fmt: skip
     verify_dataset_integrity(str(out), num_processes=1)
 
 
@@ -425,7 +459,7 @@ def test_conversion_refuses_what_nnunet_could_not_read(tmp_path):
         to_nnunet_raw(msd, tmp_path / "raw", 1000)
     to_nnunet_raw(msd, tmp_path / "raw", 3)
     with pytest.raises(FileExistsError, match="Dataset003_msd exists"):
-        to_nnunet_raw(msd, tmp_path / "raw", 3)
+        to_nnunet_raw(msd, tmp_path / "raw", 3, name="Other")  # nnU-Net: one name per id
     info = json.loads((msd / "dataset.json").read_text())
     info["labels"] = {"background": 0, "a": [1, 2], "b": 2, "ignore": 255}
     (msd / "dataset.json").write_text(json.dumps(info))

@@ -28,6 +28,7 @@ from pathlib import Path
 from lovasz_monai import nnunet  # noqa: F401  (checks the nnunetv2 version first)
 
 __all__ = [
+    "check_trainer_lookup",
     "convert_main",
     "ext_trainer_value",
     "folder_main",
@@ -67,7 +68,30 @@ def ext_trainer_value(environ: Mapping[str, str] = os.environ) -> str:
     return os.pathsep.join([ours, *listed])
 
 
+def check_trainer_lookup() -> None:
+    """Check that nnU-Net's trainer lookup can run here.
+
+    Before it looks in ``nnUNet_extTrainer``, nnU-Net imports every module of its own trainer
+    folder; one of them (Primus) imports timm, which imports torchvision. A missing torchvision,
+    or one built for another torch (PyPI's CUDA wheels next to a CPU torch), stops the lookup of
+    any trainer that is not nnU-Net's own.
+
+    Raises:
+        SystemExit: torchvision does not import; the message says why and how to fix it.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # a broken build raises RuntimeError, not ImportError
+        raise SystemExit(
+            "nnU-Net's trainer lookup imports torchvision (through timm), which fails here: "
+            f"{type(err).__name__}: {err}. Install the torchvision build of your torch, from "
+            "the same index as torch (for a CPU torch: pip install torchvision --index-url "
+            "https://download.pytorch.org/whl/cpu)."
+        ) from err
+
+
 def _run(entry_point: Callable[[], object]) -> None:
+    check_trainer_lookup()
     os.environ[EXT_TRAINER] = ext_trainer_value()
     entry_point()
 

@@ -50,7 +50,9 @@ def _write_label(case: dict[str, str], path: Path, ignore_in: int | None, ignore
             raise ValueError(f"{case['mask']}: shape {mask.shape} differs from the label's")
         ignored |= mask == 0
     out = np.where(ignored, ignore_out, values).astype(np.uint8 if ignore_out < 255 else np.uint16)
-    nib.save(nib.Nifti1Image(out, label.affine), path)
+    image = nib.Nifti1Image(out, label.affine, label.header)
+    image.set_data_dtype(out.dtype)
+    nib.save(image, path)
     return bool(ignored.any())
 
 
@@ -93,7 +95,7 @@ def to_nnunet_raw(
         ValueError: ``dataset_id`` outside 1..999, a multi-label (regions) dataset (write
             nnU-Net's ``regions_class_order`` by hand), an image whose channels differ from
             ``dataset.json``, a mask of another shape, or a file that is not NIfTI.
-        FileExistsError: the target folder exists already.
+        FileExistsError: ``nnunet_raw`` holds a dataset with this id already.
         FileNotFoundError: as :meth:`~lovasz_monai.dataset.DatasetDescription.from_json`.
     """
     if not 1 <= int(dataset_id) <= 999:
@@ -106,8 +108,9 @@ def to_nnunet_raw(
         )
     name = name or description.root.name
     target = Path(nnunet_raw) / f"Dataset{int(dataset_id):03d}_{name}"
-    if target.exists():
-        raise FileExistsError(f"{target} exists; remove it or choose another dataset id")
+    taken = sorted(Path(nnunet_raw).glob(f"Dataset{int(dataset_id):03d}_*"))
+    if taken:  # nnU-Net refuses two names for one id
+        raise FileExistsError(f"{taken[0]} exists; remove it or choose another dataset id")
     ignore_out = description.num_classes
     any_ignored = False
     for folder in ("imagesTr", "labelsTr"):

@@ -99,7 +99,9 @@ def lovasz_loss_for(label_manager: LabelManager, lambda_ce: float | None = None)
         resolution: :class:`~lovasz_monai.losses.LovaszCELoss` (or
         :class:`~lovasz_monai.losses.LovaszSoftmaxLoss` when ``lambda_ce`` is 0), softmax over
         labels with the ignore label as ``ignore_index``, or sigmoid per region, wrapped in
-        :class:`IgnoreChannelLoss` when regions have an ignore channel.
+        :class:`IgnoreChannelLoss` when regions have an ignore channel; with
+        ``validate=False``: nnU-Net's transforms make the target, and a NaN or inf output gives
+        a NaN loss, as nnU-Net's Dice+CE does, whose step the GradScaler skips.
 
     Example:
         >>> from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -112,7 +114,12 @@ def lovasz_loss_for(label_manager: LabelManager, lambda_ce: float | None = None)
         ValueError: ``lambda_ce`` is negative.
     """
     regions = label_manager.has_regions
-    settings = {} if regions else {"ignore_index": label_manager.ignore_label}
+    # nnU-Net's transforms fix the target's form, so the value checks (one host synchronisation
+    # each on a GPU) add nothing; and with fp16 autocast a non-finite output must reach the
+    # GradScaler, which skips that step, instead of stopping the run with an error
+    settings = {"validate": False}
+    if not regions:
+        settings["ignore_index"] = label_manager.ignore_label
     if lambda_ce is None:
         loss = default_loss(sigmoid=regions, **settings)
     elif lambda_ce < 0:
