@@ -54,30 +54,7 @@ def require_nnunetv2() -> str:
 
 require_nnunetv2()
 
-from lovasz_monai.nnunet.trainers import (  # noqa: E402  (after the version check)
-    TRAINERS,
-    IgnoreChannelLoss,
-    describe_loss,
-    lovasz_loss_for,
-    nnUNetTrainerLovasz,
-    nnUNetTrainerLovasz_5epochs,
-    nnUNetTrainerLovasz_tiny,
-    nnUNetTrainerLovaszCE,
-    nnUNetTrainerLovaszCE_5epochs,
-    nnUNetTrainerLovaszCE_tiny,
-)
+from lovasz_monai.nnunet import trainers  # noqa: E402  (after the version check)
+from lovasz_monai.nnunet.trainers import *  # noqa: E402, F403
 
-__all__ = [
-    "MIN_NNUNETV2",
-    "TRAINERS",
-    "IgnoreChannelLoss",
-    "describe_loss",
-    "lovasz_loss_for",
-    "nnUNetTrainerLovasz",
-    "nnUNetTrainerLovaszCE",
-    "nnUNetTrainerLovaszCE_5epochs",
-    "nnUNetTrainerLovaszCE_tiny",
-    "nnUNetTrainerLovasz_5epochs",
-    "nnUNetTrainerLovasz_tiny",
-    "require_nnunetv2",
-]
+__all__ = ["MIN_NNUNETV2", "require_nnunetv2", *trainers.__all__]

@@ -187,36 +187,38 @@ class nnUNetTrainerLovasz(nnUNetTrainerLovaszCE):
     lambda_ce = 0.0
 
 
-class _FiveEpochs:
+class _ShortRun:
+    """A shorter run than nnU-Net's 1000 epochs of 250 iterations (set by the subclasses)."""
+
+    run_epochs: int = 1000
+    run_iterations: int = 250
+    run_val_iterations: int = 50
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008  (nnU-Net's signature)
+    ) -> None:
+        # nnU-Net saves these arguments (read from this signature) to re-create the trainer
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.run_epochs
+        self.num_iterations_per_epoch = self.run_iterations
+        self.num_val_iterations_per_epoch = self.run_val_iterations
+
+
+class _FiveEpochs(_ShortRun):
     """Five epochs of nnU-Net's usual length: a quick look at a dataset or a plan."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008  (nnU-Net's signature)
-    ) -> None:
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
+    run_epochs = 5
 
 
-class _Tiny:
+class _Tiny(_ShortRun):
     """Two epochs of 3 training iterations and 1 validation iteration: tests and smoke runs."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008  (nnU-Net's signature)
-    ) -> None:
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 1
+    run_epochs, run_iterations, run_val_iterations = 2, 3, 1
 
 
 class nnUNetTrainerLovaszCE_5epochs(_FiveEpochs, nnUNetTrainerLovaszCE):
