@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
 
     Example:
         >>> import pathlib, tempfile
+        >>> from lovasz_monai.tools.report import ComparisonResult, RunResult, write_results
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
         ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
         >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
