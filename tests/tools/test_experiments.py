@@ -30,7 +30,7 @@ from lovasz_monai.tools.report import (
 )
 from lovasz_monai.tools.runs import cli_args, cosine_t_max, evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
