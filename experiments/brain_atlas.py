@@ -444,7 +444,7 @@ def pipeline_table(results: dict, names: list[str], smallest: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: the loss comparison of both tasks (keys of lovasz_monai.experiments LOSSES), in run order
+#: the loss comparison of both tasks (keys of lovasz_monai.tools.recipes.LOSSES), in run order
 COMPARISON = [
     "dicece",
     "lovasz_ce_lowce",

@@ -58,7 +58,7 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-from lovasz_monai.experiments import aggregate, format_mean_std
+from lovasz_monai.tools.report import aggregate, format_mean_std
 
 CLASSES = ("background", "CSF", "grey matter", "white matter")
 IGNORE = 255
@@ -224,7 +224,7 @@ def build(output: str | Path, num_train: int = 24, num_test: int = 8, seed: int 
     return root
 
 
-#: the comparison: group name -> losses (keys of lovasz_monai.experiments.LOSSES)
+#: the comparison: group name -> losses (keys of lovasz_monai.tools.recipes.LOSSES)
 GROUPS = {
     "main": ["dicece", "lovasz_ce", "lovasz", "ce", "ce_to_lovasz"],
     "lovasz_ce_batch": ["lovasz_ce_batch"],

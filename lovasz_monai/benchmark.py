@@ -1,13 +1,32 @@
-"""``python -m lovasz_monai.benchmark``: runs :mod:`lovasz_monai.tools.benchmark`.
+"""``python -m lovasz_monai.benchmark``: the benchmark of :mod:`lovasz_monai.tools.benchmark`.
 
-The benchmark lives in :mod:`lovasz_monai.tools.benchmark`; this module keeps the command and the
-old import path working.
+Names once importable from here still resolve, with a ``DeprecationWarning`` that names their
+home.
 """
 
-import sys
+from __future__ import annotations
 
-from lovasz_monai.tools.benchmark import *  # noqa: F403
-from lovasz_monai.tools.benchmark import __all__, main  # noqa: F401
+import importlib
+import sys
+import warnings
+
+_MEASURE = ("peak_memory_bytes", "time_fwd_bwd")
+
+
+def __getattr__(name: str) -> object:
+    home = "lovasz_monai.tools." + ("measure" if name in _MEASURE else "benchmark")
+    module = importlib.import_module(home)
+    if name.startswith("_") or not hasattr(module, name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"lovasz_monai.benchmark.{name} is deprecated: import it from {home}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(module, name)
+
 
 if __name__ == "__main__":
+    from lovasz_monai.tools.benchmark import main
+
     sys.exit(main())

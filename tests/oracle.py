@@ -7,8 +7,8 @@ Two kinds of oracle live here:
   the maximum over all orderings (the Jaccard loss is submodular, so both agree);
 * the float64 reference of the losses in the style of Algorithm 1 of the paper, re-exported from
   :mod:`lovasz_monai.tools.reference` (the benchmark's baseline too: one implementation). It
-  imports nothing from the library; ``tests/test_functional.py`` checks it against the exact
-  oracles, which keeps the chain of evidence independent of the code under test.
+  imports nothing from the library; ``tests/functional/test_functional.py`` checks it against
+  the exact oracles, which keeps the chain of evidence independent of the code under test.
 """
 
 from __future__ import annotations

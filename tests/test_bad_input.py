@@ -2,7 +2,7 @@
 a NaN passed off as 0, or an error that names nothing useful (issue 16, items 1-9 and 15).
 
 Each test here failed on the code before that issue; the distributed cases (2 gloo processes)
-are in ``tests/test_distributed_loss.py``.
+are in ``tests/losses/test_distributed_loss.py``.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from lovasz_monai.precision import cpu_description
-from lovasz_monai.tools.measure import _step, _synchronize, peak_memory_bytes, time_fwd_bwd
+from lovasz_monai.tools.measure import loss_step, peak_memory_bytes, synchronize, time_fwd_bwd
 from lovasz_monai.tools.reference import ref_lovasz_softmax
 
 __all__ = [
@@ -87,10 +87,8 @@ __all__ = [
     "make_inputs",
     "markdown_header",
     "parse_sizes",
-    "peak_memory_bytes",
     "reference_lovasz_softmax",
     "run_case",
-    "time_fwd_bwd",
 ]
 
 CPU_GRID = "2x4x64x64x64,2x14x96x96x96,1x2x128x128x128"
@@ -475,7 +473,7 @@ def run_case(
                     )
                 diff = abs(value - references[spec.check])
         for _ in range(settings.warmup):
-            _step(loss_fn, logits, labels)
+            loss_step(loss_fn, logits, labels)
         logits.grad = None
         results.append(Result(name, spec.label, [], None, value, diff))
         loss_fns.append(loss_fn)
@@ -488,7 +486,7 @@ def run_case(
         log(f"  {case.name}: peak memory")
         for result, loss_fn in zip(results, loss_fns, strict=True):
             result.peak_bytes = peak_memory_bytes(
-                lambda fn=loss_fn: _step(fn, logits, labels), device
+                lambda fn=loss_fn: loss_step(fn, logits, labels), device
             )
             logits.grad = None
     return results
@@ -764,7 +762,7 @@ def _profile(case: Case, settings: Settings, device: torch.device) -> str:
 
     logits, labels = make_inputs(case, device, settings.seed, settings.present)
     loss_fn = METHODS["sort"].make(settings)
-    _step(loss_fn, logits, labels)
+    loss_step(loss_fn, logits, labels)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -774,7 +772,7 @@ def _profile(case: Case, settings: Settings, device: torch.device) -> str:
             loss = loss_fn(logits, labels)
         with record_function("backward (total)"):
             loss.backward()
-        _synchronize(device)
+        synchronize(device)
     averages = prof.key_averages()
     time_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     memory_key = "self_cuda_memory_usage" if device.type == "cuda" else "self_cpu_memory_usage"

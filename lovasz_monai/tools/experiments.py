@@ -80,45 +80,17 @@ from lovasz_monai.tools.recipes import (
 )
 from lovasz_monai.tools.report import (
     ComparisonResult,
-    RunResult,
-    _scaled_down,
-    _yaml_config,
-    aggregate,
-    format_mean_std,
-    markdown_table,
-    plot_comparison,
     report,
+    scaled_down_run,
     write_results,
+    yaml_config,
 )
 from lovasz_monai.tools.runs import (
-    TrainingRecorder,
     benchmark_steps,
-    evaluate,
     run_one,
 )
 
-__all__ = [
-    "DEFAULT_LOSSES",
-    "DEFAULT_MAX_EPOCHS",
-    "DEFAULT_OVERRIDES",
-    "LOSSES",
-    "ComparisonResult",
-    "RunResult",
-    "TrainingRecorder",
-    "aggregate",
-    "benchmark_steps",
-    "compare",
-    "evaluate",
-    "format_mean_std",
-    "main",
-    "markdown_table",
-    "plot_comparison",
-    "report",
-    "run_one",
-    "run_order",
-    "schedule_epochs",
-    "write_results",
-]
+__all__ = ["compare", "main", "run_order"]
 
 
 def _print_flush(message: str) -> None:
@@ -209,7 +181,7 @@ def compare(
     config = str(config)
     runs_root = Path(runs_dir) if runs_dir is not None else Path("runs/compare") / Path(config).stem
     warmup, ramp = schedule_epochs(max_epochs, warmup_epochs, ramp_epochs)
-    trainer_config = _yaml_config(config).get("trainer") or {}
+    trainer_config = yaml_config(config).get("trainer") or {}
     config_epochs = trainer_config.get("max_epochs") if isinstance(trainer_config, dict) else None
     if command is None:
         command = "python -m lovasz_monai.experiments " + shlex.join(sys.argv[1:])
@@ -245,7 +217,7 @@ def compare(
                 ramp_epochs=ramp,
                 torch_threads=torch.get_num_threads(),
                 config_max_epochs=config_epochs,
-                scaled_down=_scaled_down(max_epochs, config_epochs, overrides),
+                scaled_down=scaled_down_run(max_epochs, config_epochs, overrides),
                 processes=int(processes),
             )
         result.runs.append(run)
@@ -354,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
 
     Example:
         >>> import pathlib, tempfile
+        >>> from lovasz_monai.tools.report import ComparisonResult, RunResult, write_results
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
         ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
         >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],

@@ -12,17 +12,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["peak_memory_bytes", "time_fwd_bwd"]
+__all__ = ["loss_step", "peak_memory_bytes", "synchronize", "time_fwd_bwd"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); a no-op elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _step(loss_fn: LossFn, logits: Tensor, labels: Tensor) -> None:
+def loss_step(loss_fn: LossFn, logits: Tensor, labels: Tensor) -> None:
+    """One timed unit of work: ``loss_fn(logits, labels).backward()`` from a cleared gradient."""
     logits.grad = None
     loss_fn(logits, labels).backward()
 
@@ -58,13 +60,13 @@ def time_fwd_bwd(
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = logits.device
     for _ in range(warmup):
-        _step(loss_fn, logits, labels)
+        loss_step(loss_fn, logits, labels)
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
-        _step(loss_fn, logits, labels)
-        _synchronize(device)
+        loss_step(loss_fn, logits, labels)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     logits.grad = None
     return times

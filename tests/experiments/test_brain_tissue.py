@@ -12,7 +12,7 @@ import pytest
 
 from lovasz_monai.data import SegmentationDataModule
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "brain_tissue.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "brain_tissue.py"
 
 
 @pytest.fixture(scope="module")

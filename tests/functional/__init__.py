@@ -1,0 +1,1 @@
+"""Tests of `lovasz_monai.functional`."""
