@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["CASE_KEYS", "DatasetDescription", "lateralised_labels", "split_cases"]
+__all__ = ["CASE_KEYS", "DatasetDescription", "lateralised_labels", "nifti_stem", "split_cases"]
 
 CASE_KEYS = ("image", "label", "mask")
 """The keys of a case dict (``"label"`` and ``"mask"`` optional)."""
@@ -354,6 +354,20 @@ def split_cases(
 
 
 _SIDE = re.compile(r"(?:^|[^a-z])(left|right|lh|rh|l|r)(?:$|[^a-z])", re.IGNORECASE)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without its NIfTI suffix (``.nii.gz`` or ``.nii``; other names unchanged).
+
+    Example:
+        >>> nifti_stem("a/ct_1.nii.gz"), nifti_stem("b.nii"), nifti_stem("c.png")
+        ('ct_1', 'b', 'c.png')
+    """
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def lateralised_labels(label_names: Sequence[str]) -> list[str]:

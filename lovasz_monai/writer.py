@@ -15,6 +15,8 @@ from monai.data import MetaTensor, decollate_batch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
+from lovasz_monai.dataset import nifti_stem
+
 __all__ = ["NiftiPredictionWriter", "save_prediction"]
 
 
@@ -61,11 +63,7 @@ def save_prediction(
         source = str(pred.meta.get("filename_or_obj") or "prediction")
     else:
         affine, source = np.eye(4), "prediction"
-    name = Path(source).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
+    name = nifti_stem(source)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"{name}{postfix}.nii.gz"

@@ -10,17 +10,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lovasz_monai.dataset import DatasetDescription
+from lovasz_monai.dataset import DatasetDescription, nifti_stem
 
 __all__ = ["to_nnunet_raw"]
 
 
 def _case_name(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    raise ValueError(f"expected a NIfTI file (.nii or .nii.gz), got {path}")
+    name = nifti_stem(path)
+    if name == Path(path).name:
+        raise ValueError(f"expected a NIfTI file (.nii or .nii.gz), got {path}")
+    return name
 
 
 def _write_channels(image_path: str, folder: Path, case: str, channels: int) -> None:
