@@ -2,6 +2,6 @@
 
 from lovasz_monai.losses import LovaszCELoss, LovaszHingeLoss, LovaszSoftmaxLoss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["LovaszCELoss", "LovaszHingeLoss", "LovaszSoftmaxLoss", "__version__"]

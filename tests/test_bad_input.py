@@ -74,7 +74,9 @@ def test_inverse_frequency_weights_name_the_absent_class():
 @pytest.mark.parametrize("name", ["softmax", "hinge", "lovasz_ce"])
 def test_weights_replaced_after_construction_are_checked_in_forward(name):
     loss = ALL_LOSSES[name](weight=[1.0, 1.0, 1.0])
-    loss.class_weight = torch.tensor([0.0, 0.0, math.nan])  # e.g. a state_dict with NaN
+    state = loss.state_dict()  # a state_dict with NaN weights
+    (key,) = [k for k in state if k.endswith("class_weight")]
+    loss.load_state_dict({**state, key: torch.tensor([0.0, 0.0, math.nan])})
     logits, labels = _case(1)
     with pytest.raises(ValueError, match="weight must hold finite values"):
         loss(logits, labels)

@@ -9,20 +9,22 @@ errors is exactly ``w`` and backward keeps a single tensor.
 
 Modules, from the inside out:
 
-- :mod:`~lovasz_monai.functional.arguments`: defaults and the one check of the shared settings;
+- :mod:`~lovasz_monai.functional.arguments`: defaults and :class:`LovaszSettings`, the one check
+  of the shared settings;
 - :mod:`~lovasz_monai.functional.targets`: label maps, one-hot targets, ignore labels and masks
   to foreground and validity;
 - :mod:`~lovasz_monai.functional.rows`: Algorithm 1 and the weights of class rows by sorting or
   from a histogram (all-reduced across processes with ``distributed=True``);
 - :mod:`~lovasz_monai.functional.extension`: the extension of ``(N, P)`` rows of errors;
 - :mod:`~lovasz_monai.functional.class_losses`: per (volume, class) losses of ``(B, C, *S)``
-  tensors and the class means;
+  tensors, the class selection and the class means;
 - :mod:`~lovasz_monai.functional.lovasz`: ``lovasz_softmax`` and ``lovasz_hinge``.
 """
 
 from lovasz_monai.functional.arguments import (
     DEFAULT_BINS,
     DEFAULT_CHUNK_ELEMENTS,
+    LovaszSettings,
     Method,
     check_class_weight,
     check_lovasz_arguments,
@@ -30,11 +32,13 @@ from lovasz_monai.functional.arguments import (
     distributed_world_size,
 )
 from lovasz_monai.functional.class_losses import (
+    ClassSelection,
     average_class_losses,
     class_weights,
     lovasz_class_losses,
     lovasz_hinge_class_losses,
     lovasz_probability_class_losses,
+    select_classes,
 )
 from lovasz_monai.functional.extension import lovasz_extension, lovasz_weights
 from lovasz_monai.functional.lovasz import lovasz_hinge, lovasz_softmax
@@ -44,6 +48,8 @@ from lovasz_monai.functional.targets import decode_target, label_equals
 __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_CHUNK_ELEMENTS",
+    "ClassSelection",
+    "LovaszSettings",
     "Method",
     "average_class_losses",
     "check_class_weight",
@@ -61,4 +67,5 @@ __all__ = [
     "lovasz_probability_class_losses",
     "lovasz_softmax",
     "lovasz_weights",
+    "select_classes",
 ]

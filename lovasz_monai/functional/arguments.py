@@ -1,8 +1,10 @@
-"""Settings shared by the functions and the loss classes: defaults and their one check."""
+"""Settings shared by the functions and the loss classes: defaults, the frozen
+:class:`LovaszSettings` and their one check."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Literal, TypeVar
 
 import torch
@@ -12,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_CHUNK_ELEMENTS",
+    "LovaszSettings",
     "Method",
     "check_class_weight",
     "check_lovasz_arguments",
@@ -30,6 +33,74 @@ Method = Literal["sort", "histogram"]
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class LovaszSettings:
+    """How the Lovász losses compute their class rows, checked once and then passed as one value.
+
+    The loss classes hold one (``loss.settings``); the functions build one from their keywords.
+
+    Attributes:
+        batch: ``False``: one row per volume and class; ``True``: the batch is one set of voxels.
+        method: ``"sort"`` (exact) or ``"histogram"`` (sort-free, error below
+            ``max error / bins``).
+        bins: positive number of histogram bins.
+        chunk_elements: positive element budget of one batched sort (whole rows at a time).
+        distributed: rows span the processes of ``process_group`` (needs ``batch=True`` and
+            ``method="histogram"``).
+        process_group: the ``torch.distributed`` group of ``distributed`` (``None``: default).
+
+    Example:
+        >>> settings = LovaszSettings(batch=True, method="histogram", bins=256)
+        >>> settings.bins, settings.world_size
+        (256, 1)
+
+    Raises:
+        ValueError: naming the first setting that is not valid.
+    """
+
+    batch: bool = False
+    method: Method = "sort"
+    bins: int = DEFAULT_BINS
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    distributed: bool = False
+    process_group: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("sort", "histogram"):
+            raise ValueError(f"method must be 'sort' or 'histogram', got {self.method!r}")
+        if int(self.bins) < 1:
+            raise ValueError(f"bins must be a positive integer, got {self.bins}")
+        if int(self.chunk_elements) < 1:
+            raise ValueError(
+                f"chunk_elements must be a positive integer, got {self.chunk_elements}"
+            )
+        if self.distributed and not self.batch:
+            raise ValueError(
+                "distributed=True is the loss of the whole distributed batch and needs "
+                "batch=True; per-volume losses (batch=False) need no communication: DDP averages "
+                "them already"
+            )
+        if self.distributed and self.method != "histogram":
+            raise ValueError(
+                f"distributed=True needs method='histogram', got method={self.method!r}: the "
+                "exact sort would need every process's errors (an all-gather of B x C x voxels "
+                "values per step), while the histogram method all-reduces its per-(class, bin) "
+                "counts and stays within max(error) / bins of the exact loss"
+            )
+        for name, kind in (("batch", bool), ("bins", int), ("chunk_elements", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "distributed", bool(self.distributed))
+
+    @property
+    def world_size(self) -> int:
+        """Processes the rows span (see :func:`distributed_world_size`)."""
+        return distributed_world_size(self.distributed, self.process_group)
+
+    def keywords(self) -> dict[str, object]:
+        """The settings as keyword arguments of the ``lovasz_*class_losses`` functions."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def check_lovasz_arguments(
     *,
     classes: str | Sequence[int] = "present",
@@ -39,16 +110,13 @@ def check_lovasz_arguments(
     batch: bool = False,
     distributed: bool = False,
 ) -> str | list[int]:
-    """Check the settings that the functions and the loss classes share, in one place.
+    """Check ``classes`` and the :class:`LovaszSettings` that the functions and the loss classes
+    share, in one place.
 
     Args:
         classes: ``"present"``, ``"all"``, or a non-empty list of channel indices ``>= 0`` (their
             upper bound is checked against the input).
-        method: ``"sort"`` or ``"histogram"``.
-        bins: positive number of histogram bins.
-        chunk_elements: positive element budget of one batched sort.
-        batch, distributed: ``distributed=True`` needs ``batch=True`` and
-            ``method="histogram"``.
+        method, bins, chunk_elements, batch, distributed: see :class:`LovaszSettings`.
 
     Returns:
         ``classes`` as given (a string) or as a list of ``int``.
@@ -67,24 +135,7 @@ def check_lovasz_arguments(
         classes = [int(c) for c in classes]
         if not classes or min(classes) < 0:
             raise ValueError(f"classes must be a non-empty list of class indices, got {classes}")
-    if method not in ("sort", "histogram"):
-        raise ValueError(f"method must be 'sort' or 'histogram', got {method!r}")
-    if int(bins) < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins}")
-    if int(chunk_elements) < 1:
-        raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements}")
-    if distributed and not batch:
-        raise ValueError(
-            "distributed=True is the loss of the whole distributed batch and needs batch=True; "
-            "per-volume losses (batch=False) need no communication: DDP averages them already"
-        )
-    if distributed and method != "histogram":
-        raise ValueError(
-            f"distributed=True needs method='histogram', got method={method!r}: the exact sort "
-            "would need every process's errors (an all-gather of B x C x voxels values per "
-            "step), while the histogram method all-reduces its per-(class, bin) counts and stays "
-            "within max(error) / bins of the exact loss"
-        )
+    LovaszSettings(batch, method, bins, chunk_elements, distributed)  # type: ignore[arg-type]
     return classes
 
 

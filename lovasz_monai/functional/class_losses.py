@@ -7,7 +7,8 @@ the rows of ``batch=True`` span the processes of a ``torch.distributed`` group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,6 +16,7 @@ from torch import Tensor
 from lovasz_monai.functional.arguments import (
     DEFAULT_BINS,
     DEFAULT_CHUNK_ELEMENTS,
+    LovaszSettings,
     Method,
     _check_nonempty,
     check_class_weight,
@@ -22,15 +24,17 @@ from lovasz_monai.functional.arguments import (
     collective_check,
     distributed_world_size,
 )
-from lovasz_monai.functional.extension import _KnownGradient
-from lovasz_monai.functional.rows import _lovasz_class_rows, _sort_key
+from lovasz_monai.functional.extension import known_gradient
+from lovasz_monai.functional.rows import _sort_key, lovasz_class_rows
 
 __all__ = [
+    "ClassSelection",
     "average_class_losses",
     "class_weights",
     "lovasz_class_losses",
     "lovasz_hinge_class_losses",
     "lovasz_probability_class_losses",
+    "select_classes",
 ]
 
 
@@ -59,34 +63,25 @@ def _check_class_inputs(source: Tensor, labels: Tensor, valid: Tensor | None) ->
 
 
 def _checked_class_inputs(
-    source: Tensor,
-    labels: Tensor,
-    valid: Tensor | None,
-    *,
-    batch: bool,
-    method: Method,
-    bins: int,
-    chunk_elements: int,
-    distributed: bool,
-    process_group: object | None,
-    validate: bool,
-) -> Tensor | None:
-    """The settings and shapes checked and ``valid`` as bool; distributed with ``validate``, as a
-    :func:`collective_check` (bad input on one process raises on every process, as do processes
-    that disagree on the channels, bins or dtype that the loss all-reduces)."""
+    source: Tensor, labels: Tensor, valid: Tensor | None, validate: bool, **keywords: object
+) -> tuple[Tensor, Tensor | None, LovaszSettings]:
+    """``(fg, valid, settings)``: the foreground of ``labels`` restricted to ``valid``, ``valid``
+    as bool and the :class:`LovaszSettings` of ``keywords``, all checked; distributed with
+    ``validate``, as a :func:`collective_check` (bad input on one process raises on every
+    process, as do processes that disagree on the channels, bins or dtype that the loss
+    all-reduces)."""
 
-    def checks() -> Tensor | None:
-        check_lovasz_arguments(
-            method=method,
-            bins=bins,
-            chunk_elements=chunk_elements,
-            batch=batch,
-            distributed=distributed,
-        )
-        return _check_class_inputs(source, labels, valid)
+    def checks() -> tuple[Tensor, Tensor | None, LovaszSettings]:
+        settings = LovaszSettings(**keywords)  # type: ignore[arg-type]
+        checked_valid = _check_class_inputs(source, labels, valid)
+        with torch.no_grad():
+            fg = labels.bool() if checked_valid is None else labels.bool() & checked_valid
+        return fg, checked_valid, settings
 
-    if validate and distributed_world_size(distributed, process_group) > 1:
-        return collective_check(source, bins, checks, process_group=process_group)
+    group = keywords.get("process_group")
+    if validate and distributed_world_size(bool(keywords.get("distributed")), group) > 1:
+        bins = int(keywords.get("bins", DEFAULT_BINS))  # type: ignore[call-overload]
+        return collective_check(source, bins, checks, process_group=group)
     return checks()
 
 
@@ -116,14 +111,9 @@ def _class_losses(
     fg: Tensor,
     valid: Tensor | None,
     key_of: KeyOf,
-    batch: bool,
-    method: Method,
-    bins: int,
-    chunk_elements: int,
+    settings: LovaszSettings,
     *,
     wrt_source: bool,
-    distributed: bool,
-    process_group: object | None,
     skip_absent: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per (volume, class) losses, differentiable in ``source``, and foreground counts, of
@@ -133,32 +123,26 @@ def _class_losses(
     of the processes' batches, and the gradient is ``world_size`` times the derivative of those
     losses with respect to this process's ``source``. ``skip_absent`` (not distributed, not
     under ``torch.compile``): see :func:`_present_class_losses`."""
-    world_size = distributed_world_size(distributed, process_group)
+    world_size, batch = settings.world_size, settings.batch
     if skip_absent and world_size == 1 and not torch.compiler.is_compiling():
-        return _present_class_losses(
-            source, fg, valid, key_of, batch, method, bins, chunk_elements, wrt_source
-        )
+        return _present_class_losses(source, fg, valid, key_of, settings, wrt_source)
     num_batch, num_classes = source.shape[:2]
     with torch.no_grad():
         detached = source.detach()
         key = key_of(detached, fg, valid)
-        weights, losses, counts = _lovasz_class_rows(
+        weights, losses, counts = lovasz_class_rows(
             _as_class_rows(key, batch=batch),
             _as_class_rows(fg, batch=batch),
-            method,
-            bins,
-            chunk_elements,
+            settings,
             wrt_source=wrt_source,
             overwrite_key=key is not detached,  # the source itself is never overwritten
-            world_size=world_size,
-            process_group=process_group,
         )
         weights = weights.transpose(0, 1) if batch else weights
         weights = weights.reshape(source.shape)
         if world_size > 1:  # DDP's mean of the processes' gradients is then the global one
             weights.mul_(world_size)
     shape = (1 if batch else num_batch, num_classes)
-    return _KnownGradient.apply(source, losses.view(shape), weights), counts.view(shape)
+    return known_gradient(source, losses.view(shape), weights), counts.view(shape)
 
 
 def _present_class_losses(
@@ -166,10 +150,7 @@ def _present_class_losses(
     fg: Tensor,
     valid: Tensor | None,
     key_of: KeyOf,
-    batch: bool,
-    method: Method,
-    bins: int,
-    chunk_elements: int,
+    settings: LovaszSettings,
     wrt_source: bool,
 ) -> tuple[Tensor, Tensor]:
     """:func:`_class_losses` of the rows with foreground only: their source values are copied
@@ -177,6 +158,7 @@ def _present_class_losses(
     of classes most are absent from a volume, and this skips their keys and sorts (at the price
     of one host synchronisation to find the present rows)."""
     num_batch, num_classes = source.shape[:2]
+    batch = settings.batch
     shape = (1 if batch else num_batch, num_classes)
     with torch.no_grad():
         values = source.detach().flatten(2)  # (B, C, P)
@@ -196,13 +178,10 @@ def _present_class_losses(
                 valid,
                 rows,
                 key_of,
-                batch,
-                method,
-                bins,
-                chunk_elements,
+                settings,
                 wrt_source,
             )
-    return _KnownGradient.apply(source, losses, weights.view(source.shape)), counts
+    return known_gradient(source, losses, weights.view(source.shape)), counts
 
 
 def _present_rows_into(
@@ -212,10 +191,7 @@ def _present_rows_into(
     valid: Tensor | None,
     rows: Tensor,
     key_of: KeyOf,
-    batch: bool,
-    method: Method,
-    bins: int,
-    chunk_elements: int,
+    settings: LovaszSettings,
     wrt_source: bool,
 ) -> None:
     """The weights, losses and counts of the present ``rows`` (flat indices into ``losses``)
@@ -223,6 +199,7 @@ def _present_rows_into(
     ``(B, C, P)``, losses and counts as :func:`_class_losses` returns them)."""
     weights, losses, counts = outputs
     num_classes, num_voxels = values.shape[1:]
+    batch = settings.batch
     if batch:  # (B, n, P) copies, keyed, and seen as (n, B, P) rows
         row_fg = fg.index_select(1, rows)
         row_valid = None if valid is None else valid.flatten(2)
@@ -235,14 +212,8 @@ def _present_rows_into(
             row_valid = valid.flatten(2)[:, 0].index_select(0, rows // num_classes)
         key = key_of(values.reshape(-1, num_voxels).index_select(0, rows), row_fg, row_valid)
         key_rows, fg_rows = key.unsqueeze(1), row_fg.unsqueeze(1)
-    row_weights, row_losses, row_counts = _lovasz_class_rows(
-        key_rows,
-        fg_rows,
-        method,
-        bins,
-        chunk_elements,
-        wrt_source=wrt_source,
-        overwrite_key=True,
+    row_weights, row_losses, row_counts = lovasz_class_rows(
+        key_rows, fg_rows, settings, wrt_source=wrt_source, overwrite_key=True
     )
     if batch:
         weights.index_copy_(1, rows, row_weights.transpose(0, 1))
@@ -310,33 +281,20 @@ def lovasz_class_losses(
             ``batch=True`` and ``method="histogram"``, or (``validate``) distributed processes
             that disagree on classes, bins or dtype.
     """
-    valid = _checked_class_inputs(
+    fg, valid, settings = _checked_class_inputs(
         errors,
         labels,
         valid,
+        validate,
         batch=batch,
         method=method,
         bins=bins,
         chunk_elements=chunk_elements,
         distributed=distributed,
         process_group=process_group,
-        validate=validate,
     )
-    with torch.no_grad():
-        fg = labels.bool() if valid is None else labels.bool() & valid
     return _class_losses(
-        errors,
-        fg,
-        valid,
-        _error_key,
-        batch,
-        method,
-        bins,
-        chunk_elements,
-        wrt_source=False,
-        distributed=distributed,
-        process_group=process_group,
-        skip_absent=skip_absent,
+        errors, fg, valid, _error_key, settings, wrt_source=False, skip_absent=skip_absent
     )
 
 
@@ -377,33 +335,20 @@ def lovasz_probability_class_losses(
     Raises:
         ValueError: as :func:`lovasz_class_losses`.
     """
-    valid = _checked_class_inputs(
+    fg, valid, settings = _checked_class_inputs(
         probs,
         labels,
         valid,
+        validate,
         batch=batch,
         method=method,
         bins=bins,
         chunk_elements=chunk_elements,
         distributed=distributed,
         process_group=process_group,
-        validate=validate,
     )
-    with torch.no_grad():
-        fg = labels.bool() if valid is None else labels.bool() & valid
     return _class_losses(
-        probs,
-        fg,
-        valid,
-        _probability_key,
-        batch,
-        method,
-        bins,
-        chunk_elements,
-        wrt_source=True,
-        distributed=distributed,
-        process_group=process_group,
-        skip_absent=skip_absent,
+        probs, fg, valid, _probability_key, settings, wrt_source=True, skip_absent=skip_absent
     )
 
 
@@ -440,34 +385,94 @@ def lovasz_hinge_class_losses(
     Raises:
         ValueError: as :func:`lovasz_class_losses`.
     """
-    valid = _checked_class_inputs(
+    fg, valid, settings = _checked_class_inputs(
         logits,
         labels,
         valid,
+        validate,
         batch=batch,
         method=method,
         bins=bins,
         chunk_elements=chunk_elements,
         distributed=distributed,
         process_group=process_group,
-        validate=validate,
     )
-    with torch.no_grad():
-        fg = labels.bool() if valid is None else labels.bool() & valid
     return _class_losses(
-        logits,
-        fg,
-        valid,
-        _hinge_key,
-        batch,
-        method,
-        bins,
-        chunk_elements,
-        wrt_source=True,
-        distributed=distributed,
-        process_group=process_group,
-        skip_absent=skip_absent,
+        logits, fg, valid, _hinge_key, settings, wrt_source=True, skip_absent=skip_absent
     )
+
+
+class ClassSelection(NamedTuple):
+    """The classes that enter a class mean: see :func:`select_classes`."""
+
+    channels: list[int]
+    """Input channels that enter the mean, in order."""
+    weight: Tensor | None
+    """``(len(channels),)`` class weights of those channels, or ``None``."""
+    present_only: bool
+    """Only the channels with foreground in a row count (``classes="present"``)."""
+
+
+def select_classes(
+    num_channels: int,
+    classes: str | Sequence[int] = "present",
+    include_background: bool = True,
+    weight: Tensor | None = None,
+) -> ClassSelection:
+    """Choose the channels of a ``num_channels``-channel input that enter the class mean, and
+    their weights: the one class selection of the functions and the loss classes.
+
+    Args:
+        num_channels: ``C`` of the input.
+        classes: ``"present"``, ``"all"`` (every channel, the background as
+            ``include_background`` says), or a list of channel indices.
+        include_background: ``False`` leaves channel 0 out (when ``C > 1``).
+        weight: optional scalar (every selected channel) or one weight per channel left after
+            ``include_background``; a ``classes`` list picks its channels' weights from those.
+
+    Returns:
+        The :class:`ClassSelection`.
+
+    Example:
+        >>> select_classes(4, "present", include_background=False)
+        ClassSelection(channels=[1, 2, 3], weight=None, present_only=True)
+        >>> weight = torch.tensor([1.0, 2.0, 3.0])  # channels 1, 2, 3
+        >>> select_classes(4, [3, 1], include_background=False, weight=weight)
+        ClassSelection(channels=[3, 1], weight=tensor([3., 1.]), present_only=False)
+
+    Raises:
+        ValueError: an invalid ``classes``, a listed channel ``>= num_channels`` (or 0 without
+            the background), or a weight count other than the channels.
+    """
+    classes = check_lovasz_arguments(classes=classes)
+    first = 0 if include_background or num_channels == 1 else 1
+    if isinstance(classes, str):
+        channels = list(range(first, num_channels))
+    else:
+        if first and 0 in classes:
+            raise ValueError("classes lists class 0 but include_background=False excludes it")
+        bad = [c for c in classes if c >= num_channels]
+        if bad:
+            raise ValueError(
+                f"classes {bad} out of range for an input with {num_channels} channels"
+            )
+        channels = classes
+    if weight is not None and weight.ndim == 0:
+        weight = weight.expand(len(channels))
+    elif weight is not None:
+        if weight.numel() != num_channels - first:
+            raise ValueError(
+                f"weight must have one value per channel ({num_channels - first}"
+                + ("" if first == 0 else ", background excluded")
+                + f"), got {weight.numel()} for an input with {num_channels} channels"
+                + (
+                    ""
+                    if isinstance(classes, str)
+                    else " (the weights of the channels listed in classes are picked from them)"
+                )
+            )
+        weight = weight[[c - first for c in channels]]
+    return ClassSelection(channels, weight, classes == "present")
 
 
 def class_weights(

@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
-from lovasz_monai.functional.rows import _check_rows, _key_and_foreground, _lovasz_class_rows
+from lovasz_monai.functional.arguments import (
+    DEFAULT_BINS,
+    DEFAULT_CHUNK_ELEMENTS,
+    LovaszSettings,
+    Method,
+)
+from lovasz_monai.functional.rows import _check_rows, _key_and_foreground, lovasz_class_rows
 
 __all__ = ["lovasz_extension", "lovasz_weights"]
 
@@ -27,6 +32,13 @@ class _KnownGradient(torch.autograd.Function):
         return grad_source * scale, None, None
 
 
+def known_gradient(source: Tensor, value: Tensor, grad_source: Tensor) -> Tensor:
+    """``value`` (``(R, C)`` losses computed without autograd), differentiable in ``source``
+    with the known derivative ``grad_source`` (shape of ``source``) of each row's value: the
+    one tensor backward keeps."""
+    return _KnownGradient.apply(source, value, grad_source)
+
+
 def _extension_rows(
     errors: Tensor,
     labels: Tensor,
@@ -39,9 +51,8 @@ def _extension_rows(
     _check_rows(errors, labels, valid)
     key, fg = _key_and_foreground(errors, labels, valid)
     with torch.no_grad():
-        weights, losses, _ = _lovasz_class_rows(
-            key[:, None], fg[:, None], method, bins, chunk_elements
-        )
+        settings = LovaszSettings(method=method, bins=bins, chunk_elements=chunk_elements)
+        weights, losses, _ = lovasz_class_rows(key[:, None], fg[:, None], settings)
     return weights[:, 0], losses
 
 
@@ -116,4 +127,4 @@ def lovasz_extension(
         ValueError: see :func:`lovasz_weights`.
     """
     weights, losses = _extension_rows(errors, labels, valid, method, bins, chunk_elements)
-    return _KnownGradient.apply(errors, losses, weights)
+    return known_gradient(errors, losses, weights)

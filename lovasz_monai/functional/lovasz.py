@@ -10,7 +10,6 @@ from torch import Tensor
 from lovasz_monai.functional.arguments import (
     DEFAULT_BINS,
     Method,
-    check_lovasz_arguments,
     collective_check,
     distributed_world_size,
 )
@@ -18,21 +17,11 @@ from lovasz_monai.functional.class_losses import (
     average_class_losses,
     lovasz_hinge_class_losses,
     lovasz_probability_class_losses,
+    select_classes,
 )
 from lovasz_monai.functional.targets import decode_target
 
 __all__ = ["lovasz_hinge", "lovasz_softmax"]
-
-
-def _class_selection(num_classes: int, classes: str | Sequence[int]) -> tuple[bool, list[int]]:
-    """``(present_only, selected channels)`` of a ``classes`` argument for ``num_classes``."""
-    classes = check_lovasz_arguments(classes=classes)
-    if isinstance(classes, str):
-        return classes == "present", list(range(num_classes))
-    bad = [c for c in classes if c >= num_classes]
-    if bad:
-        raise ValueError(f"classes {bad} out of range for an input with {num_classes} channels")
-    return False, classes
 
 
 _PER_VOLUME_DEPRECATION = (
@@ -70,10 +59,10 @@ def _checked_inputs(
         validate=validate,
         device=source.device,
     )
-    present_only, selected = _class_selection(source.shape[1], classes)
-    if len(selected) != source.shape[1]:
-        source, fg = source[:, selected], fg[:, selected]
-    return source, fg, valid, present_only
+    selection = select_classes(source.shape[1], classes)
+    if len(selection.channels) != source.shape[1]:
+        source, fg = source[:, selection.channels], fg[:, selection.channels]
+    return source, fg, valid, selection.present_only
 
 
 def _checked_on_every_process(

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import Method, check_lovasz_arguments
+from lovasz_monai.functional.arguments import LovaszSettings
 
 __all__ = ["lovasz_grad"]
 
@@ -212,7 +212,7 @@ def _class_rows_by_sort(
     key: Tensor, fg: Tensor, *, chunk_elements: int, wrt_source: bool, overwrite_key: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact per-voxel weights (layout of ``key``), row losses and foreground counts of
-    ``(R, S, P)`` class rows. ``wrt_source``, ``overwrite_key``: see :func:`_lovasz_class_rows`;
+    ``(R, S, P)`` class rows. ``wrt_source``, ``overwrite_key``: see :func:`lovasz_class_rows`;
     with ``overwrite_key`` each chunk of rows is read in full before its weights are written.
     """
     num_rows, segments, num_voxels = key.shape
@@ -257,7 +257,7 @@ def _class_rows_by_histogram(
     process_group: object | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sort-free weights, row losses and foreground counts of ``(R, S, P)`` class rows from
-    per-bin counts (DESIGN.md). ``wrt_source``: see :func:`_lovasz_class_rows`.
+    per-bin counts (DESIGN.md). ``wrt_source``: see :func:`lovasz_class_rows`.
 
     With ``world_size > 1`` each row is the union of the same row on every process of
     ``process_group``: the row maxima and the per-slot counts and error sums are all-reduced, so
@@ -323,38 +323,34 @@ def _class_rows_by_histogram(
     return weights, losses, num_fg.view(-1).to(torch.int64)
 
 
-def _lovasz_class_rows(
+def lovasz_class_rows(
     key: Tensor,
     fg: Tensor,
-    method: Method,
-    bins: int,
-    chunk_elements: int,
+    settings: LovaszSettings,
     *,
     wrt_source: bool = False,
     overwrite_key: bool = False,
-    world_size: int = 1,
-    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(weights, losses, fg_counts)`` of ``(R, S, P)`` class rows (see above) from sort keys
-    and masked labels. ``wrt_source``: the weights are the derivatives with respect to the
-    source of the errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not
-    with respect to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the
-    weights). ``world_size > 1``: rows span the processes of ``process_group`` (histogram
-    method only; the caller checks that, see :func:`check_lovasz_arguments`)."""
-    check_lovasz_arguments(method=method, bins=bins, chunk_elements=chunk_elements)
-    if method == "sort":
+    and masked labels, by the method of ``settings`` (its ``batch`` is the caller's layout of
+    the rows). ``wrt_source``: the weights are the derivatives with respect to the source of the
+    errors, ``|y - p|`` (probabilities) or ``relu(1 - x (2y - 1))`` (logits), not with respect
+    to the errors. ``overwrite_key``: ``key`` may be overwritten (it then holds the weights).
+    With ``settings.world_size > 1`` the rows span the processes of its group (the histogram
+    method, which :class:`LovaszSettings` requires for ``distributed``)."""
+    if settings.method == "sort":
         return _class_rows_by_sort(
             key,
             fg,
-            chunk_elements=int(chunk_elements),
+            chunk_elements=settings.chunk_elements,
             wrt_source=wrt_source,
             overwrite_key=overwrite_key,
         )
     return _class_rows_by_histogram(
         key,
         fg,
-        bins=int(bins),
+        bins=settings.bins,
         wrt_source=wrt_source,
-        world_size=world_size,
-        process_group=process_group,
+        world_size=settings.world_size,
+        process_group=settings.process_group,
     )

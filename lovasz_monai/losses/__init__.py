@@ -1,7 +1,9 @@
 """MONAI-style Lovász losses, with the argument names and tensor conventions of ``DiceLoss``.
 
-- :mod:`~lovasz_monai.losses.base`: settings, checks, target decoding, class selection and
-  reduction shared by the Lovász losses;
+- :mod:`~lovasz_monai.losses.base`: the two stages of the Lovász losses, ``prepare`` (checks and
+  target decoding) and ``compute`` (class mean and reduction);
+- :mod:`~lovasz_monai.losses.cross_entropy`: :func:`masked_cross_entropy`, the cross-entropy over
+  the valid voxels of the combined losses;
 - :mod:`~lovasz_monai.losses.lovasz`: :class:`LovaszSoftmaxLoss` (softmax or sigmoid) and
   :class:`LovaszHingeLoss`;
 - :mod:`~lovasz_monai.losses.combined`: :class:`LovaszCELoss` (Lovász + cross-entropy),
@@ -17,6 +19,7 @@ from lovasz_monai.losses.combined import (
     WeightedSumLoss,
     default_loss,
 )
+from lovasz_monai.losses.cross_entropy import masked_cross_entropy
 from lovasz_monai.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 
 __all__ = [
@@ -27,4 +30,5 @@ __all__ = [
     "MaskedDiceCELoss",
     "WeightedSumLoss",
     "default_loss",
+    "masked_cross_entropy",
 ]

@@ -1,11 +1,11 @@
-"""What the Lovász loss classes share: settings, input checks, target decoding, class
-selection and reduction."""
+"""What the Lovász loss classes share: input checks and target decoding (stage one, ``prepare``),
+the class mean and reduction (stage two, ``compute``)."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NamedTuple
 
 import torch
 from monai.utils import LossReduction, convert_to_tensor
@@ -13,9 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
 from lovasz_monai import functional
-from lovasz_monai.functional import Method
-
-T = TypeVar("T")
+from lovasz_monai.functional import LovaszSettings
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -83,8 +81,27 @@ def check_logits(input: Tensor, validate: bool) -> None:
         raise ValueError("input contains NaN or inf values")
 
 
+class LossInputs(NamedTuple):
+    """A Lovász loss's checked inputs: what :meth:`~_LovaszLoss.prepare` hands to the terms."""
+
+    input: Tensor
+    """``(B, C, *spatial)`` network output in (at least) float32."""
+    fg: Tensor
+    """``(B, C, *spatial)`` bool foreground of each channel, ``False`` at ignored voxels."""
+    valid: Tensor | None
+    """``(B, 1, *spatial)`` bool, ``False`` at ignored voxels; ``None``: every voxel counts."""
+    labels: Tensor | None
+    """``(B, 1, *spatial)`` int64 label map when the target was one (ignored voxels hold 0)."""
+
+
 class _LovaszLoss(_Loss):
-    """Target preparation, class selection and reduction shared by the Lovász losses."""
+    """The stages shared by the Lovász losses: :meth:`prepare` checks and decodes the inputs,
+    :meth:`compute` gives the loss of prepared inputs; ``forward`` is the two in a row.
+
+    The method settings are one frozen :class:`~lovasz_monai.functional.LovaszSettings`
+    (``self.settings``; ``batch``, ``method``, ... read from it); the class selection and its
+    weights are :func:`~lovasz_monai.functional.select_classes`'.
+    """
 
     def __init__(
         self,
@@ -92,26 +109,14 @@ class _LovaszLoss(_Loss):
         include_background: bool,
         to_onehot_y: bool,
         reduction: LossReduction | str,
-        batch: bool,
         weight: Sequence[float] | float | Tensor | None,
         ignore_index: int | None,
         classes: str | Sequence[int],
         validate: bool,
-        method: Method,
-        bins: int,
-        chunk_elements: int,
-        distributed: bool,
-        process_group: object | None,
+        settings: LovaszSettings,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
-        classes = functional.check_lovasz_arguments(
-            classes=classes,
-            method=method,
-            bins=bins,
-            chunk_elements=chunk_elements,
-            batch=batch,
-            distributed=distributed,
-        )
+        classes = functional.check_lovasz_arguments(classes=classes)
         if not include_background and not isinstance(classes, str) and 0 in classes:
             raise ValueError("classes lists class 0 but include_background=False excludes it")
         class_weight = None
@@ -120,129 +125,102 @@ class _LovaszLoss(_Loss):
         self.register_buffer("class_weight", class_weight)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
-        self.batch = batch
         self.ignore_index = ignore_index
         self.classes = classes
         self.validate = validate
-        self.method = method
-        self.bins = int(bins)
-        self.chunk_elements = int(chunk_elements)
-        self.distributed = bool(distributed)
-        self.process_group = process_group
+        self.settings = settings
 
-    # -- input checks ------------------------------------------------------------------------
+    batch = property(lambda self: self.settings.batch, doc="See ``settings``.")
+    method = property(lambda self: self.settings.method, doc="See ``settings``.")
+    bins = property(lambda self: self.settings.bins, doc="See ``settings``.")
+    chunk_elements = property(lambda self: self.settings.chunk_elements, doc="See ``settings``.")
+    distributed = property(lambda self: self.settings.distributed, doc="See ``settings``.")
+    process_group = property(lambda self: self.settings.process_group, doc="See ``settings``.")
+
+    #: a ``C``-channel target must hold exactly one class per valid voxel (softmax)
+    exclusive_target = False
 
     def _check_input(self, input: Tensor) -> None:
-        check_logits(input, self.validate)
+        """Checks of the network output beyond :func:`check_logits` (subclasses)."""
 
-    def _checked_inputs(
+    def prepare(
         self,
         input: Tensor,
         target: Tensor,
-        mask: Tensor | None,
-        prepare: Callable[[Tensor, Tensor, Tensor | None], T],
-    ) -> T:
-        """``prepare`` of the arguments checked by :func:`as_loss_tensors`; with ``distributed``
-        and ``validate`` on several processes, as a
-        :func:`~lovasz_monai.functional.collective_check`: bad input on one process, or processes
-        that disagree on channels, bins or dtype, raise the same ``ValueError`` on every process
-        instead of leaving the others waiting in the loss's all-reduce."""
+        mask: Tensor | None = None,
+        *,
+        check: Callable[[Tensor], None] | None = None,
+    ) -> LossInputs:
+        """Check the arguments of ``forward`` and decode the target: stage one of the loss.
 
-        def checks() -> T:
-            prepared = prepare(*as_loss_tensors(input, target, mask))
-            self._channels_and_weight(input.shape[1])  # ``classes`` and ``weight`` fit C
-            return prepared
+        With ``distributed`` and ``validate`` on several processes this is a
+        :func:`~lovasz_monai.functional.collective_check`: bad input on one process, or
+        processes that disagree on channels, bins or dtype, raise the same ``ValueError`` on
+        every process instead of leaving the others waiting in the loss's all-reduce.
 
-        if (
-            not self.validate
-            or functional.distributed_world_size(self.distributed, self.process_group) == 1
-        ):
+        Args:
+            input, target, mask: as ``forward`` takes them.
+            check: a further check of the input tensor, run with the others (e.g. a term's
+                per-channel weights).
+
+        Returns:
+            The :class:`LossInputs`.
+
+        Raises:
+            ValueError, TypeError: as ``forward``.
+        """
+
+        def checks() -> LossInputs:
+            logits, target_, mask_ = as_loss_tensors(input, target, mask)
+            check_logits(logits, self.validate)
+            self._check_input(logits)
+            fg, valid, labels = functional.decode_target(
+                target_,
+                logits.shape,
+                mask_,
+                to_onehot_y=self.to_onehot_y,
+                ignore_index=self.ignore_index,
+                exclusive=self.exclusive_target,
+                validate=self.validate,
+                device=logits.device,
+            )
+            self._selection(logits.shape[1])  # ``classes`` and ``weight`` fit C
+            if check is not None:
+                check(logits)
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            return LossInputs(logits.to(dtype), fg, valid, labels)
+
+        if not self.validate or self.settings.world_size == 1:
             return checks()
         return functional.collective_check(
-            input, self.bins, checks, process_group=self.process_group
+            input, self.settings.bins, checks, process_group=self.settings.process_group
         )
 
-    def _prepare_target(
-        self, input: Tensor, target: Tensor, mask: Tensor | None, one_hot_target: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """:func:`~lovasz_monai.functional.decode_target` with this loss's settings;
-        ``one_hot_target``: a C-channel target must have exactly one class per valid voxel."""
-        return functional.decode_target(
-            target,
-            input.shape,
-            mask,
-            to_onehot_y=self.to_onehot_y,
-            ignore_index=self.ignore_index,
-            exclusive=one_hot_target,
-            validate=self.validate,
-            device=input.device,
+    def _selection(self, num_channels: int) -> functional.ClassSelection:
+        return functional.select_classes(
+            num_channels, self.classes, self.include_background, self.class_weight
         )
 
-    # -- classes and reduction -----------------------------------------------------------------
-
-    def _channels_and_weight(self, num_channels: int) -> tuple[list[int], Tensor | None]:
-        """The channels that enter the class mean (``include_background``, ``classes``) of an
-        input with ``num_channels`` channels, and their class weights."""
-        first = 0 if self.include_background or num_channels == 1 else 1
-        if isinstance(self.classes, str):
-            channels = list(range(first, num_channels))
-        else:
-            bad = [c for c in self.classes if c >= num_channels]
-            if bad:
-                raise ValueError(
-                    f"classes {bad} out of range for an input with {num_channels} channels"
-                )
-            channels = list(self.classes)
-        weight = self.class_weight
-        if weight is not None and weight.ndim == 0:
-            weight = weight.expand(len(channels))
-        elif weight is not None:
-            if weight.numel() != num_channels - first:
-                raise ValueError(
-                    f"weight must have one value per channel ({num_channels - first}"
-                    + ("" if first == 0 else ", background excluded")
-                    + f"), got {weight.numel()} for an input with {num_channels} channels"
-                    + (
-                        ""
-                        if isinstance(self.classes, str)
-                        else " (the weights of the channels listed in classes are picked from them)"
-                    )
-                )
-            weight = weight[[c - first for c in channels]]
-        return channels, weight
-
-    def _select_channels(self, source: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``source`` and ``fg`` restricted to the channels that enter the class mean, and the
-        class weights of those channels (see :meth:`_channels_and_weight`)."""
-        channels, weight = self._channels_and_weight(source.shape[1])
-        if len(channels) != source.shape[1]:
-            source, fg = source[:, channels], fg[:, channels]
-        return source, fg, weight
-
-    def _lovasz(
+    def _class_mean(
         self,
         class_losses: Callable[..., tuple[Tensor, Tensor]],
         source: Tensor,
         fg: Tensor,
         valid: Tensor | None,
-        weight: Tensor | None,
     ) -> Tensor:
-        """``class_losses`` (a ``functional.lovasz_*class_losses``) of ``source``, averaged over
-        classes and reduced over volumes."""
-        present_only = self.classes == "present"
+        """``class_losses`` (a ``functional.lovasz_*class_losses``) of the selected channels of
+        ``source``, averaged over classes and reduced over volumes."""
+        channels, weight, present_only = self._selection(source.shape[1])
+        if len(channels) != source.shape[1]:
+            source, fg = source[:, channels], fg[:, channels]
         # absent rows are found with one host synchronisation: skip them on an accelerator only
         # where validate synchronises anyway
         losses, counts = class_losses(
             source,
             fg,
             valid,
-            self.batch,
-            self.method,
-            self.bins,
-            self.chunk_elements,
-            distributed=self.distributed,
-            process_group=self.process_group,
-            validate=False,  # the processes' agreement is checked with the input (forward)
+            **self.settings.keywords(),
+            validate=False,  # the processes' agreement is checked with the input (prepare)
             skip_absent=present_only and (self.validate or source.device.type == "cpu"),
         )
         if self.reduction == LossReduction.NONE.value:
@@ -256,6 +234,26 @@ class _LovaszLoss(_Loss):
         if self.reduction == LossReduction.SUM.value:
             return per_row.sum()
         return per_row.mean()
+
+    def compute(self, inputs: LossInputs) -> Tensor:
+        """The loss of :meth:`prepare`'s output, reduced as ``reduction`` says: stage two."""
+        raise NotImplementedError
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits (or probabilities with ``softmax=False``).
+            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
+            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
+
+        Returns:
+            The loss, reduced as set by ``reduction``.
+
+        Raises:
+            ValueError: on shape mismatches and, with ``validate``, on bad values.
+        """
+        with autocast_off(input):
+            return self.compute(self.prepare(input, target, mask))
 
 
 def _resolve_activation(

@@ -7,14 +7,19 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 from monai.utils import LossReduction
 from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
 
 from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
 from lovasz_monai.losses.base import accepts_mask, as_loss_tensors, autocast_off, check_logits
+from lovasz_monai.losses.cross_entropy import (
+    check_ce_weight_fits,
+    checked_ce_weight,
+    masked_cross_entropy,
+)
 from lovasz_monai.losses.lovasz import LovaszSoftmaxLoss
 
 __all__ = [
@@ -25,68 +30,48 @@ __all__ = [
     "default_loss",
 ]
 
-#: weight of the cross-entropy in the default multi-class loss, ``LovaszCELoss(to_onehot_y=True,
-#: lambda_ce=0.3)``: on the real-anatomy comparison (README, experiments/brain_tissue) it gave
-#: the best mean IoU of 13 recipes, above Lovász + CE with equal weights and Dice + CE
+#: weight of the cross-entropy of :class:`LovaszCELoss` with a softmax over classes when none is
+#: given (``lambda_ce=None``): on the real-anatomy comparison (README, experiments/brain_tissue)
+#: Lovász + 0.3 CE gave the best mean IoU of 13 recipes, above Lovász + CE with equal weights and
+#: Dice + CE
 DEFAULT_LOSS_LAMBDA_CE = 0.3
 
+#: state_dict keys of LovaszCELoss before it held its Lovász term as ``lovasz`` (version 0.1)
+_FORMER_KEYS = {"class_weight": "lovasz.class_weight"}
 
-def _masked_cross_entropy(
-    logits: Tensor,
-    labels: Tensor,
-    valid: Tensor | None,
-    *,
-    weight: Tensor | None = None,
-    label_smoothing: float = 0.0,
-    reduction: str = LossReduction.MEAN.value,
-) -> Tensor:
-    """Softmax cross-entropy of ``(B, C, *S)`` logits and ``(B, *S)`` int64 labels over the valid
-    voxels: summed, or averaged with the class weights of the voxels' labels as
-    ``F.cross_entropy(weight=...)`` averages (0 when no voxel is valid)."""
-    per_voxel = F.cross_entropy(
-        logits, labels, weight=weight, reduction="none", label_smoothing=label_smoothing
-    )
-    voxel_weight = torch.ones_like(per_voxel) if weight is None else weight[labels]
-    if valid is not None:
-        voxel_weight = voxel_weight * valid[:, 0]
-        per_voxel = per_voxel * valid[:, 0]
-    total = per_voxel.sum()
-    if reduction == LossReduction.SUM.value:
-        return total
-    denominator = voxel_weight.sum()
-    return torch.where(denominator > 0, total / denominator.clamp_min(1e-12), total * 0)
-
-
-def _checked_ce_weight(ce_weight: Sequence[float] | Tensor | None) -> Tensor | None:
-    """``ce_weight`` as a checked float32 1-D tensor (``None`` stays ``None``)."""
-    if ce_weight is None:
-        return None
-    weight = functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
-    if weight.ndim != 1:
-        raise ValueError(f"ce_weight must be a 1-D sequence, got {ce_weight}")
-    return weight
+#: LovaszCELoss attributes that are its Lovász term's settings (``loss.ignore_index`` reads
+#: ``loss.lovasz.ignore_index``)
+_LOVASZ_ATTRIBUTES = frozenset(
+    {
+        "include_background",
+        "to_onehot_y",
+        "sigmoid",
+        "softmax",
+        "other_act",
+        "ignore_index",
+        "classes",
+        "validate",
+        "class_weight",
+        "settings",
+        "batch",
+        "method",
+        "bins",
+        "chunk_elements",
+        "distributed",
+        "process_group",
+    }
+)
 
 
-def _check_ce_weight(ce_weight: Tensor | None, num_channels: int, validate: bool) -> None:
-    """One cross-entropy weight per input channel; with ``validate`` the values again (the buffer
-    may have been replaced since construction)."""
-    if ce_weight is None:
-        return
-    if ce_weight.numel() != num_channels:
-        raise ValueError(
-            f"ce_weight must have one value per input channel ({num_channels}), "
-            f"got {ce_weight.numel()}"
-        )
-    if validate:
-        functional.check_class_weight(ce_weight, "ce_weight", dtype=torch.float32)
-
-
-class LovaszCELoss(LovaszSoftmaxLoss):
+class LovaszCELoss(_Loss):
     """Weighted sum of the Lovász-Softmax loss and cross-entropy, like MONAI's ``DiceCELoss``.
 
     ``lambda_lovasz * LovaszSoftmaxLoss + lambda_ce * CE``, where CE is the softmax cross-entropy
     on the raw logits (binary cross-entropy with logits per channel when ``sigmoid=True``),
-    averaged over the valid voxels only: the ignore label and the mask apply to both terms.
+    averaged over the valid voxels only (:func:`~lovasz_monai.losses.masked_cross_entropy`):
+    the ignore label and the mask apply to both terms. The Lovász term is a
+    :class:`LovaszSoftmaxLoss`, ``self.lovasz`` (its settings read through, e.g.
+    ``loss.ignore_index``); the target is decoded once for both terms.
 
     Args:
         include_background, to_onehot_y, sigmoid, softmax, other_act, batch, weight, ignore_index,
@@ -96,10 +81,14 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             process's valid voxels, which DDP averages as usual).
         reduction: ``"mean"`` or ``"sum"`` (CE summed over valid voxels, Lovász over volumes).
         lambda_lovasz: weight of the Lovász term, >= 0.
-        lambda_ce: weight of the cross-entropy term, >= 0.
+        lambda_ce: weight of the cross-entropy term, >= 0. ``None`` (default): the recommended
+            recipe, :data:`DEFAULT_LOSS_LAMBDA_CE` (0.3) with a softmax over classes (the best of
+            the brain-tissue comparison; before version 0.2 the default was 1.0), 1.0 with
+            ``sigmoid=True`` (equal weights; not compared).
         ce_weight: optional per-class weights of the cross-entropy, one per input channel (for
             ``sigmoid=True``: the positive-class weight of each channel).
-        label_smoothing: label smoothing of the softmax cross-entropy, in [0, 1).
+        label_smoothing: label smoothing of the softmax cross-entropy, in [0, 1) (0 with
+            ``sigmoid=True``).
 
     Shapes:
         As :class:`LovaszSoftmaxLoss`; ``input`` must be logits (cross-entropy takes logits).
@@ -114,8 +103,9 @@ class LovaszCELoss(LovaszSoftmaxLoss):
 
     Raises:
         ValueError: as :class:`LovaszSoftmaxLoss`, for negative lambdas, ``reduction="none"``,
-            ``softmax=False`` with no other activation (the input would not be logits), or a
-            NaN, inf, negative or all-zero ``ce_weight``.
+            ``softmax=False`` with no other activation (the input would not be logits),
+            ``label_smoothing`` with ``sigmoid=True``, or a NaN, inf, negative or all-zero
+            ``ce_weight``.
         TypeError: as :class:`LovaszSoftmaxLoss`.
     """
 
@@ -133,7 +123,7 @@ class LovaszCELoss(LovaszSoftmaxLoss):
         ignore_index: int | None = None,
         classes: str | Sequence[int] = "present",
         lambda_lovasz: float = 1.0,
-        lambda_ce: float = 1.0,
+        lambda_ce: float | None = None,
         ce_weight: Sequence[float] | Tensor | None = None,
         label_smoothing: float = 0.0,
         validate: bool = True,
@@ -150,13 +140,20 @@ class LovaszCELoss(LovaszSoftmaxLoss):
                 "LovaszCELoss takes logits (cross-entropy needs them): leave softmax=None/True, "
                 "or pass sigmoid=True for multi-label targets"
             )
+        if lambda_ce is None:
+            lambda_ce = 1.0 if sigmoid else DEFAULT_LOSS_LAMBDA_CE
         if lambda_lovasz < 0 or lambda_ce < 0:
             raise ValueError(
                 f"lambda_lovasz and lambda_ce must be >= 0, got {lambda_lovasz} and {lambda_ce}"
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-        super().__init__(
+        if sigmoid and label_smoothing:
+            raise ValueError(
+                "label_smoothing applies to the softmax cross-entropy, not to sigmoid=True"
+            )
+        super().__init__(reduction=LossReduction(reduction).value)
+        self.lovasz = LovaszSoftmaxLoss(
             include_background=include_background,
             to_onehot_y=to_onehot_y,
             sigmoid=sigmoid,
@@ -174,49 +171,21 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             distributed=distributed,
             process_group=process_group,
         )
-        self.register_buffer("ce_weight", _checked_ce_weight(ce_weight))
+        self.register_buffer("ce_weight", checked_ce_weight(ce_weight))
         self.lambda_lovasz = float(lambda_lovasz)
         self.lambda_ce = float(lambda_ce)
         self.label_smoothing = float(label_smoothing)
 
-    def _prepare(
-        self, input: Tensor, target: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """As the Lovász-Softmax's, and ``ce_weight`` checked against the input's channels."""
-        prepared = super()._prepare(input, target, mask)
-        _check_ce_weight(self.ce_weight, input.shape[1], self.validate)
-        return prepared
+    def __getattr__(self, name: str):
+        if name in _LOVASZ_ATTRIBUTES and "lovasz" in self.__dict__.get("_modules", {}):
+            return getattr(self._modules["lovasz"], name)
+        return super().__getattr__(name)
 
-    def _cross_entropy(
-        self, logits: Tensor, fg: Tensor, valid: Tensor | None, labels: Tensor | None
-    ) -> Tensor:
-        num_channels = logits.shape[1]
-        ce_weight = self.ce_weight
-        if not self.sigmoid:
-            labels = fg.to(torch.uint8).argmax(dim=1) if labels is None else labels[:, 0]
-            return _masked_cross_entropy(
-                logits,
-                labels,
-                valid,
-                weight=None if ce_weight is None else ce_weight.to(logits),
-                label_smoothing=self.label_smoothing,
-                reduction=self.reduction,
-            )
-        pos_weight = None
-        if ce_weight is not None:
-            pos_weight = ce_weight.to(logits).view(-1, *([1] * (logits.ndim - 2)))
-        per_voxel = F.binary_cross_entropy_with_logits(
-            logits, fg.to(logits.dtype), pos_weight=pos_weight, reduction="none"
-        )
-        if valid is not None:
-            per_voxel = per_voxel * valid
-        total = per_voxel.sum()
-        if self.reduction == LossReduction.SUM.value:
-            return total
-        if valid is None:
-            return total / per_voxel.numel()
-        denominator = valid.sum() * num_channels
-        return torch.where(denominator > 0, total / denominator.clamp_min(1), total * 0)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        for former, current in _FORMER_KEYS.items():
+            if prefix + former in state_dict:
+                state_dict[prefix + current] = state_dict.pop(prefix + former)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
@@ -232,19 +201,40 @@ class LovaszCELoss(LovaszSoftmaxLoss):
             ValueError: on shape mismatches and, with ``validate``, on bad values.
         """
         with autocast_off(input):
-            logits, fg, valid, labels = self._checked_inputs(input, target, mask, self._prepare)
-            lovasz = self._lovasz_softmax(logits, fg, valid)
-            ce = self._cross_entropy(logits, fg, valid, labels)
-            return self.lambda_lovasz * lovasz + self.lambda_ce * ce
+            inputs = self.lovasz.prepare(
+                input,
+                target,
+                mask,
+                check=lambda x: check_ce_weight_fits(self.ce_weight, x.shape[1], self.validate),
+            )
+            logits = inputs.input
+            if self.sigmoid:
+                ce_target = inputs.fg
+            elif inputs.labels is not None:
+                ce_target = inputs.labels[:, 0]
+            else:
+                ce_target = inputs.fg.to(torch.uint8).argmax(dim=1)
+            ce = masked_cross_entropy(
+                logits,
+                ce_target,
+                inputs.valid,
+                sigmoid=self.sigmoid,
+                weight=None if self.ce_weight is None else self.ce_weight.to(logits),
+                label_smoothing=self.label_smoothing,
+                reduction=self.reduction,
+            )
+            if not self.lambda_lovasz:  # a masked cross-entropy: no sort for a zero weight
+                return self.lambda_ce * ce
+            return self.lambda_lovasz * self.lovasz.compute(inputs) + self.lambda_ce * ce
 
 
 def default_loss(sigmoid: bool = False, **kwargs) -> LovaszCELoss:
     """The loss this package recommends, and trains with when none is given.
 
-    Label maps (softmax over classes): ``LovaszCELoss(to_onehot_y=True,
-    lambda_ce=DEFAULT_LOSS_LAMBDA_CE)``. Multi-label targets (``sigmoid``, e.g. BraTS or
-    nnU-Net regions): ``LovaszCELoss(sigmoid=True)``, the Lovász-sigmoid loss + binary
-    cross-entropy with equal weights.
+    Label maps (softmax over classes): ``LovaszCELoss(to_onehot_y=True)``, Lovász-Softmax +
+    :data:`DEFAULT_LOSS_LAMBDA_CE` (0.3) cross-entropy. Multi-label targets (``sigmoid``, e.g.
+    BraTS or nnU-Net regions): ``LovaszCELoss(sigmoid=True)``, the Lovász-sigmoid loss + binary
+    cross-entropy with equal weights. Both are :class:`LovaszCELoss`'s defaults.
 
     Args:
         sigmoid: multi-label (one sigmoid per channel, a ``(B, C, *spatial)`` multi-hot target)
@@ -261,9 +251,7 @@ def default_loss(sigmoid: bool = False, **kwargs) -> LovaszCELoss:
     Raises:
         ValueError: as :class:`LovaszCELoss`.
     """
-    if sigmoid:
-        return LovaszCELoss(sigmoid=True, **kwargs)
-    return LovaszCELoss(to_onehot_y=True, lambda_ce=DEFAULT_LOSS_LAMBDA_CE, **kwargs)
+    return LovaszCELoss(to_onehot_y=not sigmoid, sigmoid=sigmoid, **kwargs)
 
 
 class MaskedDiceCELoss(nn.Module):
@@ -279,7 +267,10 @@ class MaskedDiceCELoss(nn.Module):
 
     Args:
         lambda_dice: weight of the Dice term, >= 0.
-        lambda_ce: weight of the cross-entropy term, >= 0.
+        lambda_ce: weight of the cross-entropy term, >= 0. ``None`` (default): the recommended
+            recipe, :data:`DEFAULT_LOSS_LAMBDA_CE` (0.3) with a softmax over classes (the best of
+            the brain-tissue comparison; before version 0.2 the default was 1.0), 1.0 with
+            ``sigmoid=True`` (equal weights; not compared).
         ce_weight: optional per-class weights of the cross-entropy, one per input channel (the
             mean is then weighted as ``F.cross_entropy(weight=...)`` weighs it).
         ignore_index: label value of a label-map target whose voxels take part in nothing (they
@@ -329,7 +320,7 @@ class MaskedDiceCELoss(nn.Module):
         self.ignore_index = ignore_index
         self.validate = validate
         self.dice = MaskedDiceLoss(softmax=True)
-        self.register_buffer("ce_weight", _checked_ce_weight(ce_weight))
+        self.register_buffer("ce_weight", checked_ce_weight(ce_weight))
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
@@ -348,7 +339,7 @@ class MaskedDiceCELoss(nn.Module):
         check_logits(input, self.validate)
         if input.shape[1] < 2:
             raise ValueError(f"input must have C >= 2 softmax channels, got {input.shape[1]}")
-        _check_ce_weight(self.ce_weight, input.shape[1], self.validate)
+        check_ce_weight_fits(self.ce_weight, input.shape[1], self.validate)
         with autocast_off(input):
             fg, valid, labels = functional.decode_target(
                 target,
@@ -366,7 +357,7 @@ class MaskedDiceCELoss(nn.Module):
             dice_mask = torch.ones_like(logits[:, :1]) if valid is None else valid.to(logits)
             dice = self.dice(logits, fg.to(logits.dtype), mask=dice_mask)
             weight = None if self.ce_weight is None else self.ce_weight.to(logits)
-            ce = _masked_cross_entropy(logits, labels[:, 0], valid, weight=weight)
+            ce = masked_cross_entropy(logits, labels[:, 0], valid, weight=weight)
             return self.lambda_dice * dice + self.lambda_ce * ce
 
 

@@ -9,8 +9,8 @@ from monai.utils import LossReduction
 from torch import Tensor
 
 from lovasz_monai import functional
-from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, Method
-from lovasz_monai.losses.base import _LovaszLoss, _resolve_activation, autocast_off
+from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, LovaszSettings, Method
+from lovasz_monai.losses.base import LossInputs, _LovaszLoss, _resolve_activation
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
 
@@ -119,75 +119,61 @@ class LovaszSoftmaxLoss(_LovaszLoss):
             include_background=include_background,
             to_onehot_y=to_onehot_y,
             reduction=reduction,
-            batch=batch,
             weight=weight,
             ignore_index=ignore_index,
             classes=classes,
             validate=validate,
-            method=method,
-            bins=bins,
-            chunk_elements=chunk_elements,
-            distributed=distributed,
-            process_group=process_group,
+            settings=LovaszSettings(
+                batch, method, bins, chunk_elements, distributed, process_group
+            ),
         )
         self.sigmoid, self.softmax = _resolve_activation(sigmoid, softmax, other_act)
         self.other_act = other_act
 
     def _probabilities(self, input: Tensor) -> Tensor:
         if self.softmax:
-            if input.shape[1] == 1:
-                raise ValueError(
-                    "softmax over a single channel is constant: for a binary problem with one "
-                    "output channel pass sigmoid=True, or use LovaszHingeLoss"
-                )
             return torch.softmax(input, dim=1)
         if self.sigmoid:
             return torch.sigmoid(input)
         if self.other_act is not None:
             return self.other_act(input)
-        return input  # probabilities, checked in _prepare
+        return input  # probabilities, checked in _check_input
 
-    def _prepare(
-        self, input: Tensor, target: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Checked float32+ input, then what :meth:`_prepare_target` returns."""
-        self._check_input(input)
+    @property
+    def exclusive_target(self) -> bool:  # type: ignore[override]
+        return bool(self.softmax)
+
+    def _check_input(self, input: Tensor) -> None:
+        if self.softmax and input.shape[1] == 1:
+            raise ValueError(
+                "softmax over a single channel is constant: for a binary problem with one "
+                "output channel pass sigmoid=True, or use LovaszHingeLoss"
+            )
         takes_probabilities = not (self.softmax or self.sigmoid or self.other_act is not None)
         if takes_probabilities and self.validate and not ((input >= 0) & (input <= 1)).all():
             raise ValueError(
                 "with softmax=False and no other activation the input must hold probabilities "
                 "in [0, 1]; pass softmax=True (or leave it None) for logits"
             )
-        fg, valid, labels = self._prepare_target(input, target, mask, one_hot_target=self.softmax)
-        dtype = torch.promote_types(input.dtype, torch.float32)
-        return input.to(dtype), fg, valid, labels
 
-    def _lovasz_softmax(self, input: Tensor, fg: Tensor, valid: Tensor | None) -> Tensor:
-        probs, fg, weight = self._select_channels(self._probabilities(input), fg)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        """The Lovász-Softmax (sigmoid) loss of :meth:`prepare`'s output, reduced.
+
+        Example:
+            >>> import torch
+            >>> loss = LovaszSoftmaxLoss(to_onehot_y=True)
+            >>> logits, labels = torch.randn(1, 3, 4, 4), torch.randint(0, 3, (1, 1, 4, 4))
+            >>> bool(loss.compute(loss.prepare(logits, labels)) == loss(logits, labels))
+            True
+        """
+        probs = self._probabilities(inputs.input)
         if self.softmax or self.sigmoid:
-            return self._lovasz(
-                functional.lovasz_probability_class_losses, probs, fg, valid, weight
+            return self._class_mean(
+                functional.lovasz_probability_class_losses, probs, inputs.fg, inputs.valid
             )
         # another activation may leave [0, 1]: differentiate through the errors |y - p|
-        errors = (fg.to(probs.dtype) - probs).abs()
-        return self._lovasz(functional.lovasz_class_losses, errors, fg, valid, weight)
-
-    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        """
-        Args:
-            input: ``(B, C, *spatial)`` logits (or probabilities with ``softmax=False``).
-            target: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot target.
-            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
-
-        Returns:
-            The loss, reduced as set by ``reduction``.
-
-        Raises:
-            ValueError: on shape mismatches and, with ``validate``, on bad values.
-        """
-        with autocast_off(input):
-            input, fg, valid, _ = self._checked_inputs(input, target, mask, self._prepare)
-            return self._lovasz_softmax(input, fg, valid)
+        errors = (inputs.fg.to(probs.dtype) - probs).abs()
+        return self._class_mean(functional.lovasz_class_losses, errors, inputs.fg, inputs.valid)
 
 
 class LovaszHingeLoss(_LovaszLoss):
@@ -252,40 +238,17 @@ class LovaszHingeLoss(_LovaszLoss):
             include_background=include_background,
             to_onehot_y=to_onehot_y,
             reduction=reduction,
-            batch=batch,
             weight=weight,
             ignore_index=ignore_index,
             classes=classes,
             validate=validate,
-            method=method,
-            bins=bins,
-            chunk_elements=chunk_elements,
-            distributed=distributed,
-            process_group=process_group,
+            settings=LovaszSettings(
+                batch, method, bins, chunk_elements, distributed, process_group
+            ),
         )
 
-    def _prepare_hinge(
-        self, input: Tensor, target: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Checked float32+ logits, foreground and validity."""
-        self._check_input(input)
-        fg, valid, _ = self._prepare_target(input, target, mask, one_hot_target=False)
-        return input.to(torch.promote_types(input.dtype, torch.float32)), fg, valid
-
-    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        """
-        Args:
-            input: ``(B, C, *spatial)`` logits.
-            target: binary ``(B, C, *spatial)`` target or ``(B, 1, *spatial)`` label map.
-            mask: optional ``(B, 1, *spatial)``, bool or 0/1: 1 where the voxel counts.
-
-        Returns:
-            The loss, reduced as set by ``reduction``.
-
-        Raises:
-            ValueError: on shape mismatches and, with ``validate``, on bad values.
-        """
-        with autocast_off(input):
-            logits, fg, valid = self._checked_inputs(input, target, mask, self._prepare_hinge)
-            logits, fg, weight = self._select_channels(logits, fg)
-            return self._lovasz(functional.lovasz_hinge_class_losses, logits, fg, valid, weight)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        """The Lovász hinge loss of :meth:`prepare`'s output, reduced."""
+        return self._class_mean(
+            functional.lovasz_hinge_class_losses, inputs.input, inputs.fg, inputs.valid
+        )

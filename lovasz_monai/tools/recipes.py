@@ -85,9 +85,9 @@ LOSSES: dict[str, LossSpec] = {
         lambda e, w, r: {"loss": _LOVASZ, **_NO_SCHEDULE},
     ),
     "lovasz_ce": LossSpec(
-        "LovaszCELoss(to_onehot_y=True): Lovász + CE",
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=1.0): Lovász + CE with equal weights",
         lambda e, w, r: {
-            "loss": {"class_path": "lovasz_monai.LovaszCELoss", "init_args": {"to_onehot_y": True}},
+            "loss": _lovasz("LovaszCELoss", lambda_ce=1.0),
             **_NO_SCHEDULE,
         },
     ),
@@ -120,14 +120,17 @@ LOSSES: dict[str, LossSpec] = {
         lambda e, w, r: {"loss": _lovasz("LovaszSoftmaxLoss", classes="all"), **_NO_SCHEDULE},
     ),
     "lovasz_ce_batch": LossSpec(
-        "LovaszCELoss(to_onehot_y=True, batch=True)",
-        lambda e, w, r: {"loss": _lovasz("LovaszCELoss", batch=True), **_NO_SCHEDULE},
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=1.0, batch=True)",
+        lambda e, w, r: {
+            "loss": _lovasz("LovaszCELoss", lambda_ce=1.0, batch=True),
+            **_NO_SCHEDULE,
+        },
     ),
     "lovasz_ce_nobg": LossSpec(
-        "LovaszCELoss(to_onehot_y=True, include_background=False): class weight 0 on the "
-        "background in the Lovász mean",
+        "LovaszCELoss(to_onehot_y=True, lambda_ce=1.0, include_background=False): class weight 0 "
+        "on the background in the Lovász mean",
         lambda e, w, r: {
-            "loss": _lovasz("LovaszCELoss", include_background=False),
+            "loss": _lovasz("LovaszCELoss", lambda_ce=1.0, include_background=False),
             **_NO_SCHEDULE,
         },
     ),

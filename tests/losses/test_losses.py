@@ -320,7 +320,7 @@ def test_lovasz_ce_vs_reference(
 
 def test_lovasz_ce_parts_and_include_background():
     logits, _, labels_ignored, _ = make_case(12)
-    ce_only = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_lovasz=0.0)
+    ce_only = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_lovasz=0.0, lambda_ce=1.0)
     torch.testing.assert_close(
         ce_only(logits, labels_ignored), _ref_ce(logits, labels_ignored), rtol=1e-6, atol=1e-6
     )
@@ -329,11 +329,12 @@ def test_lovasz_ce_parts_and_include_background():
         lovasz_only(logits, labels_ignored),
         LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE)(logits, labels_ignored),
     )
-    # include_background configures the Lovász term only; CE keeps every channel
+    # include_background configures the Lovász term only; CE keeps every channel (and its
+    # weight is the default, 0.3)
     nobg = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, include_background=False)
     expected = LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE, include_background=False)(
         logits, labels_ignored
-    ) + _ref_ce(logits, labels_ignored)
+    ) + 0.3 * _ref_ce(logits, labels_ignored)
     torch.testing.assert_close(nobg(logits, labels_ignored), expected, rtol=1e-6, atol=1e-6)
 
 
