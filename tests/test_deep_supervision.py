@@ -15,6 +15,7 @@ from lovasz_monai.deep_supervision import (
 )
 from lovasz_monai.losses import LovaszCELoss
 from lovasz_monai.module import LovaszSegmentationModule
+from lovasz_monai.objective import call_loss
 
 S = (16, 16, 16)
 
@@ -122,13 +123,12 @@ def test_ignored_voxels_get_zero_gradient_in_every_head(network):
     heads = split_heads(net(data["image"]), spatial_dims=3)
     for head in heads:
         head.retain_grad()
-    model = LovaszSegmentationModule(num_classes=3, network=nn.Identity(), roi_size=S)
     fn = LovaszCELoss(to_onehot_y=True, lambda_ce=0.3)
     loss = deep_supervision_loss(
         heads,
         data["label"],
         data["mask"],
-        lambda x, y, m: model._call_loss(fn, True, x, y, m),
+        lambda x, y, m: call_loss(fn, x, y, m),
         head_weights(len(heads)),
     )
     loss.backward()
@@ -230,7 +230,7 @@ def test_deep_supervision_with_the_ce_to_lovasz_schedule():
     )
     model.train()
     assert model.lovasz_weight(1) == 0.5
-    model.lovasz_weight = lambda epoch: 0.5  # the epoch in the ramp, without a Trainer
+    model.objective.weight = lambda epoch: 0.5  # the epoch in the ramp, without a Trainer
     loss = model.training_step(data, 0)
     lovasz, ce = LovaszCELoss(to_onehot_y=True, lambda_ce=0.3), nn.CrossEntropyLoss()
     total = 0.0

@@ -21,6 +21,9 @@ LAYERS = {
     "metrics": 1,
     "deep_supervision": 1,
     "precision": 1,
+    "labels": 1,
+    "objective": 1,
+    "evaluation": 1,
     "data": 2,
     "module": 2,
     "nnunet": 2,
@@ -88,6 +91,12 @@ def test_the_math_knows_nothing_of_monai_or_lightning(path):
 def test_the_losses_know_nothing_of_lightning(path):
     used = {name.split(".")[0] for name in imports(path)}
     assert not used & {"pytorch_lightning", "lightning", "torchmetrics"}
+
+
+@pytest.mark.parametrize("name", ["dataset", "labels", "objective", "evaluation", "metrics"])
+def test_the_parts_the_module_composes_know_nothing_of_lightning(name):
+    used = {n.split(".")[0] for n in imports(PACKAGE / f"{name}.py")}
+    assert not used & {"pytorch_lightning", "lightning"}, name
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from lovasz_monai.losses import LovaszCELoss, LovaszHingeLoss
 from lovasz_monai.losses.base import accepts_mask
 from lovasz_monai.module import LovaszSegmentationModule
+from lovasz_monai.objective import call_loss
 
 S = (16, 16, 16)
 
@@ -156,7 +157,7 @@ def test_cross_entropy_gets_ignored_voxels_as_ignore_index():
     model = tiny_model(loss=nn.CrossEntropyLoss())
     batch = make_batch()
     logits = torch.randn(2, 3, *S)
-    got = model._call_loss(model.loss, False, logits, batch["label"], batch["mask"])
+    got = call_loss(model.loss, logits, batch["label"], batch["mask"])
     valid = batch["mask"][:, 0].bool()
     per_voxel = nn.functional.cross_entropy(logits, batch["label"][:, 0].long(), reduction="none")
     assert float(got) == pytest.approx(float(per_voxel[valid].mean()), rel=1e-5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lovasz_monai
-from lovasz_monai import functional, losses
+from lovasz_monai import evaluation, functional, labels, losses, objective
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -71,7 +71,15 @@ def test_every_public_nnunet_name_is_in_the_table():
 
 
 @pytest.mark.parametrize(
-    ("module", "prefix"), [(functional, "functional."), (losses, ""), (lovasz_monai, "")]
+    ("module", "prefix"),
+    [
+        (functional, "functional."),
+        (losses, ""),
+        (lovasz_monai, ""),
+        (labels, "labels."),
+        (objective, "objective."),
+        (evaluation, "evaluation."),
+    ],
 )
 def test_every_public_name_is_in_the_table(module, prefix):
     names = set(api_table_names())

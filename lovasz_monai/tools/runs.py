@@ -3,7 +3,6 @@ evaluation of the final model, and an interleaved timing of training steps."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ProgressBar
 from torch import Tensor
 
-from lovasz_monai.metrics import batch_cases
+from lovasz_monai.evaluation import SegmentationMetrics
 from lovasz_monai.tools.recipes import (
     LOSSES,
     class_voxel_counts,
@@ -98,8 +97,8 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     volumes, from one set of predictions, on voxels with ``mask == 1``.
 
     Args:
-        model: a multi-class ``LovaszSegmentationModule`` (``sliding_window``, ``discretize``,
-            ``mean_iou``, ``num_classes``).
+        model: a multi-class ``LovaszSegmentationModule`` (its ``sliding_window``, ``labels``
+            and ``surface_metrics``).
         loader: batches with ``"image"`` ``(B, C_in, *S)``, ``"label"`` ``(B, 1, *S)`` and
             ``"mask"`` ``(B, 1, *S)`` (e.g. the datamodule's ``val_dataloader()``).
         context: optional factory of a context manager for the forward passes (e.g. the
@@ -110,7 +109,7 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         "case_miou": float, "case_dice": float, "case_hd95": float, "num_volumes": int}``:
         per-class IoU from the confusion matrix over all volumes (dataset-level), per-class Dice
         and IoU averaged over volumes (NaN where the class is in neither label nor prediction of
-        any volume), the means of IoU and Dice over the classes ``model.mean_iou`` counts, and
+        any volume), the means of IoU and Dice over the classes ``model.labels`` counts, and
         ``case_miou``: the per-case mIoU (each
         volume's mean IoU over the counted classes in its label or prediction) averaged over
         volumes, the score medical challenges report; ``case_dice`` and ``case_hd95`` the same
@@ -136,12 +135,9 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     """
     if model.mode != "multiclass":
         raise ValueError("evaluate supports multi-class (softmax) models only")
-    # fresh copies of the module's own metrics: torchmetrics IoU and the per-case metrics of
-    # its test step (with the module's surface_metrics: HD95 too, in mm of the image's affine)
-    iou_metric = model.val_iou.clone()
-    iou_metric.reset()
-    cases = copy.deepcopy(model.test_cases)
-    cases.reset()
+    # the module's own metrics, fresh: torchmetrics IoU and the per-case metrics of its test
+    # step (with the module's surface_metrics: HD95 too, in mm of the image's affine)
+    metrics = SegmentationMetrics(model.labels, surface=model.surface_metrics).to(model.device)
     was_training = model.training
     model.eval()
     try:
@@ -153,17 +149,15 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
                     logits = model.sliding_window(batch["image"])
             logits = logits.float()
             label, mask = batch["label"].to(logits.device), batch["mask"].to(logits.device)
-            model.update_metric(iou_metric, logits, label, mask)
-            _, spacing = batch_cases(batch["image"])
-            cases.update(model.discretize(logits), label, mask, spacing=spacing)
+            metrics.update(logits, label, mask, image=batch["image"])
     finally:
         model.train(was_training)
-    if not len(cases):
+    if not len(metrics.cases):
         raise ValueError("evaluate got an empty loader")
-    iou = iou_metric.compute().float().cpu()
-    values = cases.gather().values
+    evaluation = metrics.compute()
+    iou, values = evaluation.iou.cpu(), evaluation.cases.values
     dice = values["Dice"].nanmean(0)
-    counted = _counted_classes(model)
+    counted = model.labels.counted_classes
 
     def per_case_mean(name: str) -> float:
         if name not in values:
@@ -173,13 +167,13 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     return {
         "iou": iou.tolist(),
         "dice": dice.tolist(),
-        "miou": float(model.mean_iou(iou)),
-        "dice_mean": float(model.mean_iou(dice)),
+        "miou": float(model.labels.mean(iou)),
+        "dice_mean": float(model.labels.mean(dice)),
         "case_iou": values["IoU"].nanmean(0).tolist(),
         "case_miou": per_case_mean("IoU"),
         "case_dice": per_case_mean("Dice"),
         "case_hd95": per_case_mean("HD95"),
-        "num_volumes": len(cases),
+        "num_volumes": len(evaluation.cases.cases),
     }
 
 
@@ -403,7 +397,7 @@ def run_one(
         wall_time=recorder.fit_seconds if trained else time.perf_counter() - start,
         run_dir=str(run_dir),
         class_names=list(model.class_names),
-        counted_classes=_counted_classes(model),
+        counted_classes=model.labels.counted_classes,
         num_val_volumes=int(metrics["num_volumes"]),
         case_miou=metrics["case_miou"],
         case_dice=metrics["case_dice"],
@@ -433,12 +427,6 @@ def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder
             f"DDP training failed ({shlex.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"
         )
     return TrainingRecorder.read(record)
-
-
-def _counted_classes(model: Any) -> list[int]:
-    """Indices of the classes that ``model.mean_iou`` averages."""
-    first = 0 if model.metric_include_background else 1
-    return list(range(first if model.num_classes > first else 0, model.num_classes))
 
 
 def benchmark_steps(
@@ -489,7 +477,7 @@ def benchmark_steps(
         cli = LovaszCLI(args=args, run=False)
         model = cli.model
         if loss == "ce_to_lovasz":
-            model.warmup_loss = None  # the final phase: the Lovász loss alone
+            model.objective.warmup_loss = None  # the final phase: the Lovász loss alone
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         models[loss] = (model, optimizer, cli.trainer.precision_plugin.train_step_context)
