@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from lovasz_monai.data import SegmentationDataModule, make_synthetic_dataset
+from lovasz_monai.data import SegmentationDataModule
 from lovasz_monai.module import LovaszSegmentationModule
 from lovasz_monai.precision import cpu_description
+from lovasz_monai.synthetic import make_synthetic_dataset
 
 
 def measure(args: argparse.Namespace, workers: int, data_dir: Path) -> dict[str, float]:

@@ -51,7 +51,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lovasz_monai.data import SegmentationDataModule, describe_dataset
+from lovasz_monai.data import SegmentationDataModule
+from lovasz_monai.dataset import describe_dataset
 from lovasz_monai.module import LovaszSegmentationModule, modules_from_config
 from lovasz_monai.precision import LovaszTrainer, resolve_and_report
 from lovasz_monai.writer import NiftiPredictionWriter
@@ -89,7 +90,7 @@ def _set_network_channels(config: Namespace) -> None:
     """Give a ``model.network`` configured by ``class_path`` the dataset's channels.
 
     ``in_channels`` = the dataset's image channels, ``out_channels`` = ``model.out_channels``
-    or the dataset's classes/regions, from the :func:`~lovasz_monai.data.describe_dataset` of
+    or the dataset's classes/regions, from the :func:`~lovasz_monai.dataset.describe_dataset` of
     ``config.data``; each is set only when the network's constructor has a parameter of that
     name. (A Lightning instantiation link into ``model.network.init_args`` would fail whenever
     ``model.network`` is left unset.)

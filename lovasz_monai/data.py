@@ -8,178 +8,67 @@ Layout read by :class:`SegmentationDataModule` (the MSD layout)::
       labelsTr/*.nii.gz   integer label maps (may contain the ignore label)
       imagesTs/*.nii.gz   images for prediction
 
-``dataset.json`` is read by :meth:`~lovasz_monai.dataset.DatasetDescription.from_json` and the
-cases are split by :func:`~lovasz_monai.dataset.split_cases` (both without Lightning). This module
-also re-exports :func:`~lovasz_monai.synthetic.make_synthetic_dataset`, which writes such a folder
-with random volumes, and :func:`~lovasz_monai.writer.save_prediction`.
+``dataset.json`` is read by :func:`~lovasz_monai.dataset.describe_dataset` and the cases are
+split by :func:`~lovasz_monai.dataset.split_cases`; the transforms are
+:class:`~lovasz_monai.pipelines.SegmentationPipelines` (all without Lightning).
+:func:`~lovasz_monai.synthetic.make_synthetic_dataset` writes such a folder with random volumes.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import pytorch_lightning as pl
 import torch
-from monai.data import (
-    CacheDataset,
-    DataLoader,
-    MetaTensor,
-    decollate_batch,
-    list_data_collate,
-)
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Invertd,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
-    SpatialPadd,
-)
+from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
+from monai.transforms import Compose
 
-from lovasz_monai.dataset import CASE_KEYS as _KEYS
-from lovasz_monai.dataset import DatasetDescription, lateralised_labels, split_cases
-from lovasz_monai.synthetic import make_synthetic_dataset
-from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
-from lovasz_monai.writer import save_prediction
+from lovasz_monai import dataset as _dataset
+from lovasz_monai import synthetic as _synthetic
+from lovasz_monai import writer as _writer
+from lovasz_monai.dataset import check_case_headers, find_images, lateralised_labels, split_cases
+from lovasz_monai.labels import LabelSemantics
+from lovasz_monai.pipelines import SegmentationPipelines
 
-__all__ = [
-    "SegmentationDataModule",
-    "describe_dataset",
-    "make_synthetic_dataset",
-    "save_prediction",
-]
+__all__ = ["SegmentationDataModule"]
 
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+#: names this module re-exported in version 0.1, and their homes (importing them warns)
+_FORMER_NAMES = {
+    "describe_dataset": _dataset,
+    "make_synthetic_dataset": _synthetic,
+    "save_prediction": _writer,
+}
 
 
-# --------------------------------------------------------------------------------------------
-# case-error messages
-# --------------------------------------------------------------------------------------------
-
-
-def _header_shape(path: str) -> tuple[int, ...]:
-    """Shape from a NIfTI header (no voxel data read); raises ValueError naming the file."""
-    try:
-        return tuple(nib.load(path).shape)
-    except Exception as err:  # nibabel raises several types (ImageFileError, OSError, ...)
-        raise ValueError(f"cannot read NIfTI file '{path}': {type(err).__name__}: {err}") from err
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
-def _describe_case(data: Any) -> str:
-    if not isinstance(data, Mapping):
-        return "a case"
-    names = []
-    for key in _KEYS:
-        value = data.get(key)
-        if isinstance(value, MetaTensor):
-            value = value.meta.get("filename_or_obj", "")
-        if isinstance(value, str) and value:
-            names.append(f"{key}='{value}'")
-    return "case " + ", ".join(names) if names else "a case"
-
-
-class _CaseCompose(Compose):
-    """``Compose`` whose errors name the case's files (MONAI's own message names the transform)."""
-
-    def __call__(self, input_, *args, **kwargs):  # type: ignore[override]
-        try:
-            return super().__call__(input_, *args, **kwargs)
-        except Exception as err:
-            root = _root_cause(err)
-            cls: type[Exception] = RuntimeError
-            for candidate in (FileNotFoundError, ValueError):
-                if isinstance(root, candidate):
-                    cls = candidate
-                    break
-            raise cls(
-                f"failed to load/transform {_describe_case(input_)}: {type(root).__name__}: {root}"
-            ) from err
-
-
-# --------------------------------------------------------------------------------------------
-# the DataModule
-# --------------------------------------------------------------------------------------------
-
-
-def describe_dataset(
-    data_dir: str | os.PathLike,
-    synthetic: bool = False,
-    synthetic_kwargs: dict[str, Any] | None = None,
-    *,
-    ignore_index: int | None = None,
-    regions: dict[str, Sequence[int]] | None = None,
-) -> DatasetDescription:
-    """The :class:`~lovasz_monai.dataset.DatasetDescription` of ``<data_dir>/dataset.json``,
-    written first by :func:`make_synthetic_dataset` when ``synthetic`` and missing.
-
-    Args:
-        data_dir: folder of the dataset (MSD layout).
-        synthetic, synthetic_kwargs: as in :class:`SegmentationDataModule`.
-        ignore_index, regions: see :meth:`DatasetDescription.from_json`.
-
-    Returns:
-        The frozen description.
-
-    Raises:
-        FileNotFoundError: no ``dataset.json`` and not ``synthetic``.
-
-    Example:
-        >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
-        >>> description = describe_dataset(
-        ...     folder, synthetic=True, synthetic_kwargs={"num_cases": 2, "size": (8, 8, 8)}
-        ... )
-        >>> description.num_classes, description.in_channels
-        (3, 1)
-    """
-    dataset_json = Path(data_dir) / "dataset.json"
-    if not dataset_json.is_file():
-        if not synthetic:
-            raise FileNotFoundError(
-                f"{dataset_json} not found: data_dir must hold a Medical Segmentation Decathlon "
-                "style dataset.json (or pass synthetic=True to write a synthetic dataset there)."
-            )
-        make_synthetic_dataset(data_dir, **(synthetic_kwargs or {}))
-    return DatasetDescription.from_json(dataset_json, ignore_index=ignore_index, regions=regions)
+def __getattr__(name: str) -> Any:
+    if name in _FORMER_NAMES:
+        home = _FORMER_NAMES[name]
+        warnings.warn(
+            f"lovasz_monai.data.{name} moved to {home.__name__}.{name}; the old name will be "
+            "removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(home, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SegmentationDataModule(pl.LightningDataModule):
     """LightningDataModule for 3D segmentation data in the Medical Segmentation Decathlon layout.
 
-    Reads ``data_dir/dataset.json`` (paths in it are relative to ``data_dir``) and builds MONAI
-    dictionary-transform pipelines over ``CacheDataset``:
-
-    * all stages: ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``CheckImageLabeld`` ->
-      ``IgnoreMaskd`` (writes ``"mask"``) -> ``Orientationd("RAS")`` -> ``Spacingd`` (if
-      ``spacing``; bilinear image, nearest label and mask) -> intensity normalisation;
-    * training: ``SpatialPadd(roi_size)`` (padded voxels get mask 0) ->
-      ``RandCropByPosNegLabeld`` (``num_samples`` patches per volume, centres on voxels with
-      mask 1) -> ``LabelToRegionsd`` (if ``regions``) -> random flips on ``flip_axes`` (none by
-      default) and intensity scale/shift (if ``augment``); batches of
-      ``batch_size * num_samples`` patches, plain tensors;
-    * validation / test: whole volumes, batch size 1, ``MetaTensor`` values (for
-      ``sliding_window_inference`` and :meth:`invert_prediction`);
-    * predict: images only, whole volumes, batch size 1, ``MetaTensor`` values.
+    Reads ``data_dir/dataset.json`` (paths in it are relative to ``data_dir``) once, at
+    construction (:func:`~lovasz_monai.dataset.describe_dataset`), and gives its ``CacheDataset``
+    the MONAI pipelines of
+    :class:`~lovasz_monai.pipelines.SegmentationPipelines` (load, ignore mask, RAS, spacing,
+    intensity; training: padded random patches centred on counted voxels, regions, optional
+    flips and intensity augmentation; evaluation and prediction: whole volumes with their
+    metadata). With ``synthetic``, :meth:`prepare_data` writes the synthetic dataset when
+    ``dataset.json`` is missing (the Trainer calls it on one process; :meth:`setup` calls it
+    outside a Trainer); construction writes nothing.
 
     Batches are dicts:
 
@@ -204,9 +93,10 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Args:
         data_dir: folder holding ``dataset.json``.
-        synthetic: if True and ``data_dir`` has no ``dataset.json``, write a synthetic dataset
-            there first with :func:`make_synthetic_dataset` (an existing one is reused).
-        synthetic_kwargs: keyword arguments for :func:`make_synthetic_dataset`.
+        synthetic: if ``data_dir`` has no ``dataset.json``, :meth:`prepare_data` writes a
+            synthetic dataset there with :func:`~lovasz_monai.synthetic.make_synthetic_dataset`
+            (an existing one is reused).
+        synthetic_kwargs: its keyword arguments.
         roi_size: training patch size ``(X, Y, Z)``; also the sliding-window size for the model.
         batch_size: volumes per training batch (each gives ``num_samples`` patches).
         num_samples: patches cropped per volume by ``RandCropByPosNegLabeld`` (pos:neg = 1:1).
@@ -339,7 +229,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             )
 
         self.dataset_json = self.data_dir / "dataset.json"
-        description = describe_dataset(
+        description = _dataset.describe_dataset(
             self.data_dir, synthetic, synthetic_kwargs, ignore_index=ignore_index, regions=regions
         )
         self.description = description
@@ -374,18 +264,21 @@ class SegmentationDataModule(pl.LightningDataModule):
             )
         self.train_files, self.val_files = split_cases(self.all_train_files, val_fraction, seed)
 
-        self._orientation = Orientationd(
-            keys=_KEYS, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True
-        )
-        self._spacing = (
-            None
-            if self.spacing is None
-            else Spacingd(
-                keys=_KEYS,
-                pixdim=self.spacing,
-                mode=("bilinear", "nearest", "nearest"),
-                allow_missing_keys=True,
-            )
+        self.synthetic = bool(synthetic)
+        self.synthetic_kwargs = dict(synthetic_kwargs or {})
+        self.pipelines = SegmentationPipelines(
+            in_channels=self.in_channels,
+            num_label_values=len(self.label_names),
+            ignore_index=self.ignore_index,
+            regions=self.regions,
+            roi_size=self.roi_size,
+            num_samples=self.num_samples,
+            spacing=self.spacing,
+            intensity=self.intensity,
+            ct_window=self.ct_window,
+            augment=self.augment,
+            flip_axes=self.flip_axes,
+            seed=self.seed,
         )
         self.predict_files: list[dict[str, str]] = []  # filled by setup("predict")
         self._checked: set[str] = set()
@@ -394,130 +287,37 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.test_ds: CacheDataset | None = None
         self.predict_ds: CacheDataset | None = None
 
-    # ---------------------------------------------------------------------------- dataset.json
+    # ---------------------------------------------------------------------------- files
     def _resolve_predict_files(self) -> list[dict[str, str]]:
-        if self.predict_images is None:
-            files = self._json_predict_files
-            if not files:
-                raise FileNotFoundError(
-                    f"{self.dataset_json} lists no 'test' images to predict; set predict_images."
-                )
-            return files
-        path = Path(self.predict_images)
-        if path.is_dir():
-            found = sorted(path.glob("*.nii.gz")) + sorted(path.glob("*.nii"))
-            names = [str(p) for p in found if not p.name.startswith(".")]  # e.g. macOS "._x"
-        elif path.is_file():
-            names = [str(path)]
-        else:
-            names = sorted(glob.glob(self.predict_images))
-        if not names:
+        if self.predict_images is not None:
+            return [{"image": p} for p in find_images(self.predict_images)]
+        if not self._json_predict_files:
             raise FileNotFoundError(
-                f"predict_images '{self.predict_images}' matches no image files."
+                f"{self.dataset_json} lists no 'test' images to predict; set predict_images."
             )
-        return [{"image": os.path.normpath(p)} for p in names]
-
-    def _check_headers(self, cases: Sequence[Mapping[str, str]]) -> None:
-        """Read every file's NIfTI header (no voxel data): readable, matching spatial shapes."""
-        for case in cases:
-            key = "|".join(case.values())
-            if key in self._checked:
-                continue
-            shapes = {k: _header_shape(p) for k, p in case.items()}
-            image_shape = shapes["image"][:3]
-            for k in ("label", "mask"):
-                if k in shapes and shapes[k][:3] != image_shape:
-                    raise ValueError(
-                        f"spatial shape mismatch: image '{case['image']}' has {image_shape} but "
-                        f"{k} '{case[k]}' has {shapes[k][:3]}."
-                    )
-            self._checked.add(key)
+        return self._json_predict_files
 
     # ---------------------------------------------------------------------------- transforms
-    def _pre_transforms(self, keys: Sequence[str]) -> list[Any]:
-        """Deterministic part shared by all stages (load, check, mask, orientation, spacing,
-        intensity)."""
-        labelled = "label" in keys
-        xforms: list[Any] = [
-            LoadImaged(keys=keys, reader="NibabelReader", image_only=True, allow_missing_keys=True),
-            EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
-            CheckImageLabeld(
-                keys=("label", "mask"),
-                num_channels=self.in_channels,
-                num_classes=len(self.label_names),
-                ignore_index=self.ignore_index,
-            ),
-        ]
-        if labelled:
-            xforms.append(
-                IgnoreMaskd(
-                    keys="label",
-                    ignore_index=self.ignore_index,
-                    mask_key="mask",
-                    roi_mask_key="mask",
-                    allow_missing_keys=True,
-                )
-            )
-        xforms.append(self._orientation)
-        if self._spacing is not None:
-            xforms.append(self._spacing)
-        if self.intensity == "zscore":
-            xforms.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
-        elif self.intensity == "ct":
-            lo, hi = self.ct_window
-            xforms.append(
-                ScaleIntensityRanged(
-                    keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
-                )
-            )
-        return xforms
-
-    def _regions_transform(self) -> list[Any]:
-        return [] if self.regions is None else [LabelToRegionsd(keys="label", regions=self.regions)]
-
     def train_transforms(self) -> Compose:
-        """The training pipeline (see the class docstring)."""
-        xforms = self._pre_transforms(_KEYS)
-        xforms += [
-            SpatialPadd(keys=_KEYS, spatial_size=self.roi_size),
-            RandCropByPosNegLabeld(
-                keys=_KEYS,
-                label_key="label",
-                spatial_size=self.roi_size,
-                pos=1.0,
-                neg=1.0,
-                num_samples=self.num_samples,
-                image_key="mask",
-                image_threshold=0.5,
-            ),
-        ]
-        xforms += self._regions_transform()
-        if self.augment:
-            xforms += [RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=a) for a in self.flip_axes]
-            xforms += [
-                RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            ]
-        xforms.append(EnsureTyped(keys=_KEYS, dtype=torch.float32, track_meta=False))
-        compose = _CaseCompose(xforms)
-        compose.set_random_state(seed=self.seed)
-        return compose
+        """The training pipeline (:meth:`SegmentationPipelines.train`)."""
+        return self.pipelines.train()
 
     def eval_transforms(self) -> Compose:
-        """Validation/test pipeline: whole volumes, ``MetaTensor`` values kept."""
-        xforms = self._pre_transforms(_KEYS) + self._regions_transform()
-        xforms.append(EnsureTyped(keys=_KEYS, dtype=torch.float32, track_meta=True))
-        return _CaseCompose(xforms)
+        """The validation/test pipeline (:meth:`SegmentationPipelines.evaluate`)."""
+        return self.pipelines.evaluate()
 
     def predict_transforms(self) -> Compose:
-        """Prediction pipeline: image only, whole volume, ``MetaTensor`` kept."""
-        xforms = self._pre_transforms(("image",))
-        xforms.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=True))
-        return _CaseCompose(xforms)
+        """The prediction pipeline (:meth:`SegmentationPipelines.predict`)."""
+        return self.pipelines.predict()
+
+    @property
+    def labels(self) -> LabelSemantics:
+        """The :class:`~lovasz_monai.labels.LabelSemantics` of the dataset."""
+        return LabelSemantics.from_description(self.description)
 
     # ---------------------------------------------------------------------------- Lightning
     def _dataset(self, files: list[dict[str, str]], transform: Compose) -> CacheDataset:
-        self._check_headers(files)
+        check_case_headers(files, self._checked)
         return CacheDataset(
             data=files,
             transform=transform,
@@ -526,15 +326,23 @@ class SegmentationDataModule(pl.LightningDataModule):
             progress=False,
         )
 
+    def prepare_data(self) -> None:
+        """Write the synthetic dataset (``synthetic=True``) when ``dataset.json`` is missing;
+        an existing dataset is reused. The Trainer calls it on one process per node."""
+        if self.synthetic and not self.dataset_json.is_file():
+            _synthetic.make_synthetic_dataset(self.data_dir, **self.synthetic_kwargs)
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` ("fit", "validate", "test", "predict"; None: fit and
-        test). Reads every NIfTI header first, then fills the cache.
+        test). Reads every NIfTI header first, then fills the cache. A synthetic dataset that
+        is not written yet (no Trainer called :meth:`prepare_data`) is written first.
 
         Raises:
             ValueError: no training cases (fit), an unreadable NIfTI file, or mismatched
                 image/label/mask shapes (naming the files).
             FileNotFoundError: nothing to predict (predict).
         """
+        self.prepare_data()
         if stage in ("fit", None):
             if not self.train_files:
                 raise ValueError(f"{self.dataset_json} lists no 'training' cases.")
@@ -595,55 +403,14 @@ class SegmentationDataModule(pl.LightningDataModule):
     def invert_prediction(
         self, pred: torch.Tensor, image: MetaTensor, nearest: bool = True
     ) -> MetaTensor:
-        """Map a prediction back to the original image space (undo orientation and spacing).
-
-        Args:
-            pred: ``(C, *S)`` or ``(1, C, *S)`` prediction on the grid of ``image``, e.g. an
-                argmax label map ``(1, *S)`` or probabilities ``(C, *S)``.
-            image: the ``"image"`` of a validation, test or predict batch, ``(C_in, *S)`` or
-                ``(1, C_in, *S)`` (batch size 1), a ``MetaTensor`` with its applied operations.
-            nearest: resample with nearest-neighbour (label maps); False uses the image's
-                interpolation (probabilities).
-
-        Returns:
-            ``MetaTensor`` ``(C, *S_orig)`` on the CPU with the original file's shape and affine;
-            write it with :func:`save_prediction`.
+        """Map a prediction back to the original image space (undo orientation and spacing), as
+        :meth:`SegmentationPipelines.invert`; write the result with
+        :func:`~lovasz_monai.writer.save_prediction`.
 
         Raises:
-            TypeError: ``image`` is not a ``MetaTensor``.
-            ValueError: a batch holds more than one item, or ``pred`` and ``image`` differ in
-                spatial shape.
+            TypeError, ValueError: as :meth:`SegmentationPipelines.invert`.
         """
-        if not isinstance(image, MetaTensor):
-            raise TypeError(
-                f"image must be the MetaTensor of a batch (with its applied operations), got "
-                f"{type(image).__name__}."
-            )
-        image = image.detach().cpu()
-        if image.is_batch:
-            items = decollate_batch(image)
-            if len(items) != 1:
-                raise ValueError(f"invert one case at a time, got a batch of {len(items)}.")
-            image = items[0]
-        pred = pred.detach().cpu()
-        pred = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
-        if pred.ndim == image.ndim + 1:
-            if pred.shape[0] != 1:
-                raise ValueError(f"invert one case at a time, got a batch of {pred.shape[0]}.")
-            pred = pred[0]
-        if pred.ndim != image.ndim or pred.shape[1:] != image.shape[1:]:
-            raise ValueError(
-                f"pred of shape {tuple(pred.shape)} does not fit image of shape "
-                f"{tuple(image.shape)} (spatial shapes must match)."
-            )
-        inverse = [self._orientation] + ([self._spacing] if self._spacing is not None else [])
-        inverter = Invertd(
-            keys="pred", transform=Compose(inverse), orig_keys="image", nearest_interp=nearest
-        )
-        out = inverter({"pred": MetaTensor(pred), "image": image})["pred"]
-        if pred.dtype != out.dtype and not pred.is_floating_point() and nearest:
-            out = out.round().to(pred.dtype)
-        return out
+        return self.pipelines.invert(pred, image, nearest)
 
     def __str__(self) -> str:  # Lightning's __str__ would build every dataloader
         return repr(self)

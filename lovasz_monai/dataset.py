@@ -17,6 +17,8 @@ Layout (paths in ``dataset.json`` are relative to its folder)::
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
 import random
@@ -26,9 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import nibabel as nib
 import numpy as np
 
-__all__ = ["CASE_KEYS", "DatasetDescription", "lateralised_labels", "nifti_stem", "split_cases"]
+from lovasz_monai.synthetic import synthetic_dataset_json
+
+__all__ = [
+    "CASE_KEYS",
+    "DatasetDescription",
+    "check_case_headers",
+    "describe_dataset",
+    "find_images",
+    "lateralised_labels",
+    "nifti_stem",
+    "split_cases",
+]
 
 CASE_KEYS = ("image", "label", "mask")
 """The keys of a case dict (``"label"`` and ``"mask"`` optional)."""
@@ -136,11 +150,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(info, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(info)}.")
-    if "labels" not in info:
-        raise ValueError(
-            f"{path} has no 'labels' entry; expected e.g. "
-            '"labels": {"0": "background", "1": "tumour"} (optionally "255": "ignore").'
-        )
     return info
 
 
@@ -280,8 +289,31 @@ class DatasetDescription:
             source = source / "dataset.json"
         if not source.is_file():
             raise FileNotFoundError(f"{source} not found.")
+        return cls.from_dict(_read_json(source), source, ignore_index, regions, check_files)
+
+    @classmethod
+    def from_dict(
+        cls,
+        info: Mapping[str, Any],
+        source: str | os.PathLike,
+        ignore_index: int | None = None,
+        regions: Mapping[str, Sequence[int] | int] | None = None,
+        check_files: bool = True,
+    ) -> DatasetDescription:
+        """The description of the content of a ``dataset.json`` (see :meth:`from_json`) that
+        lives at ``source`` (its folder is the root of the relative paths); e.g. of a dataset
+        that is not written yet.
+
+        Raises:
+            FileNotFoundError, ValueError: as :meth:`from_json`.
+        """
+        source = Path(source)
         root = source.parent
-        info = _read_json(source)
+        if "labels" not in info:
+            raise ValueError(
+                f"{source} has no 'labels' entry; expected e.g. "
+                '"labels": {"0": "background", "1": "tumour"} (optionally "255": "ignore").'
+            )
 
         label_names, json_ignore, json_regions = _parse_labels(info["labels"], source)
         ignore = json_ignore if ignore_index is None else int(ignore_index)
@@ -385,3 +417,124 @@ def lateralised_labels(label_names: Sequence[str]) -> list[str]:
         ['Left-Putamen', 'kidney_r', 'rh_insula']
     """
     return [name for name in label_names if _SIDE.search(str(name))]
+
+
+def _header_shape(path: str) -> tuple[int, ...]:
+    """Shape from a NIfTI header (no voxel data read); raises ValueError naming the file."""
+    try:
+        return tuple(nib.load(path).shape)
+    except Exception as err:  # nibabel raises several types (ImageFileError, OSError, ...)
+        raise ValueError(f"cannot read NIfTI file '{path}': {type(err).__name__}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# the DataModule
+# --------------------------------------------------------------------------------------------
+
+
+def check_case_headers(cases: Sequence[Mapping[str, str]], checked: set[str] | None = None) -> None:
+    """Read every file's NIfTI header (no voxel data): readable, and the label and mask with the
+    image's spatial shape.
+
+    Args:
+        cases: case dicts (``"image"``, ``"label"``, ``"mask"`` paths).
+        checked: keys of the cases checked before, skipped (and updated).
+
+    Raises:
+        ValueError: an unreadable file or a shape mismatch, naming the files.
+    """
+    checked = set() if checked is None else checked
+    for case in cases:
+        key = "|".join(case.values())
+        if key in checked:
+            continue
+        shapes = {k: _header_shape(p) for k, p in case.items()}
+        image_shape = shapes["image"][:3]
+        for k in ("label", "mask"):
+            if k in shapes and shapes[k][:3] != image_shape:
+                raise ValueError(
+                    f"spatial shape mismatch: image '{case['image']}' has {image_shape} but "
+                    f"{k} '{case[k]}' has {shapes[k][:3]}."
+                )
+        checked.add(key)
+
+
+def find_images(pattern: str | os.PathLike) -> list[str]:
+    """The NIfTI images of a folder (``*.nii.gz``, ``*.nii``, hidden files left out), a file, or
+    a glob pattern, sorted.
+
+    Raises:
+        FileNotFoundError: nothing matches.
+    """
+    path = Path(pattern)
+    if path.is_dir():
+        found = sorted(path.glob("*.nii.gz")) + sorted(path.glob("*.nii"))
+        names = [str(p) for p in found if not p.name.startswith(".")]  # e.g. macOS "._x"
+    elif path.is_file():
+        names = [str(path)]
+    else:
+        names = sorted(glob.glob(str(pattern)))
+    if not names:
+        raise FileNotFoundError(f"predict_images '{pattern}' matches no image files.")
+    return [os.path.normpath(p) for p in names]
+
+
+@functools.lru_cache(maxsize=16)
+def _read_description(
+    path: str, stamp: tuple[int, int], ignore_index: int | None, regions: tuple | None
+) -> DatasetDescription:
+    """:meth:`DatasetDescription.from_json`, read once per file version (``stamp``: its
+    modification time and size) and settings: the CLI and the datamodule share the result."""
+    return DatasetDescription.from_json(
+        path, ignore_index=ignore_index, regions=None if regions is None else dict(regions)
+    )
+
+
+def describe_dataset(
+    data_dir: str | os.PathLike,
+    synthetic: bool = False,
+    synthetic_kwargs: dict[str, Any] | None = None,
+    *,
+    ignore_index: int | None = None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+) -> DatasetDescription:
+    """The :class:`DatasetDescription` of ``<data_dir>/dataset.json``, or, when it is missing and
+    ``synthetic``, of the synthetic dataset that
+    :meth:`~lovasz_monai.data.SegmentationDataModule.prepare_data` writes there (nothing is
+    written here).
+
+    Args:
+        data_dir: folder of the dataset (MSD layout).
+        synthetic, synthetic_kwargs: as in :class:`~lovasz_monai.data.SegmentationDataModule`.
+        ignore_index, regions: see :meth:`DatasetDescription.from_json`.
+
+    Returns:
+        The frozen description (read once per version of the file).
+
+    Raises:
+        FileNotFoundError: no ``dataset.json`` and not ``synthetic``, or a file it lists is
+            missing.
+        ValueError: a malformed ``dataset.json`` or ``synthetic_kwargs``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> description = describe_dataset(
+        ...     folder, synthetic=True, synthetic_kwargs={"num_cases": 2, "size": (8, 8, 8)}
+        ... )
+        >>> description.num_classes, description.in_channels, len(description.training)
+        (3, 1, 2)
+    """
+    dataset_json = Path(data_dir) / "dataset.json"
+    if dataset_json.is_file():
+        status = dataset_json.stat()
+        frozen = None if regions is None else tuple((k, tuple(v)) for k, v in regions.items())
+        stamp = (status.st_mtime_ns, status.st_size)
+        return _read_description(str(dataset_json.resolve()), stamp, ignore_index, frozen)
+    if not synthetic:
+        raise FileNotFoundError(
+            f"{dataset_json} not found: data_dir must hold a Medical Segmentation Decathlon "
+            "style dataset.json (or pass synthetic=True to write a synthetic dataset there)."
+        )
+    info = synthetic_dataset_json(**(synthetic_kwargs or {}))
+    return DatasetDescription.from_dict(info, dataset_json, ignore_index, regions, False)

@@ -8,16 +8,18 @@ without downloading data (like MONAI's ``monai/data/synthetic.py``).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from monai.data import create_test_image_3d
 
-__all__ = ["make_synthetic_dataset"]
+__all__ = ["make_synthetic_dataset", "synthetic_dataset_json"]
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -60,6 +62,41 @@ def _synthetic_case(
     image = 100.0 + 400.0 * (image + noise * rs.standard_normal(image.shape))
     image = image.astype(np.float32)
     return (image[..., 0] if num_modalities == 1 else image), label
+
+
+def _check_arguments(
+    num_cases: int,
+    num_test: int,
+    size: Sequence[int],
+    num_classes: int,
+    num_modalities: int,
+    spacing: Sequence[float],
+    ignore_index: int | None,
+    ignore_fraction: float,
+    **_: Any,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The checks of :func:`make_synthetic_dataset`; ``size`` and ``spacing`` as tuples."""
+    size = tuple(int(s) for s in size)
+    spacing = tuple(float(s) for s in spacing)
+    if len(size) != 3 or min(size) < 8:
+        raise ValueError(f"size must be 3 spatial sizes, each >= 8, got {size}.")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive voxel sizes, got {spacing}.")
+    if num_cases < 1 or num_test < 0:
+        raise ValueError(f"need num_cases >= 1 and num_test >= 0, got {num_cases}, {num_test}.")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")
+    if num_modalities < 1:
+        raise ValueError(f"num_modalities must be >= 1, got {num_modalities}.")
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index {ignore_index} is a class index; use a value >= num_classes "
+            f"({num_classes}) or None."
+        )
+    if not 0.0 <= ignore_fraction < 1.0:
+        raise ValueError(f"ignore_fraction must be in [0, 1), got {ignore_fraction}.")
+
+    return size, spacing
 
 
 def make_synthetic_dataset(
@@ -130,25 +167,16 @@ def make_synthetic_dataset(
         ({'0': 'background', '1': 'class_1', '2': 'class_2', '255': 'ignore'}, 2, \
 {'image': './imagesTr/case_000.nii.gz', 'label': './labelsTr/case_000.nii.gz'})
     """
-    size = tuple(int(s) for s in size)
-    spacing = tuple(float(s) for s in spacing)
-    if len(size) != 3 or min(size) < 8:
-        raise ValueError(f"size must be 3 spatial sizes, each >= 8, got {size}.")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive voxel sizes, got {spacing}.")
-    if num_cases < 1 or num_test < 0:
-        raise ValueError(f"need num_cases >= 1 and num_test >= 0, got {num_cases}, {num_test}.")
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")
-    if num_modalities < 1:
-        raise ValueError(f"num_modalities must be >= 1, got {num_modalities}.")
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"ignore_index {ignore_index} is a class index; use a value >= num_classes "
-            f"({num_classes}) or None."
-        )
-    if not 0.0 <= ignore_fraction < 1.0:
-        raise ValueError(f"ignore_fraction must be in [0, 1), got {ignore_fraction}.")
+    size, spacing = _check_arguments(
+        num_cases,
+        num_test,
+        size,
+        num_classes,
+        num_modalities,
+        spacing,
+        ignore_index,
+        ignore_fraction,
+    )
 
     root = Path(root)
     for sub in ("imagesTr", "labelsTr", "imagesTs") + (("masksTr",) if roi_masks else ()):
@@ -159,7 +187,6 @@ def make_synthetic_dataset(
     max_label = max(num_classes - 1, ignore_index if ignore_index is not None else 0)
     label_dtype = np.uint8 if 0 <= max_label <= 255 else np.int16
 
-    training = []
     for i in range(num_cases):
         rs = np.random.RandomState([seed, 0, i])
         image, label = _synthetic_case(rs, size, num_classes, num_modalities, noise)
@@ -167,35 +194,60 @@ def make_synthetic_dataset(
         if ignore_index is not None and thickness > 0:
             start = rs.randint(0, size[2] - thickness + 1)
             label[..., start : start + thickness] = ignore_index
-        name = f"case_{i:03d}.nii.gz"
+        name = _case_name(i)
         _save_nifti(image, affine, root / "imagesTr" / name)
         _save_nifti(label.astype(label_dtype), affine, root / "labelsTr" / name)
-        entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
         if roi_masks:
             roi = np.ones(size, dtype=np.uint8)
             width = max(1, size[0] // 4)
             start = rs.randint(0, size[0] - width + 1)
             roi[start : start + width] = 0
             _save_nifti(roi, affine, root / "masksTr" / name)
-            entry["mask"] = f"./masksTr/{name}"
-        training.append(entry)
 
-    test = []
     for i in range(num_test):
         image, _ = _synthetic_case(
             np.random.RandomState([seed, 1, i]), size, num_classes, num_modalities, noise
         )
-        name = f"test_{i:03d}.nii.gz"
-        _save_nifti(image, affine, root / "imagesTs" / name)
-        test.append(f"./imagesTs/{name}")
+        _save_nifti(image, affine, root / "imagesTs" / _test_name(i))
 
+    info = _dataset_json(num_cases, num_test, num_classes, num_modalities, ignore_index, roi_masks)
+    tmp = root / f".dataset.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, root / "dataset.json")
+    return root
+
+
+def _case_name(i: int) -> str:
+    return f"case_{i:03d}.nii.gz"
+
+
+def _test_name(i: int) -> str:
+    return f"test_{i:03d}.nii.gz"
+
+
+def _dataset_json(
+    num_cases: int,
+    num_test: int,
+    num_classes: int,
+    num_modalities: int,
+    ignore_index: int | None,
+    roi_masks: bool,
+) -> dict[str, Any]:
+    """The ``dataset.json`` of :func:`make_synthetic_dataset` (its file names)."""
+    training = []
+    for i in range(num_cases):
+        entry = {"image": f"./imagesTr/{_case_name(i)}", "label": f"./labelsTr/{_case_name(i)}"}
+        if roi_masks:
+            entry["mask"] = f"./masksTr/{_case_name(i)}"
+        training.append(entry)
+    test = [f"./imagesTs/{_test_name(i)}" for i in range(num_test)]
     labels = {"0": "background", **{str(c): f"class_{c}" for c in range(1, num_classes)}}
     if ignore_index is not None:
         labels[str(ignore_index)] = "ignore"
     info = {
         "name": "Synthetic",
         "description": "Random spheres from monai.data.create_test_image_3d (lovasz_monai)",
-        "reference": "lovasz_monai.data.make_synthetic_dataset",
+        "reference": "lovasz_monai.synthetic.make_synthetic_dataset",
         "licence": "CC0",
         "release": "1.0",
         "tensorImageSize": "3D" if num_modalities == 1 else "4D",
@@ -206,7 +258,31 @@ def make_synthetic_dataset(
         "training": training,
         "test": test,
     }
-    tmp = root / f".dataset.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, root / "dataset.json")
-    return root
+    return info
+
+
+def synthetic_dataset_json(**kwargs: Any) -> dict[str, Any]:
+    """The ``dataset.json`` content that ``make_synthetic_dataset(root, **kwargs)`` writes, without
+    writing anything (e.g. to describe the dataset before ``prepare_data`` writes it).
+
+    Example:
+        >>> info = synthetic_dataset_json(num_cases=2, num_classes=2, ignore_index=None)
+        >>> info["labels"], info["training"][1]["label"]
+        ({'0': 'background', '1': 'class_1'}, './labelsTr/case_001.nii.gz')
+
+    Raises:
+        TypeError: an argument that :func:`make_synthetic_dataset` does not take.
+        ValueError: as :func:`make_synthetic_dataset`.
+    """
+    bound = inspect.signature(make_synthetic_dataset).bind(None, **kwargs)
+    bound.apply_defaults()
+    args = bound.arguments
+    _check_arguments(**{k: v for k, v in args.items() if k != "root"})
+    return _dataset_json(
+        args["num_cases"],
+        args["num_test"],
+        args["num_classes"],
+        args["num_modalities"],
+        args["ignore_index"],
+        args["roi_masks"],
+    )

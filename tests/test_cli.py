@@ -19,7 +19,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from lovasz_monai import cli as cli_module
 from lovasz_monai.cli import LovaszCLI, main
-from lovasz_monai.data import SegmentationDataModule, make_synthetic_dataset
+from lovasz_monai.data import SegmentationDataModule
+from lovasz_monai.synthetic import make_synthetic_dataset
 from lovasz_monai.writer import NiftiPredictionWriter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,10 @@ import pytorch_lightning as pl
 import torch
 from monai.data import MetaTensor
 
-from lovasz_monai.data import SegmentationDataModule, make_synthetic_dataset, save_prediction
+from lovasz_monai.data import SegmentationDataModule
+from lovasz_monai.dataset import DatasetDescription, describe_dataset
+from lovasz_monai.synthetic import make_synthetic_dataset
+from lovasz_monai.writer import save_prediction
 
 IGNORE = 255
 SIZE = (24, 24, 24)
@@ -485,10 +488,50 @@ def test_missing_dataset_json(tmp_path):
 
 def test_synthetic_true_writes_then_reuses(tmp_path):
     dm = _dm(tmp_path, synthetic=True, synthetic_kwargs={"num_cases": 2, "size": (8, 8, 8)})
-    assert (tmp_path / "dataset.json").is_file() and len(dm.all_train_files) == 2
+    assert not any(tmp_path.iterdir())  # construction writes nothing: prepare_data does
+    assert len(dm.all_train_files) == 2 and dm.num_classes == 3
+    dm.prepare_data()
+    assert (tmp_path / "dataset.json").is_file()
+    assert [dict(c) for c in describe_dataset(tmp_path).training] == dm.all_train_files
     stamp = (tmp_path / "dataset.json").stat().st_mtime_ns
-    _dm(tmp_path, synthetic=True, synthetic_kwargs={"num_cases": 5})
+    again = _dm(tmp_path, synthetic=True, synthetic_kwargs={"num_cases": 5})
+    again.prepare_data()
     assert (tmp_path / "dataset.json").stat().st_mtime_ns == stamp
+    assert len(again.all_train_files) == 2
+
+
+def test_setup_outside_a_trainer_writes_the_synthetic_data(tmp_path):
+    dm = _dm(tmp_path, synthetic=True, synthetic_kwargs={"num_cases": 2, "size": (8, 8, 8)})
+    dm.setup("fit")
+    assert (tmp_path / "dataset.json").is_file() and dm.train_ds is not None
+
+
+def test_dataset_json_is_read_once_and_shared(tmp_path, monkeypatch):
+    make_synthetic_dataset(tmp_path, num_cases=2, size=(8, 8, 8))
+    reads = []
+    original = DatasetDescription.from_json.__func__
+
+    def counting(cls, *args, **kwargs):
+        reads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetDescription, "from_json", classmethod(counting))
+    first = describe_dataset(tmp_path)
+    assert _dm(tmp_path).description is first and len(reads) == 1
+    (tmp_path / "dataset.json").write_text((tmp_path / "dataset.json").read_text() + "\n")
+    assert describe_dataset(tmp_path) is not first and len(reads) == 2  # a new version
+
+
+def test_former_data_names_warn_and_resolve():
+    import lovasz_monai.data as data
+    from lovasz_monai import synthetic, writer
+
+    with pytest.warns(DeprecationWarning, match="moved to lovasz_monai.synthetic"):
+        assert data.make_synthetic_dataset is synthetic.make_synthetic_dataset
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.writer.save_prediction"):
+        assert data.save_prediction is writer.save_prediction
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.dataset.describe_dataset"):
+        assert data.describe_dataset is describe_dataset
 
 
 def test_missing_file_listed(tiny_copy):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 from lovasz_monai import LovaszSoftmaxLoss
-from lovasz_monai.data import make_synthetic_dataset
+from lovasz_monai.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

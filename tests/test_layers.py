@@ -24,6 +24,7 @@ LAYERS = {
     "labels": 1,
     "objective": 1,
     "evaluation": 1,
+    "pipelines": 1,
     "data": 2,
     "module": 2,
     "nnunet": 2,
@@ -93,7 +94,9 @@ def test_the_losses_know_nothing_of_lightning(path):
     assert not used & {"pytorch_lightning", "lightning", "torchmetrics"}
 
 
-@pytest.mark.parametrize("name", ["dataset", "labels", "objective", "evaluation", "metrics"])
+@pytest.mark.parametrize(
+    "name", ["dataset", "labels", "objective", "evaluation", "metrics", "pipelines", "synthetic"]
+)
 def test_the_parts_the_module_composes_know_nothing_of_lightning(name):
     used = {n.split(".")[0] for n in imports(PACKAGE / f"{name}.py")}
     assert not used & {"pytorch_lightning", "lightning"}, name

@@ -407,7 +407,8 @@ def test_cli_test_csv_equals_monai_on_predicted_files(tmp_path, monkeypatch):
     import nibabel as nib
 
     from lovasz_monai.cli import LovaszCLI
-    from lovasz_monai.data import SegmentationDataModule, make_synthetic_dataset
+    from lovasz_monai.data import SegmentationDataModule
+    from lovasz_monai.synthetic import make_synthetic_dataset
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lovasz-monai"])

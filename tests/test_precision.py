@@ -14,13 +14,13 @@ import yaml
 
 from lovasz_monai import precision as precision_module
 from lovasz_monai.cli import LovaszCLI
-from lovasz_monai.data import make_synthetic_dataset
 from lovasz_monai.precision import (
     LovaszTrainer,
     cpu_has_native_bf16,
     emulated_bf16_warning,
     resolve_precision,
 )
+from lovasz_monai.synthetic import make_synthetic_dataset
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -1,0 +1,276 @@
+"""The MONAI transform pipelines of segmentation data: training, evaluation, prediction and the
+inversion of a prediction to the original image space (no Lightning).
+
+:class:`SegmentationPipelines` holds the settings;
+:class:`~lovasz_monai.data.SegmentationDataModule` builds one and gives its datasets these
+pipelines. Errors raised while loading or transforming a case name the case's files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from monai.data import MetaTensor, decollate_batch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from lovasz_monai.dataset import CASE_KEYS
+from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
+
+__all__ = ["SegmentationPipelines"]
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _describe_case(data: Any) -> str:
+    if not isinstance(data, Mapping):
+        return "a case"
+    names = []
+    for key in CASE_KEYS:
+        value = data.get(key)
+        if isinstance(value, MetaTensor):
+            value = value.meta.get("filename_or_obj", "")
+        if isinstance(value, str) and value:
+            names.append(f"{key}='{value}'")
+    return "case " + ", ".join(names) if names else "a case"
+
+
+class _CaseCompose(Compose):
+    """``Compose`` whose errors name the case's files (MONAI's own message names the transform)."""
+
+    def __call__(self, input_, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except Exception as err:
+            root = _root_cause(err)
+            cls: type[Exception] = RuntimeError
+            for candidate in (FileNotFoundError, ValueError):
+                if isinstance(root, candidate):
+                    cls = candidate
+                    break
+            raise cls(
+                f"failed to load/transform {_describe_case(input_)}: {type(root).__name__}: {root}"
+            ) from err
+
+
+@dataclass(frozen=True)
+class SegmentationPipelines:
+    """MONAI dictionary-transform pipelines of ``{"image", "label"[, "mask"]}`` cases.
+
+    * every stage: ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``CheckImageLabeld`` ->
+      ``IgnoreMaskd`` (writes ``"mask"``: 0 at the ignore label and outside the case's ROI
+      mask) -> ``Orientationd("RAS")`` -> ``Spacingd`` (if ``spacing``; bilinear image, nearest
+      label and mask) -> intensity normalisation;
+    * :meth:`train`: ``SpatialPadd(roi_size)`` (padded voxels get mask 0) ->
+      ``RandCropByPosNegLabeld`` (``num_samples`` patches per volume, centres on voxels with
+      mask 1) -> ``LabelToRegionsd`` (if ``regions``) -> random flips on ``flip_axes`` and
+      intensity scale/shift (if ``augment``) -> plain float32 tensors;
+    * :meth:`evaluate`: whole volumes, ``LabelToRegionsd`` (if ``regions``), ``MetaTensor``
+      values (for sliding-window inference and :meth:`invert`);
+    * :meth:`predict`: images only, whole volumes, ``MetaTensor`` values.
+
+    Attributes:
+        in_channels: image channels.
+        num_label_values: label values ``0..L-1`` that are classes (the ignore label aside).
+        ignore_index: the label value to ignore, or ``None``.
+        regions: multi-label mode: region name -> label values; ``None``: label maps.
+        roi_size: training patch size.
+        num_samples: patches per volume.
+        spacing: target voxel size in mm; ``None`` keeps each volume's own.
+        intensity: ``"zscore"`` (per channel, non-zero voxels), ``"ct"`` (clip to ``ct_window``,
+            scale to [0, 1]) or ``"none"``.
+        ct_window: Hounsfield window of ``intensity="ct"``.
+        augment: random flips (on ``flip_axes``) and intensity scale/shift in training.
+        flip_axes: spatial axes flipped in training (after RAS: 0 left-right, 1
+            posterior-anterior, 2 inferior-superior).
+        seed: seed of the training pipeline's random state.
+
+    Example:
+        >>> pipelines = SegmentationPipelines(in_channels=1, num_label_values=3, roi_size=(8, 8, 8))
+        >>> [type(t).__name__ for t in pipelines.predict().transforms][:3]
+        ['LoadImaged', 'EnsureChannelFirstd', 'CheckImageLabeld']
+    """
+
+    in_channels: int
+    num_label_values: int
+    ignore_index: int | None = None
+    regions: Mapping[str, Sequence[int]] | None = None
+    roi_size: tuple[int, ...] = (96, 96, 96)
+    num_samples: int = 2
+    spacing: tuple[float, ...] | None = None
+    intensity: Literal["zscore", "ct", "none"] = "zscore"
+    ct_window: tuple[float, float] = (-175.0, 250.0)
+    augment: bool = True
+    flip_axes: tuple[int, ...] = ()
+    seed: int = 0
+
+    orientation: Orientationd = field(init=False, repr=False, compare=False)
+    """The ``Orientationd("RAS")`` of every stage (one instance: :meth:`invert` needs it)."""
+    resampling: Spacingd | None = field(init=False, repr=False, compare=False)
+    """The ``Spacingd`` of every stage (``None`` without ``spacing``)."""
+
+    def __post_init__(self) -> None:
+        orientation = Orientationd(
+            keys=CASE_KEYS, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True
+        )
+        resampling = None
+        if self.spacing is not None:
+            resampling = Spacingd(
+                keys=CASE_KEYS,
+                pixdim=self.spacing,
+                mode=("bilinear", "nearest", "nearest"),
+                allow_missing_keys=True,
+            )
+        object.__setattr__(self, "orientation", orientation)
+        object.__setattr__(self, "resampling", resampling)
+
+    def _common(self, keys: Sequence[str]) -> list[Any]:
+        """The deterministic part of every stage."""
+        xforms: list[Any] = [
+            LoadImaged(keys=keys, reader="NibabelReader", image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
+            CheckImageLabeld(
+                keys=("label", "mask"),
+                num_channels=self.in_channels,
+                num_classes=self.num_label_values,
+                ignore_index=self.ignore_index,
+            ),
+        ]
+        if "label" in keys:
+            xforms.append(
+                IgnoreMaskd(
+                    keys="label",
+                    ignore_index=self.ignore_index,
+                    mask_key="mask",
+                    roi_mask_key="mask",
+                    allow_missing_keys=True,
+                )
+            )
+        xforms += [t for t in (self.orientation, self.resampling) if t is not None]
+        if self.intensity == "zscore":
+            xforms.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+        elif self.intensity == "ct":
+            lo, hi = self.ct_window
+            xforms.append(
+                ScaleIntensityRanged(
+                    keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
+                )
+            )
+        return xforms
+
+    def _regions(self) -> list[Any]:
+        regions = self.regions
+        return [] if regions is None else [LabelToRegionsd(keys="label", regions=dict(regions))]
+
+    def train(self) -> Compose:
+        """The training pipeline (random patches, augmentation), seeded with ``seed``."""
+        xforms = self._common(CASE_KEYS)
+        xforms += [
+            SpatialPadd(keys=CASE_KEYS, spatial_size=self.roi_size),
+            RandCropByPosNegLabeld(
+                keys=CASE_KEYS,
+                label_key="label",
+                spatial_size=self.roi_size,
+                pos=1.0,
+                neg=1.0,
+                num_samples=self.num_samples,
+                image_key="mask",
+                image_threshold=0.5,
+            ),
+        ]
+        xforms += self._regions()
+        if self.augment:
+            xforms += [RandFlipd(keys=CASE_KEYS, prob=0.5, spatial_axis=a) for a in self.flip_axes]
+            xforms += [
+                RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            ]
+        xforms.append(EnsureTyped(keys=CASE_KEYS, dtype=torch.float32, track_meta=False))
+        compose = _CaseCompose(xforms)
+        compose.set_random_state(seed=self.seed)
+        return compose
+
+    def evaluate(self) -> Compose:
+        """The validation/test pipeline: whole volumes, ``MetaTensor`` values kept."""
+        xforms = self._common(CASE_KEYS) + self._regions()
+        xforms.append(EnsureTyped(keys=CASE_KEYS, dtype=torch.float32, track_meta=True))
+        return _CaseCompose(xforms)
+
+    def predict(self) -> Compose:
+        """The prediction pipeline: the image only, whole volume, ``MetaTensor`` kept."""
+        xforms = self._common(("image",))
+        xforms.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=True))
+        return _CaseCompose(xforms)
+
+    def invert(self, pred: torch.Tensor, image: MetaTensor, nearest: bool = True) -> MetaTensor:
+        """Map a prediction back to the original image space (undo orientation and spacing).
+
+        Args:
+            pred: ``(C, *S)`` or ``(1, C, *S)`` prediction on the grid of ``image``, e.g. an
+                argmax label map ``(1, *S)`` or probabilities ``(C, *S)``.
+            image: the ``"image"`` of an evaluation or predict batch, ``(C_in, *S)`` or
+                ``(1, C_in, *S)`` (batch size 1), a ``MetaTensor`` with its applied operations.
+            nearest: resample with nearest-neighbour (label maps); False uses the image's
+                interpolation (probabilities).
+
+        Returns:
+            ``MetaTensor`` ``(C, *S_orig)`` on the CPU with the original file's shape and affine.
+
+        Raises:
+            TypeError: ``image`` is not a ``MetaTensor``.
+            ValueError: a batch holds more than one item, or ``pred`` and ``image`` differ in
+                spatial shape.
+        """
+        if not isinstance(image, MetaTensor):
+            raise TypeError(
+                f"image must be the MetaTensor of a batch (with its applied operations), got "
+                f"{type(image).__name__}."
+            )
+        image = image.detach().cpu()
+        if image.is_batch:
+            items = decollate_batch(image)
+            if len(items) != 1:
+                raise ValueError(f"invert one case at a time, got a batch of {len(items)}.")
+            image = items[0]
+        pred = pred.detach().cpu()
+        pred = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+        if pred.ndim == image.ndim + 1:
+            if pred.shape[0] != 1:
+                raise ValueError(f"invert one case at a time, got a batch of {pred.shape[0]}.")
+            pred = pred[0]
+        if pred.ndim != image.ndim or pred.shape[1:] != image.shape[1:]:
+            raise ValueError(
+                f"pred of shape {tuple(pred.shape)} does not fit image of shape "
+                f"{tuple(image.shape)} (spatial shapes must match)."
+            )
+        inverse = [t for t in (self.orientation, self.resampling) if t is not None]
+        inverter = Invertd(
+            keys="pred", transform=Compose(inverse), orig_keys="image", nearest_interp=nearest
+        )
+        out = inverter({"pred": MetaTensor(pred), "image": image})["pred"]
+        if pred.dtype != out.dtype and not pred.is_floating_point() and nearest:
+            out = out.round().to(pred.dtype)
+        return out
