@@ -85,6 +85,24 @@ def _checked_class_inputs(
     return checks()
 
 
+def _checked_class_losses(
+    source: Tensor,
+    labels: Tensor,
+    valid: Tensor | None,
+    key_of: KeyOf,
+    wrt_source: bool,
+    validate: bool,
+    skip_absent: bool,
+    settings: dict[str, object],
+) -> tuple[Tensor, Tensor]:
+    """The public ``lovasz_*class_losses``: checks (:func:`_checked_class_inputs`, with the
+    :class:`LovaszSettings` keywords ``settings``), then :func:`_class_losses`."""
+    fg, valid, checked = _checked_class_inputs(source, labels, valid, validate, **settings)
+    return _class_losses(
+        source, fg, valid, key_of, checked, wrt_source=wrt_source, skip_absent=skip_absent
+    )
+
+
 KeyOf = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 """``key_of(source, fg, valid)``: the sort keys (errors, ``-1`` at invalid voxels) of detached
 source values, masked foreground and validity of the same (broadcastable) shape; it may return
@@ -281,20 +299,10 @@ def lovasz_class_losses(
             ``batch=True`` and ``method="histogram"``, or (``validate``) distributed processes
             that disagree on classes, bins or dtype.
     """
-    fg, valid, settings = _checked_class_inputs(
-        errors,
-        labels,
-        valid,
-        validate,
-        batch=batch,
-        method=method,
-        bins=bins,
-        chunk_elements=chunk_elements,
-        distributed=distributed,
-        process_group=process_group,
-    )
-    return _class_losses(
-        errors, fg, valid, _error_key, settings, wrt_source=False, skip_absent=skip_absent
+    settings = dict(batch=batch, method=method, bins=bins, chunk_elements=chunk_elements)
+    settings.update(distributed=distributed, process_group=process_group)
+    return _checked_class_losses(
+        errors, labels, valid, _error_key, False, validate, skip_absent, settings
     )
 
 
@@ -335,20 +343,10 @@ def lovasz_probability_class_losses(
     Raises:
         ValueError: as :func:`lovasz_class_losses`.
     """
-    fg, valid, settings = _checked_class_inputs(
-        probs,
-        labels,
-        valid,
-        validate,
-        batch=batch,
-        method=method,
-        bins=bins,
-        chunk_elements=chunk_elements,
-        distributed=distributed,
-        process_group=process_group,
-    )
-    return _class_losses(
-        probs, fg, valid, _probability_key, settings, wrt_source=True, skip_absent=skip_absent
+    settings = dict(batch=batch, method=method, bins=bins, chunk_elements=chunk_elements)
+    settings.update(distributed=distributed, process_group=process_group)
+    return _checked_class_losses(
+        probs, labels, valid, _probability_key, True, validate, skip_absent, settings
     )
 
 
@@ -385,20 +383,10 @@ def lovasz_hinge_class_losses(
     Raises:
         ValueError: as :func:`lovasz_class_losses`.
     """
-    fg, valid, settings = _checked_class_inputs(
-        logits,
-        labels,
-        valid,
-        validate,
-        batch=batch,
-        method=method,
-        bins=bins,
-        chunk_elements=chunk_elements,
-        distributed=distributed,
-        process_group=process_group,
-    )
-    return _class_losses(
-        logits, fg, valid, _hinge_key, settings, wrt_source=True, skip_absent=skip_absent
+    settings = dict(batch=batch, method=method, bins=bins, chunk_elements=chunk_elements)
+    settings.update(distributed=distributed, process_group=process_group)
+    return _checked_class_losses(
+        logits, labels, valid, _hinge_key, True, validate, skip_absent, settings
     )
 
 

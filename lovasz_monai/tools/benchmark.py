@@ -601,23 +601,16 @@ def _source_version() -> str:
     )
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources))
     text = f"functional/+losses/ sha256 {digest.hexdigest()[:12]}"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=package,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *map(str, sources)],
-            cwd=package,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", *map(str, sources))
     except (OSError, subprocess.SubprocessError):
         return text
     return f"git {commit}{' +modified' if dirty else ''}, {text}"
