@@ -121,11 +121,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         flip_axes: the spatial axes that training flips (each with probability 0.5, with
             ``augment``), after ``Orientationd("RAS")``: 0 left-right, 1 posterior-anterior, 2
             inferior-superior. Default ``()``: no flips. On the subcortical atlas task
-            (README) flips on axes 1 and 2 cost 0.055 per-case mIoU and left-right flips 0.047
-            more: anatomy in a standard orientation is better learned unflipped, and a
-            left-right flip of image and label puts a left structure on the right still
-            labelled "left". Add axes for data without a fixed orientation; a warning names
-            the lateralised labels when axis 0 is added.
+            (docs/guides/which_loss.md) flips on axes 1 and 2 cost 0.055 per-case mIoU and
+            left-right flips 0.047 more: anatomy in a standard orientation is better learned
+            unflipped, and a left-right flip of image and label puts a left structure on the
+            right still labelled "left". Add axes for data without a fixed orientation; a
+            warning names the lateralised labels when axis 0 is added.
 
     Attributes:
         class_names: output channel names: class names (without ``"ignore"``), or region names

@@ -246,7 +246,7 @@ class DatasetDescription:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """Output channel names: ``label_names``, or the region names in multi-label mode."""
+        """The output channel names, ``label_names`` or (multi-label mode) the region names."""
         return tuple(self.regions) if self.regions is not None else self.label_names
 
     @property

@@ -31,6 +31,7 @@ __all__ = ["IGNORED", "LabelSemantics", "Mode"]
 IGNORED = -1
 
 Mode = Literal["multiclass", "binary", "multilabel"]
+"""The output modes (see :class:`LabelSemantics`)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class LabelSemantics:
 
     @property
     def out_channels(self) -> int:
-        """Network outputs: 1 in the binary mode, else :attr:`num_classes`."""
+        """The number of network outputs, 1 in the binary mode, else :attr:`num_classes`."""
         return 1 if self.mode == "binary" else self.num_classes
 
     @property

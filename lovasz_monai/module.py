@@ -106,6 +106,11 @@ class LovaszSegmentationModule(pl.LightningModule):
     ``lr_scheduler`` sections configure the optimizer; without them (or outside the CLI)
     :meth:`configure_optimizers` uses ``AdamW(lr=1e-3, weight_decay=1e-5)``.
 
+    The properties ``mode`` (``labels.mode``; ``multi_label``, ``binary`` and
+    ``sigmoid_outputs`` derive from it), ``loss`` and ``warmup_loss`` (the objective's),
+    ``val_iou``, ``test_iou``, ``val_cases`` and ``test_cases`` (the metrics' parts) keep the
+    names of version 0.1.
+
     Args:
         num_classes: output classes: label values including background (multi-class/binary),
             or regions (multi-label). Linked from the datamodule by the CLI.
@@ -115,8 +120,9 @@ class LovaszSegmentationModule(pl.LightningModule):
             strides=unet_strides, num_res_units=unet_num_res_units)``.
         loss: training/validation loss taking ``(logits, label[, mask])``; ``None``:
             :func:`~lovasz_monai.losses.default_loss`, ``LovaszCELoss(to_onehot_y=True)``
-            (Lovász-Softmax + 0.3 CE, the best recipe of the real-anatomy comparison in the
-            README) or ``LovaszCELoss(sigmoid=True)`` (multi-label and 1-channel binary).
+            (Lovász-Softmax + 0.3 CE, the best recipe of the real-anatomy comparison in
+            docs/guides/which_loss.md) or ``LovaszCELoss(sigmoid=True)`` (multi-label and
+            1-channel binary).
         in_channels: image channels (modalities).
         class_names: one name per class/region, used in the logged metric names; ``None``:
             ``class_0, class_1, ...``.
@@ -146,10 +152,6 @@ class LovaszSegmentationModule(pl.LightningModule):
     Attributes:
         network: the network.
         labels, objective, val_metrics, test_metrics: the parts above.
-        loss, warmup_loss: the objective's losses.
-        mode: ``labels.mode``; ``multi_label``, ``binary`` and ``sigmoid_outputs`` derive from it.
-        val_iou, test_iou, val_cases, test_cases: the metrics' torchmetrics IoU and per-case
-            metrics (:class:`~lovasz_monai.metrics.CaseMetrics`).
 
     Shapes:
         forward: ``(B, in_channels, *S)`` -> ``(B, out_channels, *S)`` logits.

@@ -449,14 +449,14 @@ def test_torchmetrics_iou_of_a_class_absent_from_prediction_and_target():
     assert module.mean_iou(iou).item() == pytest.approx((1 / 2 + 0.0) / 2)  # classes 1 and 3
 
 
-def test_reduction_none_rule_is_the_one_stated_in_docstring_and_readme():
+def test_reduction_none_rule_is_the_one_stated_in_docstring_and_guide():
     """The shape rule of ``reduction="none"`` is written once in words that match the code: no
     claim that the result always broadcasts against the input (it does not for ``N < C``)."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    guide = Path(__file__).resolve().parents[1] / "docs" / "guides" / "losses.md"
     doc = LovaszSoftmaxLoss.__doc__
-    for text in (readme, " ".join(doc.split())):
+    for text in (guide.read_text(encoding="utf-8"), " ".join(doc.split())):
         assert "(B, N, 1, ..., 1)" in text and "only when" in text
     assert "that broadcasts against the input," not in " ".join(doc.split())
     assert "the same shape rule" in " ".join(LovaszHingeLoss.__doc__.split())

@@ -78,7 +78,7 @@ def test_training_step_finite_loss_and_gradients():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     assert isinstance(model.loss, LovaszCELoss) and model.loss.to_onehot_y
-    # the default recipe: Lovász + 0.3 x CE (README, "Segmentation quality on real anatomy")
+    # the default recipe: Lovász + 0.3 x CE (docs/guides/which_loss.md)
     assert (model.loss.lambda_lovasz, model.loss.lambda_ce) == (1.0, 0.3)
 
 

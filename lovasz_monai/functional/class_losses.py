@@ -328,8 +328,8 @@ def lovasz_probability_class_losses(
     Args:
         probs: ``(B, C, *spatial)`` probabilities in [0, 1] (softmax or per-channel sigmoid).
         labels: ``(B, C, *spatial)`` one-hot or multi-hot targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements, distributed, process_group, validate,
-            skip_absent: see :func:`lovasz_class_losses`.
+        valid, batch, method, bins, chunk_elements: see :func:`lovasz_class_losses`.
+        distributed, process_group, validate, skip_absent: see :func:`lovasz_class_losses`.
 
     Returns:
         ``(losses, fg_counts)`` as :func:`lovasz_class_losses`.
@@ -369,8 +369,8 @@ def lovasz_hinge_class_losses(
     Args:
         logits: ``(B, C, *spatial)`` raw scores; each channel is a binary problem.
         labels: ``(B, C, *spatial)`` binary targets (bool or 0/1).
-        valid, batch, method, bins, chunk_elements, distributed, process_group, validate,
-            skip_absent: see :func:`lovasz_class_losses`.
+        valid, batch, method, bins, chunk_elements: see :func:`lovasz_class_losses`.
+        distributed, process_group, validate, skip_absent: see :func:`lovasz_class_losses`.
 
     Returns:
         ``(losses, fg_counts)`` as :func:`lovasz_class_losses`, differentiable in ``logits``.

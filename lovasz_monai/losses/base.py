@@ -82,7 +82,7 @@ def check_logits(input: Tensor, validate: bool) -> None:
 
 
 class LossInputs(NamedTuple):
-    """A Lovász loss's checked inputs: what :meth:`~_LovaszLoss.prepare` hands to the terms."""
+    """A Lovász loss's checked inputs: what :meth:`~LovaszLoss.prepare` hands to the terms."""
 
     input: Tensor
     """``(B, C, *spatial)`` network output in (at least) float32."""
@@ -94,9 +94,10 @@ class LossInputs(NamedTuple):
     """``(B, 1, *spatial)`` int64 label map when the target was one (ignored voxels hold 0)."""
 
 
-class _LovaszLoss(_Loss):
-    """The stages shared by the Lovász losses: :meth:`prepare` checks and decodes the inputs,
-    :meth:`compute` gives the loss of prepared inputs; ``forward`` is the two in a row.
+class LovaszLoss(_Loss):
+    """The base of the Lovász loss classes, and the stages they share: :meth:`prepare` checks
+    and decodes the inputs, :meth:`compute` gives the loss of prepared inputs; ``forward`` is the
+    two in a row.
 
     The method settings are one frozen :class:`~lovasz_monai.functional.LovaszSettings`
     (``self.settings``; ``batch``, ``method``, ... read from it); the class selection and its

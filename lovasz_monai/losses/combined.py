@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: weight of the cross-entropy of :class:`LovaszCELoss` with a softmax over classes when none is
-#: given (``lambda_ce=None``): on the real-anatomy comparison (README, experiments/brain_tissue)
+#: given (``lambda_ce=None``): on the real-anatomy comparison (docs/guides/which_loss.md)
 #: Lovász + 0.3 CE gave the best mean IoU of 13 recipes, above Lovász + CE with equal weights and
 #: Dice + CE
 DEFAULT_LOSS_LAMBDA_CE = 0.3
@@ -74,11 +74,13 @@ class LovaszCELoss(_Loss):
     ``loss.ignore_index``); the target is decoded once for both terms.
 
     Args:
-        include_background, to_onehot_y, sigmoid, softmax, other_act, batch, weight, ignore_index,
-            classes, validate, method, bins, chunk_elements, distributed, process_group: as in
-            :class:`LovaszSoftmaxLoss` (they configure the Lovász term; ``weight`` weighs its
-            class mean; with ``distributed`` the cross-entropy stays the mean over this
-            process's valid voxels, which DDP averages as usual).
+        include_background, to_onehot_y, sigmoid, softmax, other_act: as in
+            :class:`LovaszSoftmaxLoss`.
+        batch, weight, ignore_index, classes, validate, method, bins, chunk_elements: as in
+            :class:`LovaszSoftmaxLoss`; they configure the Lovász term (``weight`` weighs its
+            class mean; the ignore label applies to both terms).
+        distributed, process_group: as in :class:`LovaszSoftmaxLoss`; the cross-entropy stays
+            the mean over this process's valid voxels, which DDP averages as usual.
         reduction: ``"mean"`` or ``"sum"`` (CE summed over valid voxels, Lovász over volumes).
         lambda_lovasz: weight of the Lovász term, >= 0.
         lambda_ce: weight of the cross-entropy term, >= 0. ``None`` (default): the recommended

@@ -10,12 +10,12 @@ from torch import Tensor
 
 from lovasz_monai import functional
 from lovasz_monai.functional import DEFAULT_BINS, DEFAULT_CHUNK_ELEMENTS, LovaszSettings, Method
-from lovasz_monai.losses.base import LossInputs, _LovaszLoss, _resolve_activation
+from lovasz_monai.losses.base import LossInputs, LovaszLoss, _resolve_activation
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
 
 
-class LovaszSoftmaxLoss(_LovaszLoss):
+class LovaszSoftmaxLoss(LovaszLoss):
     """Lovász-Softmax loss (Berman et al., CVPR 2018), a convex surrogate of the Jaccard/IoU loss.
 
     For each class ``c`` (and each volume, unless ``batch=True``) the errors ``|y_c - p_c|`` of the
@@ -176,7 +176,7 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         return self._class_mean(functional.lovasz_class_losses, errors, inputs.fg, inputs.valid)
 
 
-class LovaszHingeLoss(_LovaszLoss):
+class LovaszHingeLoss(LovaszLoss):
     """Lovász hinge loss on logits: binary (one channel) or multi-label (each channel binary).
 
     The errors are the hinge margins ``relu(1 - logit * (2 y - 1))`` of each channel, weighted by

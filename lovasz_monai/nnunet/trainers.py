@@ -166,7 +166,7 @@ class nnUNetTrainerLovaszCE(nnUNetTrainer):
         ``lovasz-nnunet-train 4 3d_fullres 0 -tr nnUNetTrainerLovaszCE``
     """
 
-    #: weight of the cross-entropy term (0: the Lovász loss alone, None: the default recipe)
+    #: the weight of the cross-entropy term; 0 gives the Lovász loss alone, None the default
     lambda_ce: float | None = None
 
     def _build_loss(self) -> nn.Module:
@@ -237,7 +237,7 @@ class nnUNetTrainerLovasz_tiny(_Tiny, nnUNetTrainerLovasz):
     """:class:`nnUNetTrainerLovasz` for 2 epochs of 3 iterations."""
 
 
-#: every trainer of this module, in the order of the README's table
+#: every trainer of this module, in the order of the nnU-Net guide's table
 TRAINERS = (
     nnUNetTrainerLovaszCE,
     nnUNetTrainerLovasz,

@@ -238,7 +238,7 @@ def measured_table(
         repeats, warmup: timed and untimed steps; each step's time is the slowest process's.
 
     Returns:
-        The table: medians in ms of the two all-reduces, of an all-gather of the errors and
+        The table of medians in ms of the two all-reduces, of an all-gather of the errors and
         labels, and of forward + backward of the per-process and of the distributed loss.
 
     Raises:

@@ -17,6 +17,8 @@ import yaml
 from lovasz_monai.tools.recipes import DEFAULT_OVERRIDES, LOSSES
 
 __all__ = [
+    "PER_CLASS_COLUMNS",
+    "SMALLEST",
     "ComparisonResult",
     "RunResult",
     "aggregate",
@@ -99,7 +101,8 @@ class RunResult:
 
     Args:
         loss, seed: the run's key of :data:`LOSSES` and seed.
-        miou, dice: mIoU and mean Dice of the final model (see :func:`evaluate`).
+        miou, dice: mIoU and mean Dice of the final model (see
+            :func:`~lovasz_monai.tools.runs.evaluate`).
         iou, dice_per_class: per-class values, ``C`` each.
         step_times: wall-clock seconds of every training step.
         val_miou_curve: logged ``val/mIoU`` of every validation epoch.
@@ -107,7 +110,8 @@ class RunResult:
         wall_time: seconds of the whole run.
         run_dir: the run's ``default_root_dir``.
         class_names, counted_classes, num_val_volumes: as in :class:`ComparisonResult`.
-        case_miou: per-case mIoU averaged over the evaluated volumes (see :func:`evaluate`).
+        case_miou: per-case mIoU averaged over the evaluated volumes (see
+            :func:`~lovasz_monai.tools.runs.evaluate`).
         case_iou: per-class IoU averaged over the volumes, ``C``.
         eval_split: the evaluated split, ``"val"`` or ``"test"``.
         case_dice, case_hd95: per-case mean Dice and HD95 (mm; NaN without surface metrics)

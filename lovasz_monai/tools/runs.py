@@ -105,14 +105,13 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
             trainer's ``precision_plugin.val_step_context``).
 
     Returns:
-        ``{"iou": [C], "dice": [C], "miou": float, "dice_mean": float, "case_iou": [C],
-        "case_miou": float, "case_dice": float, "case_hd95": float, "num_volumes": int}``:
-        per-class IoU from the confusion matrix over all volumes (dataset-level), per-class Dice
-        and IoU averaged over volumes (NaN where the class is in neither label nor prediction of
-        any volume), the means of IoU and Dice over the classes ``model.labels`` counts, and
-        ``case_miou``: the per-case mIoU (each
-        volume's mean IoU over the counted classes in its label or prediction) averaged over
-        volumes, the score medical challenges report; ``case_dice`` and ``case_hd95`` the same
+        A dict. ``"iou"`` and ``"dice"`` (lists of ``C``): per-class IoU from the confusion
+        matrix over all volumes (dataset-level) and per-class Dice averaged over volumes (NaN
+        where the class is in neither label nor prediction of any volume); ``"miou"`` and
+        ``"dice_mean"``: their means over the classes ``model.labels`` counts; ``"case_iou"``
+        (list of ``C``): IoU per class averaged over volumes; ``"case_miou"``: the per-case mIoU
+        (each volume's mean IoU over the counted classes in its label or prediction) averaged over
+        volumes, the score medical challenges report; ``"case_dice"`` and ``"case_hd95"`` the same
         for Dice and (with the module's ``surface_metrics``, else NaN) HD95 in mm.
 
     Raises:
