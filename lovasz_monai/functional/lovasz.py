@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
 from lovasz_monai.functional.arguments import (
     DEFAULT_BINS,
+    DEFAULT_CHUNK_ELEMENTS,
+    LovaszSettings,
     Method,
     collective_check,
-    distributed_world_size,
 )
 from lovasz_monai.functional.class_losses import (
     average_class_losses,
@@ -65,27 +66,39 @@ def _checked_inputs(
     return source, fg, valid, selection.present_only
 
 
-def _checked_on_every_process(
+def _class_mean(
+    class_losses: Callable[..., tuple[Tensor, Tensor]],
     source: Tensor,
     labels: Tensor,
     valid: Tensor | None,
     ignore_index: int | None,
     classes: str | Sequence[int],
-    *,
-    bins: int,
-    distributed: bool,
-    process_group: object | None,
+    settings: LovaszSettings,
     validate: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-    """:func:`_checked_inputs`; distributed with ``validate``, as a :func:`collective_check`
-    (a bad input on one process raises on every process instead of leaving them waiting)."""
+) -> Tensor:
+    """The inputs checked by :func:`_checked_inputs` (distributed with ``validate``, as a
+    :func:`collective_check`: a bad input on one process raises on every process instead of
+    leaving them waiting), then ``class_losses`` averaged over the classes and the volumes."""
 
     def checks() -> tuple[Tensor, Tensor, Tensor | None, bool]:
         return _checked_inputs(source, labels, valid, ignore_index, classes, validate)
 
-    if not validate or distributed_world_size(distributed, process_group) == 1:
-        return checks()
-    return collective_check(source, bins, checks, process_group=process_group)
+    if validate and settings.world_size > 1:
+        checked = collective_check(
+            source, settings.bins, checks, process_group=settings.process_group
+        )
+    else:
+        checked = checks()
+    source, fg, valid, present_only = checked
+    losses, counts = class_losses(
+        source,
+        fg,
+        valid,
+        **settings.keywords(),
+        validate=False,  # checked above, on every process
+        skip_absent=present_only and (validate or source.device.type == "cpu"),
+    )
+    return average_class_losses(losses, counts, present_only).mean()
 
 
 def _batch_from_per_volume(batch: bool, per_volume: bool | None) -> bool:
@@ -152,31 +165,24 @@ def lovasz_softmax(
             without ``batch=True`` and ``method="histogram"``, or (distributed, ``validate``)
             bad input on any process or processes that disagree on channels, bins or dtype.
     """
-    batch = _batch_from_per_volume(batch, per_volume)
-    probs, labels, valid, present_only = _checked_on_every_process(
+    settings = LovaszSettings(
+        _batch_from_per_volume(batch, per_volume),
+        method,
+        bins,
+        DEFAULT_CHUNK_ELEMENTS,
+        distributed,
+        process_group,
+    )
+    return _class_mean(
+        lovasz_probability_class_losses,
         probs,
         labels,
         valid,
         ignore_index,
         classes,
-        bins=bins,
-        distributed=distributed,
-        process_group=process_group,
-        validate=validate,
+        settings,
+        validate,
     )
-    losses, counts = lovasz_probability_class_losses(
-        probs,
-        labels,
-        valid,
-        batch,
-        method,
-        bins,
-        distributed=distributed,
-        process_group=process_group,
-        validate=False,  # checked above, on every process
-        skip_absent=present_only and (validate or probs.device.type == "cpu"),
-    )
-    return average_class_losses(losses, counts, present_only).mean()
 
 
 def lovasz_hinge(
@@ -231,27 +237,14 @@ def lovasz_hinge(
             ``batch=True`` and ``method="histogram"``, or (distributed, ``validate``) bad input
             on any process or processes that disagree on channels, bins or dtype.
     """
-    batch = _batch_from_per_volume(batch, per_volume)
-    logits, labels, valid, _ = _checked_on_every_process(
-        logits,
-        labels,
-        valid,
-        ignore_index,
-        "all",
-        bins=bins,
-        distributed=distributed,
-        process_group=process_group,
-        validate=validate,
-    )
-    losses, counts = lovasz_hinge_class_losses(
-        logits,
-        labels,
-        valid,
-        batch,
+    settings = LovaszSettings(
+        _batch_from_per_volume(batch, per_volume),
         method,
         bins,
-        distributed=distributed,
-        process_group=process_group,
-        validate=False,  # checked above, on every process
+        DEFAULT_CHUNK_ELEMENTS,
+        distributed,
+        process_group,
     )
-    return average_class_losses(losses, counts, present_only=False).mean()
+    return _class_mean(
+        lovasz_hinge_class_losses, logits, labels, valid, ignore_index, "all", settings, validate
+    )
