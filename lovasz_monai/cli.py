@@ -53,7 +53,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lovasz_monai.data import SegmentationDataModule
 from lovasz_monai.dataset import describe_dataset
-from lovasz_monai.module import LovaszSegmentationModule, modules_from_config
+from lovasz_monai.hparams import modules_from_config
+from lovasz_monai.module import LovaszSegmentationModule
 from lovasz_monai.precision import LovaszTrainer, resolve_and_report
 from lovasz_monai.writer import NiftiPredictionWriter
 
@@ -193,7 +194,8 @@ class LovaszCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """LightningCLI's instantiation, with the model keeping its configured ``network`` and
-        losses (``class_path`` dicts) in its hparams (:func:`modules_from_config`)."""
+        losses (``class_path`` dicts) in its hparams
+        (:func:`~lovasz_monai.hparams.modules_from_config`)."""
         with modules_from_config():
             super().instantiate_classes()
 

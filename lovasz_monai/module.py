@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -32,34 +30,23 @@ from torchmetrics import Metric
 
 from lovasz_monai.deep_supervision import deep_supervision_loss, head_weights, split_heads
 from lovasz_monai.evaluation import SegmentationMetrics
+from lovasz_monai.hparams import modules_from_config, save_hyperparameters
 from lovasz_monai.labels import IGNORED, LabelSemantics
 from lovasz_monai.losses import default_loss
 from lovasz_monai.objective import ScheduledLoss
 
-__all__ = ["LovaszSegmentationModule", "modules_from_config"]
-
-_MODULES_FROM_CONFIG: ContextVar[bool] = ContextVar("lovasz_modules_from_config", default=False)
+__all__ = ["LovaszSegmentationModule"]
 
 
-@contextmanager
-def modules_from_config() -> Iterator[None]:
-    """Within this context the module keeps ``network``/``loss``/``warmup_loss`` in its hparams.
-
-    :class:`~lovasz_monai.cli.LovaszCLI` instantiates its classes inside it: LightningCLI then
-    gives ``save_hyperparameters`` the parsed config, where these arguments are ``class_path``
-    dicts, so a checkpoint can rebuild a custom network or loss. Outside it, a module passed as
-    a Python object is left out of the hparams (its weights are in the ``state_dict``).
-
-    Example:
-        >>> with modules_from_config():
-        ...     _MODULES_FROM_CONFIG.get()
-        True
-    """
-    token = _MODULES_FROM_CONFIG.set(True)
-    try:
-        yield
-    finally:
-        _MODULES_FROM_CONFIG.reset(token)
+def __getattr__(name: str) -> object:
+    if name == "modules_from_config":  # its home before version 0.2
+        warnings.warn(
+            "lovasz_monai.module.modules_from_config moved to lovasz_monai.hparams",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return modules_from_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: target value given to masked (ignored) voxels for the torchmetrics IoU (the name of version
@@ -72,33 +59,20 @@ CASES_CSV = "test_cases.csv"
 class LovaszSegmentationModule(pl.LightningModule):
     """3D segmentation with a Lovász loss, sliding-window evaluation and IoU metrics.
 
-    It composes four parts, each documented where it lives:
-
-    * ``labels`` (:class:`~lovasz_monai.labels.LabelSemantics`): the output mode, chosen from
-      ``multi_label`` and the number of network outputs (multi-class softmax; binary with one
-      output channel, ``num_classes=2, out_channels=1``; multi-label sigmoid regions), how
-      logits become a segmentation and which classes count in a mean.
-    * ``objective`` (:class:`~lovasz_monai.objective.ScheduledLoss`): the loss, called with the
-      ignore mask where its ``forward`` takes one (ignore label, outside a region-of-interest
-      mask, padding), in float32 under ``bf16-mixed``/``16-mixed``; with a ``warmup_loss``, the
-      cross-entropy -> Lovász schedule ``w * loss + (1 - w) * warmup_loss``, ``w`` logged as
-      ``train/lovasz_weight``. ``finetune_lr_scale`` multiplies every learning rate once, at the
-      first epoch with ``w > 0`` (a learning-rate scheduler then continues from there).
-    * the network, with deep supervision: a network may return several heads in training
-      (MONAI ``DynUNet(..., deep_supervision=True)``'s stacked ``(B, heads, C, *S)``, or a
-      list/tuple at decreasing resolution, full resolution first). Each head gets the objective
-      against the label and mask resized to its size (nearest neighbour), weighted as
-      ``monai.losses.DeepSupervisionLoss`` weighs them (:mod:`lovasz_monai.deep_supervision`).
-      Validation, test and prediction use the full-resolution head, by MONAI
-      ``sliding_window_inference`` on whole volumes.
-    * ``val_metrics`` and ``test_metrics`` (:class:`~lovasz_monai.evaluation.SegmentationMetrics`):
-      dataset-level IoU per class (torchmetrics, DDP-synchronised, voxels with ``mask == 1``)
-      and per-case Dice (HD95 and ASD in mm with ``surface_metrics``, in ``test``). Logged per
-      epoch: ``val/mIoU``, ``val/IoU/<class name>``, ``val/mDice``, ``val/Dice/<class name>``,
-      ``val/loss`` (and ``test/...``; ``test/mHD95``, ``test/HD95/<class>``, ``test/mASD``,
-      ``test/ASD/<class>``), ``train/loss`` (epoch mean) and ``train/loss_step``. ``test``
-      writes each case's values to ``test_cases.csv`` in ``trainer.log_dir`` (the CSVLogger's
-      ``version_N`` folder; ``default_root_dir`` without a logger), on rank 0.
+    It composes four parts, each documented where it lives: ``labels``
+    (:class:`~lovasz_monai.labels.LabelSemantics`: the output mode, chosen from ``multi_label``
+    and the number of outputs, how logits become a segmentation, which classes count);
+    ``objective`` (:class:`~lovasz_monai.objective.ScheduledLoss`: the loss, called with the
+    ignore mask where it takes one, in float32, and the optional CE -> Lovász schedule, its
+    weight logged as ``train/lovasz_weight``; ``finetune_lr_scale`` scales the learning rates
+    once when the Lovász phase starts); the network, whose several heads in training (deep
+    supervision, :mod:`lovasz_monai.deep_supervision`) each get the objective, weighted as
+    ``monai.losses.DeepSupervisionLoss`` weighs them, while evaluation runs the full-resolution
+    head by ``sliding_window_inference``; and ``val_metrics`` / ``test_metrics``
+    (:class:`~lovasz_monai.evaluation.SegmentationMetrics`: dataset-level IoU and per-case Dice,
+    HD95 and ASD in ``test`` with ``surface_metrics``), logged as ``val/mIoU``,
+    ``val/IoU/<class>``, ``val/mDice``, ... and written per case to ``test_cases.csv`` in
+    ``trainer.log_dir`` (see the evaluation guide).
 
     It expects the batches of :class:`~lovasz_monai.data.SegmentationDataModule`: ``"image"``
     ``(B, C_in, *S)``, ``"label"`` ``(B, 1, *S)`` (or ``(B, R, *S)`` regions) and ``"mask"``
@@ -210,7 +184,10 @@ class LovaszSegmentationModule(pl.LightningModule):
         surface_metrics: bool = False,
     ) -> None:
         super().__init__()
-        self._save_hparams(network=network, loss=loss, warmup_loss=warmup_loss)
+        frame = inspect.currentframe()
+        save_hyperparameters(
+            self.save_hyperparameters, frame, network=network, loss=loss, warmup_loss=warmup_loss
+        )
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if finetune_lr_scale <= 0:
@@ -292,18 +269,6 @@ class LovaszSegmentationModule(pl.LightningModule):
         ]:
             state_dict[prefix + "objective." + key[len(prefix) :]] = state_dict.pop(key)  # 0.1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _save_hparams(self, **modules: nn.Module | None) -> None:
-        """Save the init arguments; ``nn.Module`` values only when the CLI gave them as config.
-
-        Under :class:`~lovasz_monai.cli.LovaszCLI` (:func:`modules_from_config`) the
-        hyperparameters are the parsed config (``class_path`` dicts), so ``load_from_checkpoint``
-        can rebuild a custom network or loss. Objects passed in Python are left out (their
-        weights are in the ``state_dict``; pass them again when loading).
-        """
-        from_config = _MODULES_FROM_CONFIG.get()
-        ignore = [] if from_config else [k for k, v in modules.items() if v is not None]
-        self.save_hyperparameters(ignore=ignore, frame=inspect.currentframe().f_back)
 
     # -- core -------------------------------------------------------------------------------
 

@@ -134,3 +134,23 @@ def test_setting_the_losses_of_the_module_sets_the_objective():
     replacement = nn.CrossEntropyLoss()
     module.loss = replacement
     assert module.objective.loss is replacement and "loss" not in module._modules
+
+
+def test_modules_from_config_moved_with_a_warning():
+    import lovasz_monai.module as module
+    from lovasz_monai import hparams
+
+    with pytest.warns(DeprecationWarning, match="lovasz_monai.hparams"):
+        assert module.modules_from_config is hparams.modules_from_config
+
+
+def test_python_objects_stay_out_of_the_hparams_unless_given_by_config():
+    from lovasz_monai.hparams import modules_from_config
+
+    def tiny(**kwargs):
+        return LovaszSegmentationModule(3, unet_channels=(4, 8), unet_strides=(2,), **kwargs)
+
+    assert "loss" not in tiny(loss=nn.CrossEntropyLoss()).hparams
+    with modules_from_config():
+        assert "loss" in tiny(loss=nn.CrossEntropyLoss()).hparams
+    assert tiny().hparams["num_classes"] == 3

@@ -25,6 +25,7 @@ LAYERS = {
     "objective": 1,
     "evaluation": 1,
     "pipelines": 1,
+    "hparams": 1,
     "data": 2,
     "module": 2,
     "nnunet": 2,
