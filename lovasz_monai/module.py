@@ -28,9 +28,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lovasz_monai import hparams as _hparams
 from lovasz_monai.deep_supervision import deep_supervision_loss, head_weights, split_heads
 from lovasz_monai.evaluation import SegmentationMetrics
-from lovasz_monai.hparams import modules_from_config, save_hyperparameters
 from lovasz_monai.labels import IGNORED, LabelSemantics
 from lovasz_monai.losses import default_loss
 from lovasz_monai.objective import ScheduledLoss
@@ -45,7 +45,7 @@ def __getattr__(name: str) -> object:
             DeprecationWarning,
             stacklevel=2,
         )
-        return modules_from_config
+        return _hparams.modules_from_config
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -185,7 +185,7 @@ class LovaszSegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         frame = inspect.currentframe()
-        save_hyperparameters(
+        _hparams.save_hyperparameters(
             self.save_hyperparameters, frame, network=network, loss=loss, warmup_loss=warmup_loss
         )
         if in_channels < 1:
