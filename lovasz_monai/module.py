@@ -54,6 +54,8 @@ def __getattr__(name: str) -> object:
 METRIC_IGNORE = IGNORED
 #: file name of the per-case test metrics, written in ``trainer.log_dir``
 CASES_CSV = "test_cases.csv"
+#: the default UNet's ``(unet_channels, unet_strides, unet_num_res_units)``
+_DEFAULT_UNET = ((16, 32, 64, 128), (2, 2, 2), 2)
 
 
 class LovaszSegmentationModule(pl.LightningModule):
@@ -103,7 +105,8 @@ class LovaszSegmentationModule(pl.LightningModule):
         multi_label: independent sigmoid channels (overlapping regions).
         out_channels: network outputs; ``None`` = ``num_classes``. 1 with ``num_classes=2``
             selects the binary one-channel mode.
-        unet_channels, unet_strides, unet_num_res_units: the default UNet's configuration.
+        unet_channels, unet_strides, unet_num_res_units: the default UNet's configuration
+            (with a ``network`` they are ignored, with a warning when they are set).
         roi_size: sliding-window size ``(X, Y, Z)`` (linked from ``data.roi_size`` by the CLI).
         sw_batch_size: windows per network call in sliding-window inference.
         overlap: sliding-window overlap in [0, 1).
@@ -167,9 +170,9 @@ class LovaszSegmentationModule(pl.LightningModule):
         class_names: list[str] | None = None,
         multi_label: bool = False,
         out_channels: int | None = None,
-        unet_channels: Sequence[int] = (16, 32, 64, 128),
-        unet_strides: Sequence[int] = (2, 2, 2),
-        unet_num_res_units: int = 2,
+        unet_channels: Sequence[int] = _DEFAULT_UNET[0],
+        unet_strides: Sequence[int] = _DEFAULT_UNET[1],
+        unet_num_res_units: int = _DEFAULT_UNET[2],
         roi_size: Sequence[int] = (96, 96, 96),
         sw_batch_size: int = 4,
         overlap: float = 0.25,
@@ -216,6 +219,13 @@ class LovaszSegmentationModule(pl.LightningModule):
             if deep_supervision_weights is None
             else [float(w) for w in deep_supervision_weights]
         )
+        unet = (tuple(unet_channels), tuple(unet_strides), int(unet_num_res_units))
+        if network is not None and unet != _DEFAULT_UNET:
+            warnings.warn(
+                f"unet_channels/unet_strides/unet_num_res_units {unet} configure the default UNet "
+                f"only; they are ignored with the given network ({type(network).__name__})",
+                stacklevel=2,
+            )
         if network is None:
             network = UNet(
                 spatial_dims=3,

@@ -154,3 +154,13 @@ def test_python_objects_stay_out_of_the_hparams_unless_given_by_config():
     with modules_from_config():
         assert "loss" in tiny(loss=nn.CrossEntropyLoss()).hparams
     assert tiny().hparams["num_classes"] == 3
+
+
+def test_unet_settings_with_a_network_warn_that_they_are_ignored():
+    with pytest.warns(UserWarning, match="ignored with the given network"):
+        LovaszSegmentationModule(3, network=nn.Conv3d(1, 3, 1), unet_channels=(4, 8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        LovaszSegmentationModule(3, network=nn.Conv3d(1, 3, 1))  # the defaults: no warning
