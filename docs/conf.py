@@ -47,7 +47,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|monai|pytorch_lightning|lightning|torchmetrics|numpy|np|nib|nibabel)\b.*"),
     (r"py:.*", r"(Tensor|Path|Any|Callable|Sequence|Mapping|Iterator|Literal|TypeVar|T|_T)"),
-    (r"py:.*", r"(collections|typing|os|pathlib|contextlib|dataclasses|enum)\..*"),
+    (r"py:.*", r"(collections|typing|types|os|pathlib|contextlib|dataclasses|enum)\..*"),
     (
         r"py:.*",
         r"(nn\.Module|nn\..*|Metric|LossReduction|KeysCollection|Namespace|Logger|.*Tensor)",
