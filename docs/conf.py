@@ -26,7 +26,7 @@ extensions = [
 # -- sources ----------------------------------------------------------------------------------
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "build.py", "screenshots.py", "Thumbs.db", ".DS_Store"]
-myst_enable_extensions = ["colon_fence", "deflist"]
+myst_enable_extensions = ["colon_fence", "deflist", "dollarmath", "amsmath"]
 myst_heading_anchors = 3  # GitHub-style anchors, so that links like page.md#section resolve
 nb_execution_mode = "off"  # the notebook page shows the outputs stored by docs/build.py
 

@@ -22,7 +22,11 @@ def screenshot(page: Path, output: Path, width: int, height: int) -> Path:
     if browser is None:
         raise FileNotFoundError("no chromium: apt-get install chromium")
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    command += [f"--window-size={width},{height}", f"--screenshot={output}", page.as_uri()]
+    command += [
+        f"--window-size={width},{height}",
+        f"--screenshot={output}",
+        page.resolve().as_uri(),
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     return output
 

@@ -126,6 +126,8 @@ def test_the_notebook_page_is_the_notebook_with_outputs():
     outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert outputs and not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    # no stderr (warnings name the machine's paths): nothing machine-specific in the repo
+    assert not [o for o in outputs if o.get("name") == "stderr"]
 
 
 def test_the_readme_is_a_front_page_that_links_every_page():
