@@ -115,12 +115,11 @@ class SegmentationMetrics(nn.Module):
         Raises:
             ValueError: as :meth:`~lovasz_monai.metrics.CaseMetrics.update`.
         """
+        pred = self.labels.discretize(logits)  # one argmax of the volume for both metrics
         target = self.labels.metric_target(label, mask)
-        self.iou.update(self.labels.metric_prediction(logits), target)
+        self.iou.update(self.labels.metric_prediction(pred), target)
         sources, spacing = batch_cases(image) if image is not None else (None, None)
-        self.cases.update(
-            self.labels.discretize(logits), label, mask, spacing=spacing, sources=sources
-        )
+        self.cases.update(pred, label, mask, spacing=spacing, sources=sources)
 
     def compute(self) -> Evaluation:
         """The :class:`Evaluation` of all processes' updates, then a reset. Under DDP every

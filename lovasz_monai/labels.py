@@ -204,9 +204,8 @@ class LabelSemantics:
             return label.long().masked_fill(ignored.expand_as(label), IGNORED)
         return label[:, 0].long().masked_fill(ignored[:, 0], IGNORED)
 
-    def metric_prediction(self, logits: Tensor) -> Tensor:
-        """The prediction of the IoU metrics, shaped as :meth:`metric_target`."""
-        pred = self.discretize(logits)
+    def metric_prediction(self, pred: Tensor) -> Tensor:
+        """A :meth:`discretize` prediction shaped as :meth:`metric_target`, for the IoU metrics."""
         return pred if self.multi_label else pred[:, 0]
 
     def mean(self, per_class: Tensor) -> Tensor:

@@ -299,7 +299,8 @@ class LovaszSegmentationModule(pl.LightningModule):
     def update_metric(self, metric: Metric, logits: Tensor, label: Tensor, mask: Tensor) -> None:
         """Add a batch to an IoU metric: ``logits`` ``(B, C, *S)``, ``label`` and ``mask`` as in
         the batch; voxels with ``mask == 0`` are left out."""
-        metric.update(self.labels.metric_prediction(logits), self.labels.metric_target(label, mask))
+        pred = self.labels.metric_prediction(self.labels.discretize(logits))
+        metric.update(pred, self.labels.metric_target(label, mask))
 
     def mean_iou(self, per_class: Tensor) -> Tensor:
         """Mean over the counted classes, as :meth:`~lovasz_monai.labels.LabelSemantics.mean`."""
