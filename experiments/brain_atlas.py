@@ -462,16 +462,24 @@ COMPARISON = [
 
 
 def comparison_command(
-    task: str, seeds: list[int], losses: list[str], bench_repeats: int = 20
+    task: str,
+    seeds: list[int],
+    losses: list[str],
+    bench_repeats: int = 20,
+    finished_only: bool = False,
 ) -> list[str]:
     """The ``lovasz_monai.experiments compare`` command of a task: ``configs/<task>.yaml`` as
     it is (no scaling down), scored per case on the labelled test cases with HD95, results in
     ``experiments/brain_atlas/<task>.{md,json,png}``; ``--resume`` keeps finished runs, so an
-    interrupted comparison continues where it stopped."""
+    interrupted comparison continues where it stopped. ``finished_only``: train nothing and
+    time nothing, only write the table of the runs finished so far."""
     cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
     cmd += ["--config", f"configs/{task}.yaml", "--seeds", *map(str, seeds)]
     cmd += ["--max-epochs", str(_config_epochs(task)), "--no-scale-down", "--losses", *losses]
-    cmd += ["--eval-split", "test", "--resume", "--bench-repeats", str(bench_repeats)]
+    if finished_only:
+        cmd += ["--eval-split", "test", "--finished-only", "--bench-repeats", "0"]
+    else:
+        cmd += ["--eval-split", "test", "--resume", "--bench-repeats", str(bench_repeats)]
     cmd += ["--output", f"experiments/brain_atlas/{task}", "--runs-dir", f"runs/brain_atlas/{task}"]
     return [*cmd, "--model.surface_metrics", "true"]
 
@@ -496,6 +504,9 @@ def main() -> None:
     c.add_argument("--task", choices=TASKS, default="subcortical")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--losses", nargs="+", default=COMPARISON)
+    c.add_argument(
+        "--finished-only", action="store_true", help="only the table of the runs finished so far"
+    )
     p = sub.add_parser("pipeline", help="shipped pipeline vs a plain MONAI loop (ablation)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -507,7 +518,9 @@ def main() -> None:
     elif args.command == "figure":
         print(figure(args.output))
     elif args.command == "compare":
-        cmd = comparison_command(args.task, args.seeds, args.losses)
+        cmd = comparison_command(
+            args.task, args.seeds, args.losses, finished_only=args.finished_only
+        )
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     else:

@@ -85,10 +85,7 @@ from lovasz_monai.tools.report import (
     write_results,
     yaml_config,
 )
-from lovasz_monai.tools.runs import (
-    benchmark_steps,
-    run_one,
-)
+from lovasz_monai.tools.runs import benchmark_steps, run_one, training_finished
 
 __all__ = ["compare", "main", "run_order"]
 
@@ -131,6 +128,7 @@ def compare(
     processes: int = 1,
     resume: bool = False,
     eval_split: str = "val",
+    finished_only: bool = False,
 ) -> ComparisonResult:
     """Train every (loss, seed) pair and write ``<output>.md``, ``.json`` and ``.png``.
 
@@ -153,14 +151,17 @@ def compare(
             e.g. after an interrupted comparison.
         eval_split: evaluate on ``"val"`` (the validation split) or ``"test"`` (the labelled
             test cases; see :func:`run_one`).
+        finished_only: train nothing: report the (loss, seed) runs whose training finished in
+            ``runs_dir`` (as ``resume`` does) and leave the others out, e.g. to write the table
+            of a comparison that is still running. A loss without any finished run is left out.
 
     Returns:
         The :class:`ComparisonResult`.
 
     Raises:
         KeyError: an unknown loss.
-        ValueError: no losses or seeds, ``max_epochs < 1``, or a bad config (see
-            :func:`run_one`).
+        ValueError: no losses or seeds, ``max_epochs < 1``, a bad config (see
+            :func:`run_one`), or ``finished_only`` without any finished run.
 
     Example:
         >>> result = compare(
@@ -187,8 +188,14 @@ def compare(
         command = "python -m lovasz_monai.experiments " + shlex.join(sys.argv[1:])
     result: ComparisonResult | None = None
     start = time.perf_counter()
-    total = len(losses) * len(seeds)
-    for i, (seed, loss) in enumerate(run_order(losses, seeds), 1):
+    order = run_order(losses, seeds)
+    if finished_only:
+        order = [(s, loss) for s, loss in order if training_finished(runs_root / loss / f"seed{s}")]
+        if not order:
+            raise ValueError(f"finished_only: no finished run of {losses} x {seeds} in {runs_root}")
+        losses = [loss for loss in losses if any(loss == done for _, done in order)]
+    total = len(order)
+    for i, (seed, loss) in enumerate(order, 1):
         run = run_one(
             config,
             loss,
@@ -199,7 +206,7 @@ def compare(
             warmup_epochs,
             ramp_epochs,
             processes=processes,
-            resume=resume,
+            resume=resume or finished_only,
             eval_split=eval_split,
         )
         if result is None:
@@ -297,6 +304,12 @@ def _parser() -> argparse.ArgumentParser:
         "again (after an interruption)",
     )
     cmp.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: report the runs whose training finished in --runs-dir (a table of "
+        "a comparison still running)",
+    )
+    cmp.add_argument(
         "--eval-split",
         choices=("val", "test"),
         default="val",
@@ -368,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         processes=args.processes,
         resume=args.resume,
         eval_split=args.eval_split,
+        finished_only=args.finished_only,
     )
 
 

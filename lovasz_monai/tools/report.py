@@ -6,7 +6,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,8 +285,8 @@ def markdown_table(result: ComparisonResult) -> str:
         >>> lines = markdown_table(result).splitlines()
         >>> print(lines[0])
         # Loss comparison on `configs/demo.yaml`
-        >>> print(next(line for line in lines if line.startswith("| `ce`")))
-        | `ce` | 0.500 ± 0.000 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.600 ± 0.000 | 200 | n/a | n/a |
+        >>> print(next(line for line in lines if line.startswith("| `ce`"))[:60])
+        | `ce` | 1 | 0.500 ± 0.000 | 0.900 ± 0.000 | 0.500 ± 0.000 |
     """
     names = result.class_names
     counted = ", ".join(names[i] for i in result.counted_classes)
@@ -369,8 +369,19 @@ def markdown_table(result: ComparisonResult) -> str:
     case_dice = per_case and any(math.isfinite(r.case_dice) for r in result.runs)
     case_hd95 = per_case and any(math.isfinite(r.case_hd95) for r in result.runs)
     per_class = len(names) <= PER_CLASS_COLUMNS
-    header = ["loss", *(["per-case mIoU"] if per_case else [])]
+    base_loss = result.losses[0]
+    paired = per_case and len(result.losses) > 1
+    if paired:
+        lines[-1:-1] = [
+            "",
+            f"`- {base_loss}`: the difference to `{base_loss}` run by run, on the seeds both "
+            "losses have (mean ± sample std of the differences; their number in brackets). "
+            "`seeds`: the runs of each loss.",
+        ]
+    header = ["loss", "seeds", *(["per-case mIoU"] if per_case else [])]
+    header += [f"- {base_loss}"] if paired else []
     header += [f"{len(smallest)} smallest"] if smallest else []
+    header += [f"- {base_loss}"] if paired and smallest else []
     header += ["per-case Dice"] if case_dice else []
     header += ["HD95 (mm)"] if case_hd95 else []
     header += ["mIoU", *([f"IoU {n}" for n in names] if per_class else []), "Dice"]
@@ -379,17 +390,35 @@ def markdown_table(result: ComparisonResult) -> str:
     lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
     bench = {k: statistics.median(v) for k, v in result.bench_times.items() if v}
     base = bench.get(result.losses[0])
+
+    def smallest_iou(run: RunResult) -> float:
+        return float(np.nanmean([run.case_iou[c] for c in smallest]))
+
+    def case_miou(run: RunResult) -> float:
+        return run.case_miou
+
+    def difference(runs: list[RunResult], score: Callable[[RunResult], float]) -> str:
+        base = {r.seed: score(r) for r in result.by_loss(base_loss)}
+        values = [score(r) - base[r.seed] for r in runs if r.seed in base]
+        mean, std = aggregate(values)
+        if math.isnan(mean):
+            return "n/a"
+        return f"{mean:+.3f} ± {std:.3f} ({len(values)})"
+
     for loss in result.losses:
         runs = result.by_loss(loss)
         if not runs:
             raise ValueError(f"no runs for loss {loss!r}")
         step = statistics.median([r.median_step for r in runs])
-        cells = [f"`{loss}`"]
+        cells = [f"`{loss}`", str(len(runs))]
         if per_case:
             cells.append(format_mean_std([r.case_miou for r in runs]))
+        if paired:
+            cells.append(difference(runs, case_miou))
         if smallest:
-            small = [float(np.nanmean([r.case_iou[c] for c in smallest])) for r in runs]
-            cells.append(format_mean_std(small))
+            cells.append(format_mean_std([smallest_iou(r) for r in runs]))
+        if paired and smallest:
+            cells.append(difference(runs, smallest_iou))
         if case_dice:
             cells.append(format_mean_std([r.case_dice for r in runs]))
         if case_hd95:

@@ -29,7 +29,16 @@ from lovasz_monai.tools.recipes import (
 )
 from lovasz_monai.tools.report import RunResult, yaml_config
 
-__all__ = ["TrainingRecorder", "benchmark_steps", "cli_args", "cosine_t_max", "evaluate", "run_one"]
+__all__ = [
+    "EvaluationCache",
+    "TrainingRecorder",
+    "benchmark_steps",
+    "cli_args",
+    "cosine_t_max",
+    "evaluate",
+    "run_one",
+    "training_finished",
+]
 
 
 class TrainingRecorder(Callback):
@@ -294,6 +303,20 @@ def _data_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str:
     return str(found)
 
 
+def training_finished(run_dir: str | os.PathLike) -> bool:
+    """Whether the training of a :func:`run_one` folder finished: the
+    :class:`TrainingRecorder`'s ``recorder.json`` (written at the end of ``fit``) and
+    ``checkpoints/last.ckpt`` are there.
+
+    Example:
+        >>> import tempfile
+        >>> training_finished(tempfile.mkdtemp())
+        False
+    """
+    run_dir = Path(run_dir)
+    return (run_dir / "recorder.json").is_file() and (run_dir / "checkpoints/last.ckpt").is_file()
+
+
 def run_one(
     config: str | os.PathLike,
     loss: str,
@@ -318,8 +341,10 @@ def run_one(
             --trainer.strategy ddp`` in a subprocess, its output in ``<run_dir>/fit.log``; the
             step times are those of rank 0), then evaluate ``last.ckpt`` in this process.
         resume: a ``run_dir`` whose training finished (``recorder.json`` and
-            ``checkpoints/last.ckpt``) is evaluated again instead of trained again; its step
-            times and ``wall_time`` (the training's) come from ``recorder.json``.
+            ``checkpoints/last.ckpt``) is not trained again; its step times and ``wall_time``
+            (the training's) come from ``recorder.json``. Its evaluation is read from
+            ``evaluation-<split>.json`` when that file was written for the same checkpoint,
+            arguments and package version, else evaluated again (and the file written).
         eval_split: ``"val"``: evaluate on the validation split; ``"test"``: on the labelled
             ``test`` cases of ``dataset.json`` (the validation split when there are none, as
             ``lovasz-monai test`` does; the result's ``eval_split`` says which).
@@ -346,7 +371,7 @@ def run_one(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     record, last = run_dir / "recorder.json", run_dir / "checkpoints" / "last.ckpt"
-    trained = resume and record.is_file() and last.is_file()
+    trained = resume and training_finished(run_dir)
     from_checkpoint = trained or processes > 1  # else trained and evaluated in this process
     if run_dir.exists() and not trained:
         shutil.rmtree(run_dir)
@@ -355,10 +380,16 @@ def run_one(
         recorder = TrainingRecorder.read(record)
     elif processes > 1:
         recorder = _fit_ddp(args, run_dir, processes)
+    cli_run_args = args
     if from_checkpoint:  # evaluated in this process, on one device
-        args += ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
+        cli_run_args = [
+            *args,
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.logger=false",
+        ]
     pl.seed_everything(seed, workers=True, verbose=False)
-    cli = LovaszCLI(args=args, run=False)
+    cli = LovaszCLI(args=cli_run_args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if model.mode != "multiclass":
         raise ValueError("compare needs a multi-class (softmax) model and label maps")
@@ -381,7 +412,11 @@ def run_one(
         loader = datamodule.val_dataloader()
     if not isinstance(loader, torch.utils.data.DataLoader):
         raise ValueError("compare needs a validation split (data.val_fraction > 0)")
-    metrics = evaluate(model, loader, trainer.precision_plugin.val_step_context)
+    cache = EvaluationCache(run_dir / f"evaluation-{eval_split}.json", last, args)
+    metrics = cache.read() if trained else None
+    if metrics is None:
+        metrics = evaluate(model, loader, trainer.precision_plugin.val_step_context)
+        cache.write(metrics)
     logged = recorder.val_miou[-1] if recorder.val_miou else math.nan
     return RunResult(
         loss=loss,
@@ -405,6 +440,68 @@ def run_one(
         case_iou=metrics["case_iou"],
         eval_split=eval_split,
     )
+
+
+class EvaluationCache:
+    """The :func:`evaluate` result of one checkpoint, kept next to it as JSON.
+
+    A stored result is valid while the checkpoint (size and modification time), the run's
+    arguments and the package version are those it was written for; anything else reads as
+    missing, so an edited config or a retrained run is evaluated again.
+
+    Args:
+        path: the JSON file (e.g. ``<run_dir>/evaluation-test.json``).
+        checkpoint: the evaluated checkpoint.
+        args: the run's LovaszCLI arguments (config, overrides, seed, ...).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> checkpoint = folder / "last.ckpt"
+        >>> _ = checkpoint.write_bytes(b"weights")
+        >>> cache = EvaluationCache(folder / "evaluation-val.json", checkpoint, ["--seed", "0"])
+        >>> cache.read() is None
+        True
+        >>> cache.write({"miou": 0.5})
+        >>> cache.read()
+        {'miou': 0.5}
+        >>> EvaluationCache(folder / "evaluation-val.json", checkpoint, ["--seed", "1"]).read()
+    """
+
+    def __init__(self, path: str | os.PathLike, checkpoint: str | os.PathLike, args: Sequence[str]):
+        self.path, self.checkpoint, self.args = Path(path), Path(checkpoint), list(args)
+
+    def key(self) -> dict[str, Any] | None:
+        """What the stored result must have been written for; ``None`` without a checkpoint."""
+        from lovasz_monai import __version__
+
+        if not self.checkpoint.is_file():
+            return None
+        stat = self.checkpoint.stat()
+        return {
+            "checkpoint": [stat.st_size, stat.st_mtime_ns],
+            "args": self.args,
+            "version": __version__,
+        }
+
+    def read(self) -> dict[str, Any] | None:
+        """The stored result, or ``None`` when there is none or it was written for another key."""
+        key = self.key()
+        if key is None or not self.path.is_file():
+            return None
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != key:
+            return None
+        return stored.get("metrics")
+
+    def write(self, metrics: Mapping[str, Any]) -> None:
+        """Store ``metrics`` for the current checkpoint; nothing without a checkpoint."""
+        key = self.key()
+        if key is not None:
+            self.path.write_text(json.dumps({"key": key, "metrics": dict(metrics)}))
 
 
 def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder:

@@ -132,6 +132,9 @@ def test_comparison_command_runs_each_task_config_as_it_is(atlas):
         assert cmd[-2:] == ["--model.surface_metrics", "true"]
         assert f"--output experiments/brain_atlas/{task} " in text
         assert cmd[cmd.index("--losses") + 1 : cmd.index("--eval-split")] == atlas.COMPARISON
+        table = atlas.comparison_command(task, [0, 1, 2], atlas.COMPARISON, finished_only=True)
+        assert "--finished-only --bench-repeats 0" in " ".join(table)
+        assert "--resume" not in table and table[-6:] == cmd[-6:]
 
 
 def test_pipeline_variants_change_one_setting_each(atlas):

@@ -28,7 +28,7 @@ from lovasz_monai.tools.report import (
     report,
     write_results,
 )
-from lovasz_monai.tools.runs import cli_args, cosine_t_max, evaluate
+from lovasz_monai.tools.runs import EvaluationCache, cli_args, cosine_t_max, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -505,24 +505,51 @@ def _table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines]
 
 
+def test_evaluation_cache_is_only_read_for_what_it_was_written_for(tmp_path, monkeypatch):
+    """A stored evaluation is reused for the same checkpoint, arguments and package version, and
+    reads as missing after any of them changes, or when the file is not ours."""
+    import lovasz_monai
+
+    checkpoint, path = tmp_path / "last.ckpt", tmp_path / "evaluation-test.json"
+    metrics = {"miou": 0.5, "iou": [0.25, float("nan")], "num_volumes": 2}
+    cache = EvaluationCache(path, checkpoint, ["--seed_everything", "0"])
+    cache.write(metrics)  # no checkpoint yet: nothing to key it by, nothing written
+    assert not path.exists() and cache.read() is None
+
+    checkpoint.write_bytes(b"weights")
+    cache.write(metrics)
+    read = cache.read()
+    assert read["miou"] == 0.5 and read["iou"][0] == 0.25 and math.isnan(read["iou"][1])
+
+    assert EvaluationCache(path, checkpoint, ["--seed_everything", "1"]).read() is None
+    monkeypatch.setattr(lovasz_monai, "__version__", "9.9.9")
+    assert cache.read() is None
+    monkeypatch.undo()
+    assert cache.read() is not None
+    checkpoint.write_bytes(b"retrained")  # another size (and time): another model
+    assert cache.read() is None
+    path.write_text("not json")
+    assert cache.read() is None
+
+
 def test_markdown_table_hand_made():
     result = _fake_result()
     text = markdown_table(result)
     assert "python -m lovasz_monai.experiments compare --config configs/demo.yaml" in text
     header, rule, ce, lovasz = _table_rows(text)
     assert header == [
-        "loss", "mIoU", "IoU background", "IoU a", "IoU b", "Dice", "train step (ms)",
+        "loss", "seeds", "mIoU", "IoU background", "IoU a", "IoU b", "Dice", "train step (ms)",
         "timed step (ms)", "ratio",
     ]  # fmt: skip
     assert set(rule[1:]) == {"---:"}
-    assert ce[:5] == ["`ce`", "0.550 ± 0.071", "0.900 ± 0.000", "0.550 ± 0.071", "n/a"]
-    assert lovasz[1] == "0.750 ± 0.071" and lovasz[5] == "0.800 ± 0.071"
+    assert ce[:6] == ["`ce`", "2", "0.550 ± 0.071", "0.900 ± 0.000", "0.550 ± 0.071", "n/a"]
+    assert lovasz[2] == "0.750 ± 0.071" and lovasz[6] == "0.800 ± 0.071"
     # the first step of each run is left out: 200 ms and 300 ms; no interleaved timing
-    assert (ce[6], ce[7], ce[8], lovasz[6], lovasz[8]) == ("200", "n/a", "n/a", "300", "n/a")
+    assert (ce[7], ce[8], ce[9], lovasz[7], lovasz[9]) == ("200", "n/a", "n/a", "300", "n/a")
 
     result.bench_times = {"ce": [0.10, 0.12, 0.5], "lovasz": [0.15, 0.18, 0.2]}
     _, _, ce, lovasz = _table_rows(markdown_table(result))
-    assert (ce[7], ce[8], lovasz[7], lovasz[8]) == ("120", "1.00", "180", "1.50")
+    assert (ce[8], ce[9], lovasz[8], lovasz[9]) == ("120", "1.00", "180", "1.50")
 
 
 def test_markdown_table_many_small_classes():
@@ -547,13 +574,32 @@ def test_markdown_table_many_small_classes():
     text = markdown_table(result)
     header, _, row = _table_rows(text)
     assert header == [
-        "loss", "per-case mIoU", "5 smallest", "per-case Dice", "HD95 (mm)", "mIoU", "Dice",
-        "train step (ms)", "timed step (ms)", "ratio",
+        "loss", "seeds", "per-case mIoU", "5 smallest", "per-case Dice", "HD95 (mm)", "mIoU",
+        "Dice", "train step (ms)", "timed step (ms)", "ratio",
     ]  # fmt: skip
     # the smallest: c7 (0.0), c1 .. c4 (0.1 .. 0.4): mean 0.2, then 0.3 with seed 1
-    assert row[1:6] == ["0.600 ± 0.071", "0.250 ± 0.071", "0.700 ± 0.071", "3.500 ± 0.707",
+    assert row[1:7] == ["2", "0.600 ± 0.071", "0.250 ± 0.071", "0.700 ± 0.071", "3.500 ± 0.707",
                         "0.600 ± 0.000"]  # fmt: skip
     assert "fewest training voxels (c7, c1, c2, c3, c4)" in text
+
+    # a second loss on seeds 1 and 2: differences to the first loss on seed 1 only, the seed
+    # both have; 0.65 + 0.01 against 0.65, and 5 smallest 0.30 + 0.05 against 0.30
+    for seed in (1, 2):
+        case_iou = [iou + 0.05 for iou in runs[1].case_iou]
+        result.runs.append(
+            RunResult("lovasz", seed, 0.6, 0.7, [0.6] * 20, [0.7] * 20, [0.2], [0.5], 0.5, 1.0,
+                      "x", case_miou=0.66 + seed, case_iou=case_iou, case_dice=0.7,
+                      case_hd95=3.0, class_voxels=voxels)
+        )  # fmt: skip
+    result.losses.append("lovasz")
+    text = markdown_table(result)
+    header, _, ce, lovasz = _table_rows(text)
+    assert header[:6] == ["loss", "seeds", "per-case mIoU", "- ce", "5 smallest", "- ce"]
+    assert ce[1:6] == ["2", "0.600 ± 0.071", "+0.000 ± 0.000 (2)", "0.250 ± 0.071",
+                       "+0.000 ± 0.000 (2)"]  # fmt: skip
+    assert lovasz[1] == "2" and lovasz[3] == "+1.010 ± 0.000 (1)"
+    assert lovasz[5] == "+0.050 ± 0.000 (1)"
+    assert "on the seeds both losses have" in text
 
 
 def test_markdown_states_scaling():
@@ -615,17 +661,21 @@ def test_compare_command_tiny(tmp_path):
     rows = _table_rows(text)
     header, body = rows[0], rows[2:]
     assert header == [
-        "loss", "per-case mIoU", "per-case Dice", "mIoU", "IoU background", "IoU class_1",
-        "IoU class_2", "Dice", "train step (ms)", "timed step (ms)", "ratio",
+        "loss", "seeds", "per-case mIoU", "- ce", "per-case Dice", "mIoU", "IoU background",
+        "IoU class_1", "IoU class_2", "Dice", "train step (ms)", "timed step (ms)", "ratio",
     ]  # fmt: skip
-    assert [r[0] for r in body] == ["`ce`", "`lovasz`"]
+    assert [r[:2] for r in body] == [["`ce`", "1"], ["`lovasz`", "1"]]
     for row in body:
-        for cell in row[1:8]:
+        for cell in [row[2], *row[4:10]]:
             match = re.fullmatch(r"(\d+\.\d{3}) ± (\d+\.\d{3})", cell)
             assert match, cell
             assert 0.0 <= float(match.group(1)) <= 1.0 and float(match.group(2)) == 0.0
-        assert float(row[8]) > 0 and float(row[9]) > 0 and float(row[10]) > 0
-    assert body[0][10] == "1.00"
+        assert float(row[10]) > 0 and float(row[11]) > 0 and float(row[12]) > 0
+    # the difference to the first loss, seed by seed
+    difference = float(body[1][2].split()[0]) - float(body[0][2].split()[0])
+    assert body[0][3] == "+0.000 ± 0.000 (1)"
+    assert float(body[1][3].split()[0]) == pytest.approx(difference, abs=1.5e-3)
+    assert body[0][12] == "1.00"
 
     png = output.with_suffix(".png")
     assert png.read_bytes()[:8] == PNG_SIGNATURE
@@ -643,15 +693,37 @@ def test_compare_command_tiny(tmp_path):
         assert run["miou"] == pytest.approx(run["logged_val_miou"], abs=1e-4)
         assert (tmp_path / "runs" / run["loss"] / "seed0" / "checkpoints" / "last.ckpt").is_file()
 
-    # --resume: the finished runs are evaluated again, not trained again: same numbers
+    # --resume: the finished runs are not trained again; the evaluation stored next to each
+    # checkpoint is reused (shown by a value planted in one), the other run's is recomputed
     first = json.loads(output.with_suffix(".json").read_text())
     last = tmp_path / "runs" / "lovasz" / "seed0" / "checkpoints" / "last.ckpt"
     stamp = last.stat().st_mtime_ns
+    stored = tmp_path / "runs" / "lovasz" / "seed0" / "evaluation-val.json"
+    planted = json.loads(stored.read_text())
+    planted["metrics"]["case_miou"] = 0.123
+    stored.write_text(json.dumps(planted))
+    (tmp_path / "runs" / "ce" / "seed0" / "evaluation-val.json").unlink()
     resumed = [*command[: command.index("--bench-repeats")], "--bench-repeats", "0", "--resume"]
     done = subprocess.run(resumed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads(output.with_suffix(".json").read_text())
     assert last.stat().st_mtime_ns == stamp
+    assert [r["case_miou"] for r in again["runs"]][1] == 0.123
+
+    # --finished-only: trains nothing; reports the finished runs of the asked losses and seeds
+    partial = [*resumed[: resumed.index("--losses")], "--losses", "ce", "lovasz", "dicece"]
+    partial += [*resumed[resumed.index("--seeds") :]]
+    partial[partial.index("--seeds") + 1 : partial.index("--seeds") + 2] = ["0", "1"]
+    partial[partial.index("--output") + 1] = str(tmp_path / "partial")
+    partial = [a for a in partial if a != "--resume"] + ["--finished-only"]
+    done = subprocess.run(partial, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "partial.json").read_text())
+    assert [(r["loss"], r["seed"]) for r in data["runs"]] == [("ce", 0), ("lovasz", 0)]
+    assert data["losses"] == ["ce", "lovasz"] and data["seeds"] == [0, 1]
+    assert not (tmp_path / "runs" / "ce" / "seed1").exists()
+    assert data["runs"][1]["case_miou"] == 0.123
+    assert (tmp_path / "runs" / "ce" / "seed0" / "evaluation-val.json").is_file()
     for a, b in zip(first["runs"], again["runs"], strict=True):
         assert (a["loss"], a["miou"], a["iou"], a["step_times"]) == (
             b["loss"],
