@@ -11,6 +11,7 @@ nearly equal numbers. A row without foreground puts weight 1 on its largest vali
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -151,43 +152,103 @@ _IGNORED = _ERROR_BITS_MAX + 1
 _INDEX_MASK = 0x7FFFFFFF
 # below this many voxels per call, starting threads costs more than it saves
 _THREADED_SORT_ELEMENTS = 1 << 20
+# rows of at least this many voxels sort only the voxels that can carry weight (shorter rows
+# cost less to sort whole than to sort in a Python loop, row by row)
+_PRUNED_ROW_VOXELS = 1 << 14
 
 
-def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The same as :func:`_sort_rows_torch` for float32 CPU rows, several times faster.
+def _row_shares(num_rows: int, elements: int) -> list[slice]:
+    """Shares of the rows for ``torch.get_num_threads()`` threads (one share for small inputs)."""
+    workers = min(torch.get_num_threads(), num_rows)
+    if workers <= 1 or elements < _THREADED_SORT_ELEMENTS:
+        return [slice(None)]
+    bounds = np.linspace(0, num_rows, workers + 1).astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _each_share(work: Callable[[slice], None], shares: list[slice]) -> None:
+    """``work`` on every share, in threads when there are several (numpy releases the GIL)."""
+    if len(shares) == 1:
+        work(shares[0])
+        return
+    with ThreadPoolExecutor(len(shares)) as pool:
+        list(pool.map(work, shares))
+
+
+def _weighted_voxels(key: Tensor, fg: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, kept)``: the voxels of ``(R, S, P)`` float32 CPU rows that can carry a weight
+    (bool, the shape of ``key``) and their number in each row (int64 ``(R,)``).
+
+    Sorted by decreasing error, a row's Jaccard loss reaches 1 at its last foreground voxel and
+    stays there, so every later weight is 0: only the voxels whose error is at least the
+    smallest foreground error can weigh (ties included: they sort before that voxel). A row
+    without foreground weighs its first largest error only. Ignored voxels never weigh.
+    """
+    key_np, fg_np = key.numpy(), fg.numpy()
+    keep = np.empty(key_np.shape, dtype=bool)
+    kept = np.empty(key_np.shape[0], dtype=np.int64)
+
+    def find(rows: slice) -> None:
+        rows_key, rows_fg = key_np[rows], fg_np[rows]
+        cut = rows_key.min(axis=(1, 2), where=rows_fg, initial=np.inf)
+        no_fg = ~rows_fg.any(axis=(1, 2))
+        if no_fg.any():  # the largest error (none when every voxel is ignored)
+            cut[no_fg] = np.maximum(rows_key[no_fg].max(axis=(1, 2)), 0.0)
+        np.greater_equal(rows_key, cut[:, None, None], out=keep[rows])
+        kept[rows] = np.count_nonzero(keep[rows].reshape(len(cut), -1), axis=-1)
+
+    _each_share(find, _row_shares(key_np.shape[0], key_np.size))
+    return keep, kept
+
+
+def _sort_rows_numpy(
+    key: Tensor, fg: Tensor, keep: np.ndarray | None = None, kept: np.ndarray | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same as :func:`_sort_rows_torch` for float32 CPU rows, several times faster; with
+    ``keep`` and ``kept`` of :func:`_weighted_voxels`, on the voxels that can weigh only.
 
     Each voxel becomes one int64: the inverted error bits (a value past them for ignored voxels)
     in the high word, the foreground bit and the voxel index in the low word. numpy's vectorised
-    sort of these integers alone yields the order, the sorted labels and the sorted errors.
-    Large inputs are packed and sorted in ``torch.get_num_threads()`` threads, a share of the
-    rows each (numpy releases the GIL).
+    sort of these integers alone yields the order, the sorted labels and the sorted errors; ties
+    sort background first, then by voxel index.
+
+    With ``keep``, each row holds its kept voxels, sorted, then ignored entries (weight 0) for
+    left-out voxels up to the longest kept row: the rows are as long as the longest kept row,
+    and their weights, losses and counts are those of the whole sort. Rows are packed and
+    sorted in ``torch.get_num_threads()`` threads, a share of the rows each.
     """
     num_rows, segments, num_voxels = key.shape
+    row_size = segments * num_voxels
     key_np, fg_np = key.numpy(), fg.numpy()
-    packed = np.empty((num_rows, segments * num_voxels), dtype=np.int64)
-    index = np.arange(segments * num_voxels, dtype=np.int64).reshape(segments, num_voxels)
+    index = np.arange(row_size, dtype=np.int64).reshape(segments, num_voxels)
+    length = row_size if kept is None else max(1, int(kept.max()))
+    packed = np.empty((num_rows, length), dtype=np.int64)
 
-    def pack_and_sort(rows: slice) -> None:
-        out = packed[rows].reshape(-1, segments, num_voxels)
-        rows_key = key_np[rows]
-        np.copyto(out, rows_key.view(np.int32))
+    def pack(out: np.ndarray, errors: np.ndarray, fg_bit: np.ndarray, voxel: np.ndarray) -> None:
+        np.copyto(out, errors.view(np.int32))
         np.bitwise_and(out, _INDEX_MASK, out=out)  # the sign bit of -0.0
         np.subtract(_ERROR_BITS_MAX, out, out=out)  # ascending order == descending error
-        np.copyto(out, _IGNORED, where=rows_key < 0)
+        np.copyto(out, _IGNORED, where=errors < 0)
         out <<= 1
-        out |= fg_np[rows]
+        out |= fg_bit
         out <<= 31
-        out |= index
-        packed[rows].sort(axis=-1)
+        out |= voxel
 
-    workers = min(torch.get_num_threads(), num_rows)
-    if workers > 1 and packed.size >= _THREADED_SORT_ELEMENTS:
-        bounds = np.linspace(0, num_rows, workers + 1).astype(int)
-        shares = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(pack_and_sort, shares))
-    else:
-        pack_and_sort(slice(None))
+    def pack_and_sort(rows: slice) -> None:
+        if keep is None or kept is None or (kept[rows] == row_size).all():
+            pack(packed[rows].reshape(-1, segments, num_voxels), key_np[rows], fg_np[rows], index)
+            packed[rows].sort(axis=-1)
+            return
+        for row in range(*rows.indices(num_rows)):
+            out, count = packed[row], kept[row]
+            voxels = np.flatnonzero(keep[row])
+            at = np.divmod(voxels, num_voxels)
+            pack(out[:count], key_np[row][at], fg_np[row][at], voxels)
+            out[:count].sort()
+            left_out = np.flatnonzero(~keep[row])[: length - count]
+            np.bitwise_or(left_out, _IGNORED << 32, out=out[count:])
+
+    _each_share(pack_and_sort, _row_shares(num_rows, packed.size))
     packed_t = torch.from_numpy(packed)
     # little-endian: low word first (flattened first: a size-1 row may carry any stride)
     words = packed_t.reshape(-1).view(torch.int32).view(num_rows, -1)
@@ -195,6 +256,18 @@ def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     error_bits = torch.sub(_ERROR_BITS_MAX, words[:, 1::2]).clamp_min_(0)  # ignored: 0.0
     has_valid = words[:, 1:2] != _IGNORED
     return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, error_bits.view(torch.float32), has_valid
+
+
+def _chunks_by_length(kept: np.ndarray, chunk_elements: int) -> list[Tensor]:
+    """Row indices in chunks of similar kept lengths, longest first, each chunk within
+    ``chunk_elements`` once padded to its longest row (at least one row a chunk)."""
+    order = np.argsort(-kept, kind="stable")
+    chunks, start = [], 0
+    while start < len(order):
+        size = max(1, chunk_elements // max(int(kept[order[start]]), 1))
+        chunks.append(torch.from_numpy(order[start : start + size].copy()))
+        start += size
+    return chunks
 
 
 def _use_numpy_sort(key: Tensor) -> bool:
@@ -217,17 +290,33 @@ def _class_rows_by_sort(
     """
     num_rows, segments, num_voxels = key.shape
     row_size = segments * num_voxels
-    sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
     # Outputs: the weights (possibly in the key's own memory), one loss and one count per row.
     weights = key if overwrite_key else torch.empty_like(key)
     losses = torch.empty(num_rows, dtype=key.dtype, device=key.device)
     counts = torch.empty(num_rows, 1, dtype=torch.int64, device=key.device)
-    # Whole rows, as many as fit the element budget (at least one), are sorted at once.
-    rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
-    for start in range(0, num_rows, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, num_rows))
-        # 1. Sort each row by decreasing error, carrying the foreground along.
-        order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
+    chunks: list[slice] | list[Tensor]
+    if _use_numpy_sort(key) and row_size >= _PRUNED_ROW_VOXELS:
+        # Only the voxels that can weigh are sorted; rows of similar lengths share a chunk.
+        keep, kept = _weighted_voxels(key, fg)
+        chunks = _chunks_by_length(kept, chunk_elements)
+    else:
+        keep = kept = None
+        # Whole rows, as many as fit the element budget (at least one), are sorted at once.
+        rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
+        chunks = [
+            slice(start, min(start + rows_per_chunk, num_rows))
+            for start in range(0, num_rows, rows_per_chunk)
+        ]
+    for rows in chunks:
+        # 1. Sort each row by decreasing error, carrying the foreground along (a chunk of
+        # indices is a copy of its rows, read in full before any weight is written).
+        if keep is None or kept is None:
+            sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
+            order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
+        else:
+            order, fg_sorted, errors_sorted, has_valid = _sort_rows_numpy(
+                key[rows], fg[rows], keep[rows.numpy()], kept[rows.numpy()]
+            )
         # 2. Algorithm 1 on the sorted rows. Ignored voxels sort last and are background: they
         # get weight 0 (and so does the first voxel of a row where every voxel is ignored).
         grad, counts[rows] = _lovasz_grad(
@@ -238,12 +327,20 @@ def _class_rows_by_sort(
         losses[rows] = (weighted.abs_() if wrt_source else weighted).sum(-1)  # pairwise summation
         if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
             grad.masked_fill_(errors_sorted <= 0, 0.0)
-        # 4. Scatter the weights back from sorted order to voxel order.
-        out = weights[rows]
-        if out.is_contiguous():
-            out.view(order.shape).scatter_(-1, order, grad)
+        # 4. Scatter the weights back from sorted order to voxel order (voxels left out of the
+        # sort get weight 0).
+        whole = order.shape[-1] == row_size
+        out = weights[rows] if isinstance(rows, slice) else None
+        if out is not None and out.is_contiguous():
+            flat = out.view(order.shape[0], row_size)
+            (flat if whole else flat.zero_()).scatter_(-1, order, grad)
+            continue
+        flat = torch.empty_like(grad) if whole else grad.new_zeros(order.shape[0], row_size)
+        flat.scatter_(-1, order, grad)
+        if out is not None:
+            out.copy_(flat.view(out.shape))
         else:
-            out.copy_(torch.empty_like(grad).scatter_(-1, order, grad).view(out.shape))
+            weights[rows] = flat.view(-1, segments, num_voxels)
     return weights, losses, counts.view(-1)
 
 

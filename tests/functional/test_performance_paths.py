@@ -6,6 +6,7 @@ import torch
 from lovasz_monai import LovaszCELoss, LovaszHingeLoss, LovaszSoftmaxLoss
 from lovasz_monai import functional as Fn
 from lovasz_monai.functional import rows as row_kernels
+from tests.oracle import fractions_to_tensor, greedy_extension, greedy_weights
 
 
 def _torch_only(monkeypatch):
@@ -206,3 +207,105 @@ def test_threaded_numpy_sort_equals_torch_sort(monkeypatch, batch):
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
     assert torch.equal(fast_counts, ref_counts)
     torch.testing.assert_close(fast_grad, ref_grad, rtol=0, atol=1e-6)
+
+
+def _whole_sort(monkeypatch):
+    monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1 << 62)
+
+
+def _pruned_sort(monkeypatch):
+    monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1)
+
+
+def _rows(seed: int, levels: int, layout_batch: bool):
+    """``(key, fg)`` class rows with ties (``levels`` error values), ignored voxels, a row
+    without foreground, a row of ignored voxels only, and (``layout_batch``) the non-contiguous
+    ``(C, B, P)`` view of the batch layout."""
+    gen = torch.Generator().manual_seed(seed)
+    num_rows, segments, voxels = 5, 3, 41
+    key = torch.randint(0, levels, (num_rows, segments, voxels), generator=gen) / levels
+    fg = torch.rand(num_rows, segments, voxels, generator=gen) < 0.2
+    fg[0] = False
+    ignored = torch.rand(num_rows, segments, voxels, generator=gen) < 0.3
+    ignored[-1] = True
+    key[ignored], fg = -1.0, fg & ~ignored
+    if layout_batch:
+        key = key.transpose(0, 1).contiguous().transpose(0, 1)
+        fg = fg.transpose(0, 1).contiguous().transpose(0, 1)
+    return key, fg
+
+
+@pytest.mark.parametrize("levels", [2, 7, 1000])
+@pytest.mark.parametrize("layout_batch", [False, True])
+@pytest.mark.parametrize("wrt_source", [False, True])
+def test_pruned_sort_equals_the_whole_sort(monkeypatch, levels, layout_batch, wrt_source):
+    """Voxels past the last foreground voxel of a sorted row (or past the largest error of a
+    row without foreground) weigh 0, so leaving them out of the sort changes no weight, count
+    or loss, ties, ignored voxels and non-contiguous rows included; and it does leave voxels
+    out."""
+    key, fg = _rows(levels, levels, layout_batch)
+
+    def weights_losses_counts():
+        return row_kernels._class_rows_by_sort(
+            key.clone(), fg, chunk_elements=1 << 21, wrt_source=wrt_source, overwrite_key=False
+        )
+
+    _pruned_sort(monkeypatch)
+    pruned = weights_losses_counts()
+    order = row_kernels._sort_rows_numpy(key, fg, *row_kernels._weighted_voxels(key, fg))[0]
+    _whole_sort(monkeypatch)
+    whole = weights_losses_counts()
+    assert torch.equal(pruned[0], whole[0]) and torch.equal(pruned[2], whole[2])
+    torch.testing.assert_close(pruned[1], whole[1], rtol=0, atol=1e-6)
+    assert order.shape[-1] < key[0].numel()
+    # the row without foreground weighs its first largest error only; the ignored row nothing
+    first = (key[0] == key[0].max()).flatten().nonzero()[0]
+    assert torch.equal(pruned[0][0].flatten().nonzero()[0], first)
+    assert not pruned[0][-1].any() and pruned[1][-1] == 0
+
+
+def test_pruned_sort_matches_the_greedy_oracle(monkeypatch):
+    """The pruned sort against the exact greedy Lovász extension and its weights, row by row
+    (distinct errors, ignored voxels)."""
+    gen = torch.Generator().manual_seed(3)
+    errors = torch.rand(4, 37, generator=gen)
+    labels = torch.rand(4, 37, generator=gen) < 0.3
+    valid = torch.rand(4, 37, generator=gen) < 0.8
+    _pruned_sort(monkeypatch)
+    losses = Fn.lovasz_extension(errors, labels, valid)
+    weights = Fn.lovasz_weights(errors, labels, valid)
+    for row in range(4):
+        args = (errors[row].tolist(), labels[row].tolist(), valid[row].tolist())
+        assert losses[row].item() == pytest.approx(float(greedy_extension(*args)), abs=1e-6)
+        expected = fractions_to_tensor(greedy_weights(*args)).float()
+        torch.testing.assert_close(weights[row], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("classes", ["present", "all"])
+def test_pruned_threaded_sort_gradient_equals_torch_sort(monkeypatch, batch, classes):
+    """Rows long enough to be pruned (64 x 64 x 8 voxels), sorted in 2 threads, against the
+    single-threaded torch sort: the same loss and gradient of Lovász-Softmax, classes absent
+    from a volume included."""
+    gen = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(2, 6, 64, 64, 8, generator=gen)).requires_grad_(True)
+    labels = torch.randint(0, 6, (2, 1, 64, 64, 8), generator=gen)
+    labels[0, :, :32] = 0  # class 5 absent from volume 0, and its other classes in half of it
+    labels[0][labels[0] == 5] = 4
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(row_kernels, "_THREADED_SORT_ELEMENTS", 0)
+    used = []
+    pool = row_kernels.ThreadPoolExecutor
+    monkeypatch.setattr(row_kernels, "ThreadPoolExecutor", lambda n: used.append(n) or pool(n))
+    try:
+        torch.set_num_threads(2)
+        fast = Fn.lovasz_softmax(logits.softmax(1), labels, classes=classes, batch=batch)
+        (fast_grad,) = torch.autograd.grad(fast.sum(), logits)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(used) >= 2 and set(used) == {2}  # the cut, then the sorts
+    _torch_only(monkeypatch)
+    ref = Fn.lovasz_softmax(logits.softmax(1), labels, classes=classes, batch=batch)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=0, atol=1e-7)
