@@ -213,8 +213,9 @@ def _whole_sort(monkeypatch):
     monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1 << 62)
 
 
-def _pruned_sort(monkeypatch):
+def _pruned_sort(monkeypatch, fraction: float = row_kernels._PRUNED_FRACTION):
     monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1)
+    monkeypatch.setattr(row_kernels, "_PRUNED_FRACTION", fraction)
 
 
 def _rows(seed: int, levels: int, layout_batch: bool):
@@ -238,11 +239,13 @@ def _rows(seed: int, levels: int, layout_batch: bool):
 @pytest.mark.parametrize("levels", [2, 7, 1000])
 @pytest.mark.parametrize("layout_batch", [False, True])
 @pytest.mark.parametrize("wrt_source", [False, True])
-def test_pruned_sort_equals_the_whole_sort(monkeypatch, levels, layout_batch, wrt_source):
+@pytest.mark.parametrize("fraction", [row_kernels._PRUNED_FRACTION, 1.0])
+def test_pruned_sort_equals_the_whole_sort(monkeypatch, levels, layout_batch, wrt_source, fraction):
     """Voxels past the last foreground voxel of a sorted row (or past the largest error of a
     row without foreground) weigh 0, so leaving them out of the sort changes no weight, count
     or loss, ties, ignored voxels and non-contiguous rows included; and it does leave voxels
-    out."""
+    out. Rows that keep more than ``_PRUNED_FRACTION`` are sorted whole, next to pruned rows
+    (1.0: every row is gathered)."""
     key, fg = _rows(levels, levels, layout_batch)
 
     def weights_losses_counts():
@@ -250,7 +253,7 @@ def test_pruned_sort_equals_the_whole_sort(monkeypatch, levels, layout_batch, wr
             key.clone(), fg, chunk_elements=1 << 21, wrt_source=wrt_source, overwrite_key=False
         )
 
-    _pruned_sort(monkeypatch)
+    _pruned_sort(monkeypatch, fraction)
     pruned = weights_losses_counts()
     order = row_kernels._sort_rows_numpy(key, fg, *row_kernels._weighted_voxels(key, fg))[0]
     _whole_sort(monkeypatch)
