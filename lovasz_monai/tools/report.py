@@ -485,9 +485,14 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
     ax_bar.set_xticks(x, losses, rotation=20)
     ax_bar.set_ylim(0, 1.18)
     ax_bar.set_yticks(np.linspace(0, 1, 6))
-    ax_bar.set_ylabel("validation score (final model)")
-    ax_bar.set_title(f"mean ± std over {len(result.seeds)} seed(s)")
+    split = result.runs[0].eval_split if result.runs else "val"
+    ax_bar.set_ylabel(f"score of the final model ({'test' if split == 'test' else 'validation'})")
+    seeds = sorted({len(result.by_loss(loss)) for loss in losses})
+    over = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    ax_bar.set_title(f"mean ± std over {over} seed(s) per loss")
     ax_bar.legend(loc="upper center", ncol=2, fontsize=8)
+    if not any(r.val_miou_curve for r in result.runs):
+        _plot_runs(ax_curve, result)
     for loss in losses:
         curves = [r.val_miou_curve for r in result.by_loss(loss) if r.val_miou_curve]
         if not curves:
@@ -502,12 +507,13 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
             ax_curve.fill_between(
                 epochs, mean - std, mean + std, alpha=0.15, color=line.get_color()
             )
-    ax_curve.xaxis.get_major_locator().set_params(integer=True)
-    ax_curve.set_xlabel("epoch")
-    ax_curve.set_ylabel("val/mIoU")
-    ax_curve.set_ylim(0, 1.0)
-    ax_curve.set_title("validation mIoU during training")
-    ax_curve.legend(fontsize=8)
+    if any(r.val_miou_curve for r in result.runs):
+        ax_curve.xaxis.get_major_locator().set_params(integer=True)
+        ax_curve.set_xlabel("epoch")
+        ax_curve.set_ylabel("val/mIoU")
+        ax_curve.set_ylim(0, 1.0)
+        ax_curve.set_title("validation mIoU during training")
+        ax_curve.legend(fontsize=8)
     fig.suptitle(f"Loss comparison: {result.config}, {result.max_epochs} epochs")
     fig.tight_layout()
     path = Path(path)
@@ -515,6 +521,27 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_runs(ax: Any, result: ComparisonResult) -> None:
+    """Without validation curves (no validation split): the score of every run, one marker
+    per seed, so that the seed-to-seed spread and the paired differences can be seen."""
+    per_case = any(math.isfinite(r.case_miou) for r in result.runs)
+    markers = "osD^v<>ph*"
+    for k, seed in enumerate(sorted({r.seed for r in result.runs})):
+        points = [
+            (i, r.case_miou if per_case else r.miou)
+            for i, loss in enumerate(result.losses)
+            for r in result.by_loss(loss)
+            if r.seed == seed
+        ]
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, markers[k % len(markers)], label=f"seed {seed}", alpha=0.8)
+    ax.set_xticks(np.arange(len(result.losses)), result.losses, rotation=20)
+    ax.set_xlim(-0.5, len(result.losses) - 0.5)
+    ax.set_ylabel("per-case mIoU" if per_case else "mIoU")
+    ax.set_title("every run (no validation curves)")
+    ax.legend(fontsize=8)
 
 
 def scaled_down_run(max_epochs: int, config_epochs: int | None, overrides: Sequence[str]) -> bool:

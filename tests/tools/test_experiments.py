@@ -633,6 +633,28 @@ def test_plot_comparison_writes_png(tmp_path):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_plot_without_validation_curves_shows_every_run(tmp_path, monkeypatch):
+    """Runs without a validation split have no curves: the second panel plots the per-case
+    mIoU of every run, one series per seed (here: 2 seeds of one loss, 1 of the other)."""
+    import matplotlib.axes
+
+    result = _fake_result()
+    result.runs = [r for r in result.runs if not (r.loss == "lovasz" and r.seed == 1)]
+    for k, run in enumerate(result.runs):
+        run.val_miou_curve, run.case_miou = [], 0.5 + 0.1 * k
+    plotted = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda ax, *a, **k: plotted.append((a, k)) or plot(ax, *a, **k),
+    )
+    path = plot_comparison(result, tmp_path / "runs.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    series = {k["label"]: (list(a[0]), list(a[1])) for a, k in plotted}
+    assert series == {"seed 0": ([0, 1], [0.5, 0.7]), "seed 1": ([0], [0.6])}
+
+
 # -- the command, on a tiny setting ------------------------------------------------------------
 
 
