@@ -180,6 +180,16 @@ def test_present_classes_loss_matches_the_reference_loop_with_absent_classes(bat
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
+def _threads_on_every_input(monkeypatch) -> list[int]:
+    """Threaded packing and sorting forced on any input size; the list fills with the thread
+    count of every pool the row kernels start."""
+    monkeypatch.setattr(row_kernels, "_THREADED_SORT_ELEMENTS", 0)
+    used: list[int] = []
+    pool = row_kernels.ThreadPoolExecutor
+    monkeypatch.setattr(row_kernels, "ThreadPoolExecutor", lambda n: used.append(n) or pool(n))
+    return used
+
+
 @pytest.mark.parametrize("batch", [False, True])
 def test_threaded_numpy_sort_equals_torch_sort(monkeypatch, batch):
     """Large inputs are packed and sorted in several threads, a share of the rows each (here
@@ -190,10 +200,7 @@ def test_threaded_numpy_sort_equals_torch_sort(monkeypatch, batch):
     labels = torch.rand(3, 5, 6, 7, generator=gen) < 0.3
     valid = torch.rand(3, 1, 6, 7, generator=gen) < 0.8
     threads = torch.get_num_threads()
-    monkeypatch.setattr(row_kernels, "_THREADED_SORT_ELEMENTS", 0)
-    used = []
-    pool = row_kernels.ThreadPoolExecutor
-    monkeypatch.setattr(row_kernels, "ThreadPoolExecutor", lambda n: used.append(n) or pool(n))
+    used = _threads_on_every_input(monkeypatch)
     try:
         torch.set_num_threads(3)
         fast, fast_counts = Fn.lovasz_probability_class_losses(probs, labels, valid, batch=batch)
@@ -296,10 +303,7 @@ def test_pruned_threaded_sort_gradient_equals_torch_sort(monkeypatch, batch, cla
     labels[0, :, :32] = 0  # class 5 absent from volume 0, and its other classes in half of it
     labels[0][labels[0] == 5] = 4
     threads = torch.get_num_threads()
-    monkeypatch.setattr(row_kernels, "_THREADED_SORT_ELEMENTS", 0)
-    used = []
-    pool = row_kernels.ThreadPoolExecutor
-    monkeypatch.setattr(row_kernels, "ThreadPoolExecutor", lambda n: used.append(n) or pool(n))
+    used = _threads_on_every_input(monkeypatch)
     try:
         torch.set_num_threads(2)
         fast = Fn.lovasz_softmax(logits.softmax(1), labels, classes=classes, batch=batch)
