@@ -322,11 +322,11 @@ def _class_rows_by_sort(
             slice(start, min(start + rows_per_chunk, num_rows))
             for start in range(0, num_rows, rows_per_chunk)
         ]
+    sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
     for rows in chunks:
         # 1. Sort each row by decreasing error, carrying the foreground along (a chunk of
         # indices is a copy of its rows, read in full before any weight is written).
         if keep is None or kept is None:
-            sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
             order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
         else:
             order, fg_sorted, errors_sorted, has_valid = _sort_rows_numpy(
