@@ -13,6 +13,8 @@ validation split, and writes a Markdown table, a JSON file with every number, an
         --seeds 0 --max-epochs 2 --data.num_samples 1 --trainer.precision 32
     # rewrite the table and the plot from the JSON file (no training):
     python -m lovasz_monai.experiments report experiments/compare_demo.json
+    # one table from the runs of several comparisons (e.g. seeds trained on other machines):
+    python -m lovasz_monai.experiments report first.json second.json --output merged
 
 Losses (the keys of :data:`LOSSES`), all ignore-aware (the datamodule's ``mask``):
 
@@ -318,10 +320,15 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--verbose", action="store_true", help="keep Lightning's messages")
     rep = sub.add_parser(
         "report",
-        help="rewrite the Markdown table and the plot of a comparison from its JSON file",
+        help="rewrite the Markdown table and the plot of a comparison from its JSON file, or "
+        "merge the runs of several comparisons into one",
     )
-    rep.add_argument("json", help="the <output>.json of a comparison")
-    rep.add_argument("--output", default=None, help="path without suffix (default: the JSON's)")
+    rep.add_argument("json", nargs="+", help="the <output>.json of one comparison or of several")
+    rep.add_argument(
+        "--output",
+        default=None,
+        help="path without suffix (default: the JSON's; required with several JSON files)",
+    )
     return parser
 
 
@@ -356,7 +363,10 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
     if args.command == "report":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return report(args.json, args.output)
+        if len(args.json) > 1 and args.output is None:
+            parser.error("merging several JSON files needs --output")
+        command = "python -m lovasz_monai.experiments " + shlex.join(argv)
+        return report(args.json, args.output, command=command)
     if not args.verbose:
         for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)

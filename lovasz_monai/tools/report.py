@@ -6,6 +6,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,9 @@ __all__ = [
     "aggregate",
     "format_mean_std",
     "markdown_table",
+    "merge_results",
     "plot_comparison",
+    "read_results",
     "report",
     "scaled_down_run",
     "write_results",
@@ -172,6 +175,8 @@ class ComparisonResult:
         config_max_epochs: the config's ``trainer.max_epochs`` (``None`` when unset).
         scaled_down: whether the runs were scaled down from the config.
         processes: DDP processes of each run (1: no DDP).
+        sources: the commands of the comparisons whose runs :func:`merge_results` put together
+            (empty for a single comparison).
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
@@ -202,6 +207,7 @@ class ComparisonResult:
     config_max_epochs: int | None = None
     scaled_down: bool = True
     processes: int = 1
+    sources: list[str] = field(default_factory=list)
 
     def by_loss(self, loss: str) -> list[RunResult]:
         """The runs of one loss, in seed order."""
@@ -242,6 +248,103 @@ class ComparisonResult:
         return cls(**fields, runs=runs)
 
 
+#: the settings of :class:`ComparisonResult` that every merged comparison must share: they
+#: decide what a run trained and how it was scored
+MERGED_SETTINGS = (
+    "config",
+    "max_epochs",
+    "overrides",
+    "class_names",
+    "counted_classes",
+    "num_val_volumes",
+    "warmup_epochs",
+    "ramp_epochs",
+    "config_max_epochs",
+    "scaled_down",
+    "processes",
+    "torch_threads",
+)
+
+
+def merge_results(results: Sequence[ComparisonResult], command: str) -> ComparisonResult:
+    """One comparison from the runs of several, e.g. seeds trained on different machines or in
+    sessions whose run folders are gone (the JSON files hold every number of every run).
+
+    The comparisons must share :data:`MERGED_SETTINGS` and the evaluated split. Losses keep the
+    order in which they first appear (the first is the baseline of the paired columns), seeds
+    are sorted. A (loss, seed) run found in several comparisons is taken from the last one, with
+    a warning (e.g. a run trained again). The interleaved step timing (``bench_times``) is kept
+    when at most one comparison has one: timings of different processes are not comparable.
+
+    Args:
+        results: the comparisons, at least one.
+        command: the command line that merges them, written in the report; the commands of the
+            comparisons are kept in ``sources``.
+
+    Returns:
+        A new :class:`ComparisonResult`; ``total_time`` is the sum of theirs.
+
+    Raises:
+        ValueError: no comparison, a setting or the evaluated split that differs, or more than
+            one interleaved timing.
+
+    Example:
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> first = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                          [1], 1, "compare --seeds 0", [run])
+        >>> second = ComparisonResult.from_json(first.to_json())
+        >>> second.command, second.runs[0].seed = "compare --seeds 1", 1
+        >>> merged = merge_results([first, second], "report a.json b.json")
+        >>> merged.seeds, merged.sources
+        ([0, 1], ['compare --seeds 0', 'compare --seeds 1'])
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one comparison")
+    first = results[0]
+    for other in results[1:]:
+        for name in MERGED_SETTINGS:
+            mine, theirs = getattr(first, name), getattr(other, name)
+            if mine != theirs:
+                raise ValueError(
+                    f"cannot merge comparisons with different {name}: {mine!r} ({first.command}) "
+                    f"against {theirs!r} ({other.command})"
+                )
+    splits = {run.eval_split for result in results for run in result.runs}
+    if len(splits) > 1:
+        raise ValueError(f"cannot merge runs evaluated on different splits: {sorted(splits)}")
+    timed = [result for result in results if result.bench_times]
+    if len(timed) > 1:
+        raise ValueError(
+            "cannot merge more than one interleaved step timing (bench_times): they come from "
+            f"different processes; found one in {[result.command for result in timed]}"
+        )
+    runs: dict[tuple[str, int], RunResult] = {}
+    for result in results:
+        for run in result.runs:
+            key = (run.loss, run.seed)
+            if key in runs:
+                warnings.warn(
+                    f"{run.loss} seed {run.seed} is in several comparisons; the one of "
+                    f"{result.command!r} is kept",
+                    stacklevel=2,
+                )
+            runs[key] = run
+    losses = list(dict.fromkeys(loss for result in results for loss in result.losses))
+    sources = [source for r in results for source in (r.sources or [r.command])]
+    settings = {name: getattr(first, name) for name in MERGED_SETTINGS}
+    return ComparisonResult(
+        **settings,
+        losses=[loss for loss in losses if any(run_loss == loss for run_loss, _ in runs)],
+        seeds=sorted({seed for _, seed in runs}),
+        command=command,
+        runs=list(runs.values()),
+        total_time=sum(result.total_time for result in results),
+        bench_times=dict(timed[0].bench_times) if timed else {},
+        sources=list(dict.fromkeys(sources)),
+    )
+
+
 PER_CLASS_COLUMNS = 16
 """Classes up to which :func:`markdown_table` has one IoU column per class."""
 
@@ -257,6 +360,13 @@ def _smallest_classes(result: ComparisonResult) -> list[int]:
     if voxels is None or len(counted) <= SMALLEST:
         return []
     return sorted(counted, key=lambda c: voxels[c])[:SMALLEST]
+
+
+def _source_lines(sources: Sequence[str]) -> list[str]:
+    """The report's lines naming the comparisons a merged one was made of."""
+    if not sources:
+        return []
+    return ["The runs of these comparisons, merged:", "", "```bash", *sources, "```", ""]
 
 
 def markdown_table(result: ComparisonResult) -> str:
@@ -312,6 +422,7 @@ def markdown_table(result: ComparisonResult) -> str:
         result.command,
         "```",
         "",
+        *_source_lines(result.sources),
         f"Settings: {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), "
         f"{result.max_epochs} epochs per run ({config_epochs}the cosine `T_max` keeps its ratio "
         "to them), "
@@ -587,19 +698,49 @@ def write_results(result: ComparisonResult, output: str | os.PathLike) -> list[P
     return [md, js, png]
 
 
-def report(path: str | os.PathLike, output: str | os.PathLike | None = None) -> ComparisonResult:
-    """Rewrite ``<output>.md`` and ``<output>.png`` from a comparison's JSON file (no training).
-
-    Args:
-        path: the ``<output>.json`` written by :func:`compare`.
-        output: path without suffix of the files to write; default: ``path`` without ``.json``.
-
-    Returns:
-        The :class:`ComparisonResult` read.
+def read_results(path: str | os.PathLike) -> ComparisonResult:
+    """A comparison from its ``<output>.json`` (files from before a field existed get its value
+    from the config).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
+        trainer_config = yaml_config(data["config"]).get("trainer") or {}
+        data["config_max_epochs"] = trainer_config.get("max_epochs")
+    if "scaled_down" not in data:
+        data["scaled_down"] = scaled_down_run(
+            data["max_epochs"], data.get("config_max_epochs"), data.get("overrides", [])
+        )
+    return ComparisonResult.from_json(data)
+
+
+def report(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    command: str | None = None,
+) -> ComparisonResult:
+    """Rewrite the table and the plot of a comparison from its JSON file (no training), or write
+    one comparison from the JSON files of several (:func:`merge_results`).
+
+    Args:
+        paths: one ``<output>.json`` written by :func:`compare`, or several.
+        output: path without suffix of the files to write. One JSON file: default ``path``
+            without ``.json``; ``<output>.md`` and ``.png`` are written. Several: required;
+            ``<output>.json`` is written too.
+        command: the merging command line written in the report (several files; default: a
+            ``report`` command of these paths).
+
+    Returns:
+        The :class:`ComparisonResult` read or merged.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        TypeError: a JSON holds keys that are not fields of :class:`ComparisonResult`.
+        ValueError: several files without ``output``, or comparisons that cannot be merged
+            (see :func:`merge_results`).
 
     Example:
         >>> import pathlib, tempfile
@@ -612,18 +753,21 @@ def report(path: str | os.PathLike, output: str | os.PathLike | None = None) -> 
         >>> report(stem.with_suffix(".json")).runs[0].miou
         0.5
     """
-    path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    # files written before these fields existed: derive them from the config
-    if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
-        trainer_config = yaml_config(data["config"]).get("trainer") or {}
-        data["config_max_epochs"] = trainer_config.get("max_epochs")
-    if "scaled_down" not in data:
-        data["scaled_down"] = scaled_down_run(
-            data["max_epochs"], data.get("config_max_epochs"), data.get("overrides", [])
-        )
-    result = ComparisonResult.from_json(data)
-    stem = Path(output) if output is not None else path.with_suffix("")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(paths) > 1:
+        if output is None:
+            raise ValueError(f"merging {len(paths)} comparisons needs an output path")
+        if command is None:
+            command = "python -m lovasz_monai.experiments report " + " ".join(
+                [*map(str, paths), "--output", str(output)]
+            )
+        merged = merge_results([read_results(path) for path in paths], command)
+        write_results(merged, output)
+        return merged
+    if not paths:
+        raise ValueError("report needs at least one JSON file")
+    result = read_results(paths[0])
+    stem = Path(output) if output is not None else Path(paths[0]).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_name(stem.name + ".md").write_text(markdown_table(result), encoding="utf-8")
     plot_comparison(result, stem.with_name(stem.name + ".png"))

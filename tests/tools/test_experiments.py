@@ -24,6 +24,7 @@ from lovasz_monai.tools.report import (
     aggregate,
     format_mean_std,
     markdown_table,
+    merge_results,
     plot_comparison,
     report,
     write_results,
@@ -626,6 +627,97 @@ def test_json_round_trip_and_report(tmp_path):
     assert md.read_text() == (tmp_path / "again.md").read_text()
     with pytest.raises(SystemExit):
         main(["report", str(js), "--data.num_samples", "1"])
+
+
+def _split_by_seed(result: ComparisonResult) -> tuple[ComparisonResult, ComparisonResult]:
+    """Two comparisons from one: seed 0 of every loss, and seed 1 (of ``lovasz`` only)."""
+    first, second = (ComparisonResult.from_json(result.to_json()) for _ in range(2))
+    first.runs = [r for r in first.runs if r.seed == 0]
+    first.seeds, first.command, first.total_time = [0], "compare --seeds 0", 60.0
+    second.runs = [r for r in second.runs if r.seed == 1 and r.loss == "lovasz"]
+    second.losses, second.seeds, second.command, second.total_time = ["lovasz"], [1], "s1", 30.0
+    return first, second
+
+
+def test_merge_results_reports_the_runs_of_several_comparisons(tmp_path):
+    """Seeds trained in two comparisons give the table one comparison of them all would give
+    (its runs, scores and paired differences), naming both commands."""
+    whole = _fake_result()
+    for k, run in enumerate(whole.runs):
+        run.case_miou, run.eval_split = 0.5 + 0.01 * k * k, "test"
+    whole.runs = [r for r in whole.runs if (r.loss, r.seed) != ("ce", 1)]
+    first, second = _split_by_seed(whole)
+    merged = merge_results([first, second], "merge cmd")
+    assert merged.losses == ["ce", "lovasz"] and merged.seeds == [0, 1]
+    assert sorted((r.loss, r.seed) for r in merged.runs) == [
+        ("ce", 0),
+        ("lovasz", 0),
+        ("lovasz", 1),
+    ]
+    assert merged.sources == ["compare --seeds 0", "s1"] and merged.total_time == 90.0
+    text = markdown_table(merged)
+    whole.command, whole.sources, whole.total_time = "merge cmd", merged.sources, 90.0
+    assert text == markdown_table(whole)
+    assert "The runs of these comparisons, merged:\n\n```bash\ncompare --seeds 0\ns1\n```" in text
+    # lovasz - ce on seed 0, the only seed ce has: (0.5 + 0.04) - 0.5
+    lovasz = next(row for row in _table_rows(text) if row[0] == "`lovasz`")
+    assert lovasz[1:4] == ["2", "0.565 ± 0.035", "+0.040 ± 0.000 (1)"]
+
+    # a merged comparison merges again; the sources stay those of the trainings
+    third = ComparisonResult.from_json(second.to_json())
+    third.command, third.runs[0].seed, third.seeds = "s2", 2, [2]
+    again = merge_results([merged, third], "merge again")
+    assert again.sources == ["compare --seeds 0", "s1", "s2"] and again.seeds == [0, 1, 2]
+
+
+def test_merge_results_refuses_what_does_not_compare():
+    first, second = _split_by_seed(_fake_result())
+    with pytest.raises(ValueError, match="needs at least one"):
+        merge_results([], "cmd")
+    second.max_epochs = 3
+    with pytest.raises(
+        ValueError, match=r"different max_epochs: 2 \(compare --seeds 0\) against 3"
+    ):
+        merge_results([first, second], "cmd")
+    second.max_epochs, second.class_names = 2, ["background", "a", "c"]
+    with pytest.raises(ValueError, match="different class_names"):
+        merge_results([first, second], "cmd")
+    second.class_names = first.class_names
+    second.runs[0].eval_split = "test"
+    with pytest.raises(ValueError, match=r"different splits: \['test', 'val'\]"):
+        merge_results([first, second], "cmd")
+    second.runs[0].eval_split = "val"
+    first.bench_times, second.bench_times = {"ce": [0.1]}, {"lovasz": [0.2]}
+    with pytest.raises(ValueError, match="more than one interleaved step timing"):
+        merge_results([first, second], "cmd")
+    second.bench_times = {}
+    assert merge_results([first, second], "cmd").bench_times == {"ce": [0.1]}
+
+
+def test_merge_results_keeps_the_last_of_a_run_trained_twice():
+    first, second = _split_by_seed(_fake_result())
+    retrained = ComparisonResult.from_json(first.to_json())
+    retrained.command = "again"
+    retrained.runs = [r for r in retrained.runs if r.loss == "ce"]
+    retrained.runs[0].miou = 0.25
+    with pytest.warns(UserWarning, match="ce seed 0 is in several comparisons; the one of 'again'"):
+        merged = merge_results([first, second, retrained], "cmd")
+    assert [r.miou for r in merged.by_loss("ce")] == [0.25]
+
+
+def test_report_command_merges_json_files(tmp_path):
+    first, second = _split_by_seed(_fake_result())
+    paths = [write_results(r, tmp_path / name)[1] for r, name in ((first, "a"), (second, "b"))]
+    args = ["report", str(paths[0]), str(paths[1]), "--output", str(tmp_path / "ab")]
+    merged = main(args)
+    assert merged.command == "python -m lovasz_monai.experiments " + " ".join(args)
+    assert {p.name for p in tmp_path.iterdir()} >= {"ab.md", "ab.json", "ab.png"}
+    assert json.loads((tmp_path / "ab.json").read_text())["sources"] == ["compare --seeds 0", "s1"]
+    assert report(tmp_path / "ab.json").seeds == [0, 1]
+    with pytest.raises(SystemExit):
+        main(["report", str(paths[0]), str(paths[1])])
+    with pytest.raises(ValueError, match="needs an output path"):
+        report(paths)
 
 
 def test_plot_comparison_writes_png(tmp_path):
