@@ -323,7 +323,11 @@ def _parser() -> argparse.ArgumentParser:
         help="rewrite the Markdown table and the plot of a comparison from its JSON file, or "
         "merge the runs of several comparisons into one",
     )
-    rep.add_argument("json", nargs="+", help="the <output>.json of one comparison or of several")
+    rep.add_argument(
+        "json",
+        nargs="+",
+        help="the <output>.json of one comparison, or of several to merge (before --output)",
+    )
     rep.add_argument(
         "--output",
         default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import statistics
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -249,7 +250,8 @@ class ComparisonResult:
 
 
 #: the settings of :class:`ComparisonResult` that every merged comparison must share: they
-#: decide what a run trained and how it was scored
+#: decide what a run trained and how it was scored (``config_max_epochs`` may be unknown,
+#: ``None``, in files written before it was recorded)
 MERGED_SETTINGS = (
     "config",
     "max_epochs",
@@ -262,7 +264,6 @@ MERGED_SETTINGS = (
     "config_max_epochs",
     "scaled_down",
     "processes",
-    "torch_threads",
 )
 
 
@@ -270,16 +271,19 @@ def merge_results(results: Sequence[ComparisonResult], command: str) -> Comparis
     """One comparison from the runs of several, e.g. seeds trained on different machines or in
     sessions whose run folders are gone (the JSON files hold every number of every run).
 
-    The comparisons must share :data:`MERGED_SETTINGS` and the evaluated split. Losses keep the
-    order in which they first appear (the first is the baseline of the paired columns), seeds
-    are sorted. A (loss, seed) run found in several comparisons is taken from the last one, with
-    a warning (e.g. a run trained again). The interleaved step timing (``bench_times``) is kept
-    when at most one comparison has one: timings of different processes are not comparable.
+    The comparisons must share :data:`MERGED_SETTINGS` and the evaluated split. Losses keep
+    the order in which they first appear, so the first comparison's first loss is the baseline
+    of the paired columns (put the comparison with the baseline first); ``losses`` and
+    ``seeds`` are those of the runs (a loss listed without runs is left out). A (loss, seed)
+    run found more than once is taken from the last comparison that has it (e.g. a run trained
+    again). The interleaved step timing (``bench_times``) is kept when at most one comparison
+    has one: timings of different processes are not comparable; ``torch_threads`` is the first
+    comparison's.
 
     Args:
         results: the comparisons, at least one.
         command: the command line that merges them, written in the report; the commands of the
-            comparisons are kept in ``sources``.
+            comparisons are kept in ``sources`` (theirs, for comparisons merged before).
 
     Returns:
         A new :class:`ComparisonResult`; ``total_time`` is the sum of theirs.
@@ -288,13 +292,16 @@ def merge_results(results: Sequence[ComparisonResult], command: str) -> Comparis
         ValueError: no comparison, a setting or the evaluated split that differs, or more than
             one interleaved timing.
 
+    Warns:
+        UserWarning: a run found more than once, or different ``torch_threads``.
+
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
         ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
         >>> first = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
         ...                          [1], 1, "compare --seeds 0", [run])
         >>> second = ComparisonResult.from_json(first.to_json())
-        >>> second.command, second.runs[0].seed = "compare --seeds 1", 1
+        >>> second.command, second.seeds, second.runs[0].seed = "compare --seeds 1", [1], 1
         >>> merged = merge_results([first, second], "report a.json b.json")
         >>> merged.seeds, merged.sources
         ([0, 1], ['compare --seeds 0', 'compare --seeds 1'])
@@ -302,9 +309,14 @@ def merge_results(results: Sequence[ComparisonResult], command: str) -> Comparis
     if not results:
         raise ValueError("merge_results needs at least one comparison")
     first = results[0]
+    settings = {name: getattr(first, name) for name in MERGED_SETTINGS}
+    known = [r.config_max_epochs for r in results if r.config_max_epochs is not None]
+    settings["config_max_epochs"] = known[0] if known else None
     for other in results[1:]:
-        for name in MERGED_SETTINGS:
-            mine, theirs = getattr(first, name), getattr(other, name)
+        for name, mine in settings.items():
+            theirs = getattr(other, name)
+            if name == "config_max_epochs" and theirs is None:
+                continue
             if mine != theirs:
                 raise ValueError(
                     f"cannot merge comparisons with different {name}: {mine!r} ({first.command}) "
@@ -319,26 +331,33 @@ def merge_results(results: Sequence[ComparisonResult], command: str) -> Comparis
             "cannot merge more than one interleaved step timing (bench_times): they come from "
             f"different processes; found one in {[result.command for result in timed]}"
         )
+    threads = {result.torch_threads for result in results}
+    if len(threads) > 1:
+        warnings.warn(
+            f"the comparisons ran with different torch threads {sorted(threads)}: their step "
+            "times do not compare",
+            stacklevel=2,
+        )
     runs: dict[tuple[str, int], RunResult] = {}
     for result in results:
         for run in result.runs:
             key = (run.loss, run.seed)
             if key in runs:
                 warnings.warn(
-                    f"{run.loss} seed {run.seed} is in several comparisons; the one of "
+                    f"{run.loss} seed {run.seed} is found more than once; the run of "
                     f"{result.command!r} is kept",
                     stacklevel=2,
                 )
             runs[key] = run
     losses = list(dict.fromkeys(loss for result in results for loss in result.losses))
     sources = [source for r in results for source in (r.sources or [r.command])]
-    settings = {name: getattr(first, name) for name in MERGED_SETTINGS}
     return ComparisonResult(
         **settings,
         losses=[loss for loss in losses if any(run_loss == loss for run_loss, _ in runs)],
         seeds=sorted({seed for _, seed in runs}),
         command=command,
         runs=list(runs.values()),
+        torch_threads=first.torch_threads,
         total_time=sum(result.total_time for result in results),
         bench_times=dict(timed[0].bench_times) if timed else {},
         sources=list(dict.fromkeys(sources)),
@@ -366,7 +385,15 @@ def _source_lines(sources: Sequence[str]) -> list[str]:
     """The report's lines naming the comparisons a merged one was made of."""
     if not sources:
         return []
-    return ["The runs of these comparisons, merged:", "", "```bash", *sources, "```", ""]
+    return [
+        "The runs of these comparisons, merged (their `train step` times come from different "
+        "processes, perhaps machines: compare the scores, not those times):",
+        "",
+        "```bash",
+        *sources,
+        "```",
+        "",
+    ]
 
 
 def markdown_table(result: ComparisonResult) -> str:
@@ -699,12 +726,30 @@ def write_results(result: ComparisonResult, output: str | os.PathLike) -> list[P
 
 
 def read_results(path: str | os.PathLike) -> ComparisonResult:
-    """A comparison from its ``<output>.json`` (files from before a field existed get its value
-    from the config).
+    """A comparison from its ``<output>.json``; files written before ``config_max_epochs`` and
+    ``scaled_down`` existed get them from the config (when its path exists from here).
+
+    Args:
+        path: the ``<output>.json`` written by :func:`compare` or :func:`report`.
+
+    Returns:
+        The :class:`ComparisonResult`.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        json.JSONDecodeError: ``path`` is not JSON.
+        KeyError: ``max_epochs`` is missing.
         TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
+        ...                 [0.4, 0.5], 0.5, 3.0, "runs/x")
+        >>> result = ComparisonResult("configs/demo.yaml", ["ce"], [0], 2, [], ["bg", "fg"],
+        ...                           [1], 1, "python -m lovasz_monai.experiments", [run])
+        >>> path = write_results(result, pathlib.Path(tempfile.mkdtemp()) / "cmp")[1]
+        >>> read_results(path) == result
+        True
     """
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
@@ -727,8 +772,9 @@ def report(
 
     Args:
         paths: one ``<output>.json`` written by :func:`compare`, or several.
-        output: path without suffix of the files to write. One JSON file: default ``path``
-            without ``.json``; ``<output>.md`` and ``.png`` are written. Several: required;
+        output: path without suffix of the files to write. One JSON file: default that path
+            without ``.json``; ``<output>.md`` and ``.png`` are written (the JSON and its
+            command stay as they are). Several: required, not one of the inputs;
             ``<output>.json`` is written too.
         command: the merging command line written in the report (several files; default: a
             ``report`` command of these paths).
@@ -739,8 +785,9 @@ def report(
     Raises:
         FileNotFoundError: a path does not exist.
         TypeError: a JSON holds keys that are not fields of :class:`ComparisonResult`.
-        ValueError: several files without ``output``, or comparisons that cannot be merged
-            (see :func:`merge_results`).
+        ValueError: no file, several files without ``output`` or with an ``output`` that
+            would overwrite one of them, or comparisons that cannot be merged (see
+            :func:`merge_results`).
 
     Example:
         >>> import pathlib, tempfile
@@ -757,8 +804,11 @@ def report(
     if len(paths) > 1:
         if output is None:
             raise ValueError(f"merging {len(paths)} comparisons needs an output path")
+        merged_json = Path(output).with_name(Path(output).name + ".json").resolve()
+        if any(Path(path).resolve() == merged_json for path in paths):
+            raise ValueError(f"the merged {merged_json} would overwrite one of the inputs")
         if command is None:
-            command = "python -m lovasz_monai.experiments report " + " ".join(
+            command = "python -m lovasz_monai.experiments report " + shlex.join(
                 [*map(str, paths), "--output", str(output)]
             )
         merged = merge_results([read_results(path) for path in paths], command)

@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -623,8 +624,10 @@ def test_json_round_trip_and_report(tmp_path):
     assert math.isnan(again.runs[0].iou[2]) and again.runs[1].iou[1] == result.runs[1].iou[1]
     assert (tmp_path / "again.md").read_text() == md.read_text()
     assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
-    main(["report", str(js)])  # rewrites first.md in place
+    written = js.read_text()
+    main(["report", str(js)])  # rewrites first.md in place, not the JSON nor its command
     assert md.read_text() == (tmp_path / "again.md").read_text()
+    assert js.read_text() == written and result.command in md.read_text()
     with pytest.raises(SystemExit):
         main(["report", str(js), "--data.num_samples", "1"])
 
@@ -647,7 +650,9 @@ def test_merge_results_reports_the_runs_of_several_comparisons(tmp_path):
         run.case_miou, run.eval_split = 0.5 + 0.01 * k * k, "test"
     whole.runs = [r for r in whole.runs if (r.loss, r.seed) != ("ce", 1)]
     first, second = _split_by_seed(whole)
-    merged = merge_results([first, second], "merge cmd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        merged = merge_results([first, second], "merge cmd")
     assert merged.losses == ["ce", "lovasz"] and merged.seeds == [0, 1]
     assert sorted((r.loss, r.seed) for r in merged.runs) == [
         ("ce", 0),
@@ -658,7 +663,8 @@ def test_merge_results_reports_the_runs_of_several_comparisons(tmp_path):
     text = markdown_table(merged)
     whole.command, whole.sources, whole.total_time = "merge cmd", merged.sources, 90.0
     assert text == markdown_table(whole)
-    assert "The runs of these comparisons, merged:\n\n```bash\ncompare --seeds 0\ns1\n```" in text
+    assert "The runs of these comparisons, merged (" in text
+    assert "```bash\ncompare --seeds 0\ns1\n```" in text
     # lovasz - ce on seed 0, the only seed ce has: (0.5 + 0.04) - 0.5
     lovasz = next(row for row in _table_rows(text) if row[0] == "`lovasz`")
     assert lovasz[1:4] == ["2", "0.565 ± 0.035", "+0.040 ± 0.000 (1)"]
@@ -687,6 +693,9 @@ def test_merge_results_refuses_what_does_not_compare():
     with pytest.raises(ValueError, match=r"different splits: \['test', 'val'\]"):
         merge_results([first, second], "cmd")
     second.runs[0].eval_split = "val"
+    second.config_max_epochs = 40  # unknown (None) in the first: taken from the second
+    assert merge_results([first, second], "cmd").config_max_epochs == 40
+    second.config_max_epochs = None
     first.bench_times, second.bench_times = {"ce": [0.1]}, {"lovasz": [0.2]}
     with pytest.raises(ValueError, match="more than one interleaved step timing"):
         merge_results([first, second], "cmd")
@@ -700,12 +709,22 @@ def test_merge_results_keeps_the_last_of_a_run_trained_twice():
     retrained.command = "again"
     retrained.runs = [r for r in retrained.runs if r.loss == "ce"]
     retrained.runs[0].miou = 0.25
-    with pytest.warns(UserWarning, match="ce seed 0 is in several comparisons; the one of 'again'"):
+    with pytest.warns(UserWarning, match="ce seed 0 is found more than once; the run of 'again'"):
         merged = merge_results([first, second, retrained], "cmd")
     assert [r.miou for r in merged.by_loss("ce")] == [0.25]
 
 
-def test_report_command_merges_json_files(tmp_path):
+def test_merge_results_order_and_threads():
+    """The first comparison's first loss is the baseline; other thread counts merge, with a
+    warning (their step times do not compare)."""
+    first, second = _split_by_seed(_fake_result())
+    assert merge_results([second, first], "cmd").losses == ["lovasz", "ce"]
+    second.torch_threads = 8
+    with pytest.warns(UserWarning, match=r"different torch threads \[1, 8\]"):
+        assert merge_results([first, second], "cmd").torch_threads == 1
+
+
+def test_report_command_merges_json_files(tmp_path, capsys):
     first, second = _split_by_seed(_fake_result())
     paths = [write_results(r, tmp_path / name)[1] for r, name in ((first, "a"), (second, "b"))]
     args = ["report", str(paths[0]), str(paths[1]), "--output", str(tmp_path / "ab")]
@@ -716,8 +735,13 @@ def test_report_command_merges_json_files(tmp_path):
     assert report(tmp_path / "ab.json").seeds == [0, 1]
     with pytest.raises(SystemExit):
         main(["report", str(paths[0]), str(paths[1])])
+    assert "merging several JSON files needs --output" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs an output path"):
         report(paths)
+    with pytest.raises(ValueError, match="would overwrite one of the inputs"):
+        report(paths, tmp_path / "a")
+    with pytest.raises(ValueError, match="at least one JSON"):
+        report([])
 
 
 def test_plot_comparison_writes_png(tmp_path):
