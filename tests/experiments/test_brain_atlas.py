@@ -130,11 +130,53 @@ def test_comparison_command_runs_each_task_config_as_it_is(atlas):
         assert f"--config configs/{task}.yaml --seeds 0 1 2 --max-epochs 63 --no-scale-down" in text
         assert "--eval-split test --resume" in text
         assert cmd[-2:] == ["--model.surface_metrics", "true"]
-        assert f"--output experiments/brain_atlas/{task} " in text
+        assert (
+            f"--output runs/brain_atlas/{task}/this-machine --runs-dir runs/brain_atlas/{task} "
+            in text
+        )
         assert cmd[cmd.index("--losses") + 1 : cmd.index("--eval-split")] == atlas.COMPARISON
         table = atlas.comparison_command(task, [0, 1, 2], atlas.COMPARISON, finished_only=True)
         assert "--finished-only --bench-repeats 0" in " ".join(table)
         assert "--resume" not in table and table[-6:] == cmd[-6:]
+
+
+def test_merge_parts_reports_the_kept_comparisons_with_this_machines(atlas, tmp_path):
+    """The task's table holds the runs of the kept parts and of this machine, which wins."""
+    from lovasz_monai.tools.report import ComparisonResult, RunResult, read_results, write_results
+
+    def comparison(command: str, seeds: list[int], miou: float) -> ComparisonResult:
+        runs = [
+            RunResult("dicece", seed, miou, 0.8, [0.9, miou], [0.9, 0.8], [0.2], [], miou, 1.0,
+                      "runs/x", eval_split="test", case_miou=miou)
+            for seed in seeds
+        ]  # fmt: skip
+        return ComparisonResult(
+            "configs/subcortical.yaml", ["dicece"], seeds, 63, [], ["background", "a"], [1], 8,
+            command, runs, scaled_down=False, config_max_epochs=63,
+        )  # fmt: skip
+
+    with pytest.raises(FileNotFoundError, match="no comparison of subcortical"):
+        atlas.merge_parts("subcortical", root=tmp_path)
+    parts = tmp_path / "experiments" / "brain_atlas" / "subcortical_parts"
+    write_results(comparison("first", [0, 1], 0.5), parts / "1")
+    write_results(comparison("second", [2], 0.6), parts / "2")
+    merged = read_results(atlas.merge_parts("subcortical", root=tmp_path))
+    assert [(r.seed, r.miou) for r in merged.by_loss("dicece")] == [(0, 0.5), (1, 0.5), (2, 0.6)]
+    assert merged.sources == ["first", "second"]
+    assert "subcortical_parts/1.json experiments/brain_atlas/subcortical_parts/2.json" in (
+        merged.command
+    )
+    local = tmp_path / "runs" / "brain_atlas" / "subcortical" / "this-machine"
+    write_results(comparison("here", [1], 0.7), local)
+    with pytest.warns(UserWarning, match="dicece seed 1 is found more than once"):
+        path = atlas.merge_parts("subcortical", root=tmp_path)
+    assert path == tmp_path / "experiments" / "brain_atlas" / "subcortical.json"
+    merged = read_results(path)
+    assert [r.miou for r in merged.by_loss("dicece")] == [0.5, 0.7, 0.6]
+    assert merged.sources == ["first", "second", "here"]
+    assert (path.parent / "subcortical.md").is_file() and (
+        path.parent / "subcortical.png"
+    ).is_file()
 
 
 def test_pipeline_variants_change_one_setting_each(atlas):
