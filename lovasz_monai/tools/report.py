@@ -19,6 +19,7 @@ import yaml
 from lovasz_monai.tools.recipes import DEFAULT_OVERRIDES, LOSSES
 
 __all__ = [
+    "MERGED_SETTINGS",
     "PER_CLASS_COLUMNS",
     "SMALLEST",
     "ComparisonResult",
@@ -737,7 +738,7 @@ def read_results(path: str | os.PathLike) -> ComparisonResult:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        json.JSONDecodeError: ``path`` is not JSON.
+        ValueError: ``path`` is not JSON (``json.JSONDecodeError``).
         KeyError: ``max_epochs`` is missing.
         TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
 
