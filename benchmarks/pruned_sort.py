@@ -7,14 +7,14 @@ network: few early in training (the foreground errors are all large), more once 
 foreground voxel is predicted with certainty (its error, and so the cut, near 0). This script
 measures both, interleaved in one process, median of ``--repeats`` after ``--warmup``:
 
-1. the loss alone (forward + backward of ``LovaszCELoss(lambda_ce=0.3)``, the default) against
-   MONAI's DiceLoss and DiceCELoss, on the many-class sizes of ``python -m
-   lovasz_monai.benchmark --sizes many-classes`` (its synthetic logits: a partly trained network)
-   and on the logits of real networks on two 64^3 subcortical patches: at initialisation and
+1. the loss alone (forward + backward of ``LovaszCELoss(lambda_ce=0.3)``, the default, and of
+   it with ``batch=True``) against MONAI's DiceLoss and DiceCELoss, on the many-class sizes of
+   ``python -m lovasz_monai.benchmark --sizes many-classes`` (its synthetic logits: a partly
+   trained network; ``--no-many-classes`` skips them) and on the logits of real networks on two 64^3 subcortical patches: at initialisation and
    trained (``--checkpoint``, a ``last.ckpt`` of ``configs/subcortical.yaml``);
 2. one training step of ``configs/subcortical.yaml`` (and, with ``--parcellation``, of
-   ``configs/parcellation.yaml``): Dice+CE against the default loss with and without the cut,
-   at initialisation and from ``--checkpoint``.
+   ``configs/parcellation.yaml``): Dice+CE against the default loss with and without the cut
+   and the default with ``batch=True``, at initialisation and from ``--checkpoint``.
 
 Run alone on a quiet machine::
 
@@ -68,6 +68,7 @@ def interleaved(
 
 def loss_steps(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable[[], None]]:
     lovasz = LovaszCELoss(to_onehot_y=True)
+    lovasz_batch = LovaszCELoss(to_onehot_y=True, batch=True)
     dice = DiceLoss(to_onehot_y=True, softmax=True)
     dicece = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -82,6 +83,7 @@ def loss_steps(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable
     return {
         "exact, cut": run(lovasz),
         "exact, whole sort": run(lovasz, whole_sort),
+        "exact, batch=True, cut": run(lovasz_batch),
         "DiceLoss": run(dice),
         "DiceCELoss": run(dicece),
     }
@@ -141,8 +143,8 @@ def train_step(model, optimizer, precision, context, batch) -> Callable[[], None
 
 
 def training_steps(config: str, checkpoint: str | None) -> dict[str, Callable[[], None]]:
-    """One training step (forward, loss, backward, AdamW) of Dice+CE and of the default loss with
-    and without the cut, from the same network."""
+    """One training step (forward, loss, backward, AdamW) of Dice+CE, of the default loss with
+    and without the cut and of the default with ``batch=True``, from the same network."""
     from lovasz_monai.cli import LovaszCLI
     from lovasz_monai.tools.runs import cli_args
 
@@ -152,6 +154,7 @@ def training_steps(config: str, checkpoint: str | None) -> dict[str, Callable[[]
         ("Dice+CE", "dicece", contextlib.nullcontext),
         ("default, cut", "lovasz_ce_lowce", contextlib.nullcontext),
         ("default, whole sort", "lovasz_ce_lowce", whole_sort),
+        ("default with batch=True, cut", "lovasz_ce_lowce_batch", contextlib.nullcontext),
     ]
     for name, loss, context in variants:
         cli = LovaszCLI(args=cli_args(config, loss, 0, 1, "runs/_bench_cut"), run=False)
@@ -182,9 +185,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--parcellation", action="store_true", help="also its training step")
+    parser.add_argument(
+        "--no-many-classes", action="store_true", help="skip the loss alone at the many-class sizes"
+    )
     args = parser.parse_args()
     print(f"# {cpu_description()}, {torch.get_num_threads()} torch threads")
-    for size in ("2x84x96x96x96", "1x105x128x128x128"):
+    for size in () if args.no_many_classes else ("2x84x96x96x96", "1x105x128x128x128"):
         b, c, *spatial = map(int, size.split("x"))
         logits, labels = make_inputs(Case(b, c, tuple(spatial)), present=MANY_CLASS_PRESENT)
         medians = interleaved(loss_steps(logits, labels), args.repeats, args.warmup)
