@@ -10,8 +10,9 @@ measures both, interleaved in one process, median of ``--repeats`` after ``--war
 1. the loss alone (forward + backward of ``LovaszCELoss(lambda_ce=0.3)``, the default, and of
    it with ``batch=True``) against MONAI's DiceLoss and DiceCELoss, on the many-class sizes of
    ``python -m lovasz_monai.benchmark --sizes many-classes`` (its synthetic logits: a partly
-   trained network; ``--no-many-classes`` skips them) and on the logits of real networks on two 64^3 subcortical patches: at initialisation and
-   trained (``--checkpoint``, a ``last.ckpt`` of ``configs/subcortical.yaml``);
+   trained network; ``--no-many-classes`` skips them) and on the logits of real networks on two
+   64^3 subcortical patches: at initialisation and trained (``--checkpoint``, a ``last.ckpt`` of
+   ``configs/subcortical.yaml``);
 2. one training step of ``configs/subcortical.yaml`` (and, with ``--parcellation``, of
    ``configs/parcellation.yaml``): Dice+CE against the default loss with and without the cut
    and the default with ``batch=True``, at initialisation and from ``--checkpoint``.
