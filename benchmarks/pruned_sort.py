@@ -17,6 +17,10 @@ measures both, interleaved in one process, median of ``--repeats`` after ``--war
    ``configs/parcellation.yaml``): Dice+CE against the default loss with and without the cut
    and the default with ``batch=True``, at initialisation and from ``--checkpoint``.
 
+With ``--against COMMIT`` the default loss of the package at that commit (a renamed copy from
+``git archive``, imported next to this checkout's) is timed in the same rounds, so that a
+change of the loss is measured against the code before it in one process.
+
 Run alone on a quiet machine::
 
     python benchmarks/pruned_sort.py --parcellation \
@@ -27,9 +31,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import io
+import re
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss
@@ -67,7 +80,30 @@ def interleaved(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def loss_steps(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable[[], None]]:
+def package_at(commit: str) -> ModuleType:
+    """The ``lovasz_monai`` package of ``commit`` of this repository, renamed
+    ``lovasz_monai_<commit>`` (every reference to the name rewritten) and imported from a
+    temporary folder."""
+    name = "lovasz_monai_" + re.sub(r"\W", "_", commit)
+    archive = subprocess.run(
+        ["git", "archive", commit, "lovasz_monai"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        check=True,
+    ).stdout
+    root = Path(tempfile.mkdtemp())
+    with tarfile.open(fileobj=io.BytesIO(archive)) as files:
+        files.extractall(root, filter="data")
+    (root / "lovasz_monai").rename(root / name)
+    for path in (root / name).rglob("*.py"):
+        path.write_text(re.sub(r"\blovasz_monai\b", name, path.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(name)
+
+
+def loss_steps(
+    logits: torch.Tensor, labels: torch.Tensor, previous: tuple[str, ModuleType] | None = None
+) -> dict[str, Callable[[], None]]:
     lovasz = LovaszCELoss(to_onehot_y=True)
     lovasz_batch = LovaszCELoss(to_onehot_y=True, batch=True)
     dice = DiceLoss(to_onehot_y=True, softmax=True)
@@ -81,13 +117,20 @@ def loss_steps(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable
 
         return step
 
-    return {
+    steps = {
         "exact, cut": run(lovasz),
         "exact, whole sort": run(lovasz, whole_sort),
         "exact, batch=True, cut": run(lovasz_batch),
         "DiceLoss": run(dice),
         "DiceCELoss": run(dicece),
     }
+    if previous is not None:
+        commit, package = previous
+        steps[f"exact, cut, at {commit}"] = run(package.LovaszCELoss(to_onehot_y=True))
+        steps[f"exact, batch=True, cut, at {commit}"] = run(
+            package.LovaszCELoss(to_onehot_y=True, batch=True)
+        )
+    return steps
 
 
 def kept_fraction(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -143,9 +186,13 @@ def train_step(model, optimizer, precision, context, batch) -> Callable[[], None
     return step
 
 
-def training_steps(config: str, checkpoint: str | None) -> dict[str, Callable[[], None]]:
+def training_steps(
+    config: str, checkpoint: str | None, previous: tuple[str, ModuleType] | None = None
+) -> dict[str, Callable[[], None]]:
     """One training step (forward, loss, backward, AdamW) of Dice+CE, of the default loss with
-    and without the cut and of the default with ``batch=True``, from the same network."""
+    and without the cut and of the default with ``batch=True``, from the same network; with
+    ``previous`` (commit, package), also of the default and ``batch=True`` losses of that
+    package."""
     from lovasz_monai.cli import LovaszCLI
     from lovasz_monai.tools.runs import cli_args
 
@@ -157,9 +204,20 @@ def training_steps(config: str, checkpoint: str | None) -> dict[str, Callable[[]
         ("default, whole sort", "lovasz_ce_lowce", whole_sort),
         ("default with batch=True, cut", "lovasz_ce_lowce_batch", contextlib.nullcontext),
     ]
+    if previous is not None:
+        variants += [
+            (f"default, cut, at {previous[0]}", "lovasz_ce_lowce", contextlib.nullcontext),
+            (f"default with batch=True, at {previous[0]}", "lovasz_ce_lowce_batch", None),
+        ]
     for name, loss, context in variants:
         cli = LovaszCLI(args=cli_args(config, loss, 0, 1, "runs/_bench_cut"), run=False)
         model = cli.model
+        if previous is not None and name.endswith(f"at {previous[0]}"):
+            batch_mode = loss.endswith("_batch")
+            model.objective.loss = previous[1].LovaszCELoss(
+                to_onehot_y=True, lambda_ce=0.3, batch=batch_mode
+            )
+            context = contextlib.nullcontext
         load_network(model, checkpoint)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -189,12 +247,16 @@ def main() -> None:
     parser.add_argument(
         "--no-many-classes", action="store_true", help="skip the loss alone at the many-class sizes"
     )
+    parser.add_argument(
+        "--against", metavar="COMMIT", default=None, help="also time the losses of this commit"
+    )
     args = parser.parse_args()
+    previous = None if args.against is None else (args.against, package_at(args.against))
     print(f"# {cpu_description()}, {torch.get_num_threads()} torch threads")
     for size in () if args.no_many_classes else ("2x84x96x96x96", "1x105x128x128x128"):
         b, c, *spatial = map(int, size.split("x"))
         logits, labels = make_inputs(Case(b, c, tuple(spatial)), present=MANY_CLASS_PRESENT)
-        medians = interleaved(loss_steps(logits, labels), args.repeats, args.warmup)
+        medians = interleaved(loss_steps(logits, labels, previous), args.repeats, args.warmup)
         kept = kept_fraction(logits, labels)
         table(f"loss alone, {size}, {MANY_CLASS_PRESENT} classes present, synthetic logits "
               f"(kept {kept:.0%})", medians, "DiceLoss")  # fmt: skip
@@ -202,15 +264,15 @@ def main() -> None:
         checkpoint = args.checkpoint if state == "trained" else None
         image, labels, model = subcortical_patches(checkpoint)
         logits = network_logits(model, image)
-        medians = interleaved(loss_steps(logits, labels), args.repeats, args.warmup)
+        medians = interleaved(loss_steps(logits, labels, previous), args.repeats, args.warmup)
         kept = kept_fraction(logits, labels)
         table(f"loss alone, subcortical 2 x 16 x 64^3, network at {state} (kept {kept:.0%})",
               medians, "DiceLoss")  # fmt: skip
-        steps = training_steps("configs/subcortical.yaml", checkpoint)
+        steps = training_steps("configs/subcortical.yaml", checkpoint, previous)
         medians = interleaved(steps, args.repeats, args.warmup)
         table(f"training step, configs/subcortical.yaml, network at {state}", medians, "Dice+CE")
     if args.parcellation:
-        steps = training_steps("configs/parcellation.yaml", None)
+        steps = training_steps("configs/parcellation.yaml", None, previous)
         medians = interleaved(steps, args.repeats, args.warmup)
         table("training step, configs/parcellation.yaml, at initialisation", medians, "Dice+CE")
 

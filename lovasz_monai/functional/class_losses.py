@@ -25,7 +25,7 @@ from lovasz_monai.functional.arguments import (
     distributed_world_size,
 )
 from lovasz_monai.functional.extension import known_gradient
-from lovasz_monai.functional.rows import _sort_key, lovasz_class_rows
+from lovasz_monai.functional.rows import _sort_key, lovasz_class_rows, sorts_weighted_voxels_only
 
 __all__ = [
     "ClassSelection",
@@ -141,26 +141,39 @@ def _class_losses(
     of the processes' batches, and the gradient is ``world_size`` times the derivative of those
     losses with respect to this process's ``source``. ``skip_absent`` (not distributed, not
     under ``torch.compile``): see :func:`_present_class_losses`."""
-    world_size, batch = settings.world_size, settings.batch
-    if skip_absent and world_size == 1 and not torch.compiler.is_compiling():
+    if skip_absent and settings.world_size == 1 and not torch.compiler.is_compiling():
         return _present_class_losses(source, fg, valid, key_of, settings, wrt_source)
-    num_batch, num_classes = source.shape[:2]
     with torch.no_grad():
-        detached = source.detach()
-        key = key_of(detached, fg, valid)
-        weights, losses, counts = lovasz_class_rows(
-            _as_class_rows(key, batch=batch),
-            _as_class_rows(fg, batch=batch),
-            settings,
-            wrt_source=wrt_source,
-            overwrite_key=key is not detached,  # the source itself is never overwritten
-        )
-        weights = weights.transpose(0, 1) if batch else weights
-        weights = weights.reshape(source.shape)
-        if world_size > 1:  # DDP's mean of the processes' gradients is then the global one
-            weights.mul_(world_size)
-    shape = (1 if batch else num_batch, num_classes)
+        weights, losses, counts = _every_row(source, fg, valid, key_of, settings, wrt_source)
+    shape = (1 if settings.batch else source.shape[0], source.shape[1])
     return known_gradient(source, losses.view(shape), weights), counts.view(shape)
+
+
+def _every_row(
+    source: Tensor,
+    fg: Tensor,
+    valid: Tensor | None,
+    key_of: KeyOf,
+    settings: LovaszSettings,
+    wrt_source: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights, losses, counts)`` of every row, without autograd: the weights have the shape
+    of ``source``, the losses and counts are flat (``B * C``, or ``C`` with ``settings.batch``)."""
+    batch = settings.batch
+    detached = source.detach()
+    key = key_of(detached, fg, valid)
+    weights, losses, counts = lovasz_class_rows(
+        _as_class_rows(key, batch=batch),
+        _as_class_rows(fg, batch=batch),
+        settings,
+        wrt_source=wrt_source,
+        overwrite_key=key is not detached,  # the source itself is never overwritten
+    )
+    weights = weights.transpose(0, 1) if batch else weights
+    weights = weights.reshape(source.shape)
+    if settings.world_size > 1:  # DDP's mean of the processes' gradients is then the global one
+        weights.mul_(settings.world_size)
+    return weights, losses, counts
 
 
 def _present_class_losses(
@@ -171,51 +184,56 @@ def _present_class_losses(
     settings: LovaszSettings,
     wrt_source: bool,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_class_losses` of the rows with foreground only: their source values are copied
-    out, keyed and computed; every other row gets loss 0, count 0 and no gradient. With dozens
-    of classes most are absent from a volume, and this skips their keys and sorts (at the price
-    of one host synchronisation to find the present rows)."""
+    """:func:`_class_losses` of the rows with foreground only: every other row gets loss 0,
+    count 0 and no gradient. With dozens of classes most are absent from a volume, and copying
+    out the present rows skips the keys and sorts of the others (at the price of one host
+    synchronisation to find the present rows). When most rows are present, every row is
+    computed in place and the absent ones are then cleared: the exact sort on the CPU keeps one
+    voxel of a row without foreground, so an absent row costs less than copying a present one
+    out and back."""
     num_batch, num_classes = source.shape[:2]
     batch = settings.batch
     shape = (1 if batch else num_batch, num_classes)
     with torch.no_grad():
-        values = source.detach().flatten(2)  # (B, C, P)
-        fg = fg.flatten(2)
-        present = fg.any(dim=-1)
+        flat_fg = fg.flatten(2)  # (B, C, P)
+        present = flat_fg.any(dim=-1)
         if batch:  # one row per class over the batch
             present = present.any(dim=0, keepdim=True)
         rows = present.view(-1).nonzero().view(-1)
-        weights = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
-        losses = torch.zeros(shape, dtype=values.dtype, device=values.device)
-        counts = torch.zeros(shape, dtype=torch.int64, device=values.device)
-        if rows.numel():
-            _present_rows_into(
-                (weights, losses, counts),
-                values,
-                fg,
-                valid,
-                rows,
-                key_of,
-                settings,
-                wrt_source,
+        if _computes_absent_rows(rows.numel(), present.numel(), source, settings):
+            weights, losses, counts = _every_row(source, fg, valid, key_of, settings, wrt_source)
+            absent = (~present).view(-1).nonzero().view(-1)
+            losses.index_fill_(0, absent, 0.0)  # their counts are 0 already
+            if batch:
+                weights.view(num_batch, num_classes, -1).index_fill_(1, absent, 0.0)
+            else:
+                weights.view(num_batch * num_classes, -1).index_fill_(0, absent, 0.0)
+        else:
+            weights, losses, counts = _present_rows(
+                source, flat_fg, valid, rows, key_of, settings, wrt_source
             )
-    return known_gradient(source, losses, weights.view(source.shape)), counts
+    losses = known_gradient(source, losses.view(shape), weights.view(source.shape))
+    return losses, counts.view(shape)
 
 
-def _present_rows_into(
-    outputs: tuple[Tensor, Tensor, Tensor],
-    values: Tensor,
+def _present_rows(
+    source: Tensor,
     fg: Tensor,
     valid: Tensor | None,
     rows: Tensor,
     key_of: KeyOf,
     settings: LovaszSettings,
     wrt_source: bool,
-) -> None:
-    """The weights, losses and counts of the present ``rows`` (flat indices into ``losses``)
-    of ``(B, C, P)`` ``values`` and ``fg``, written into the zero-filled ``outputs`` (weights
-    ``(B, C, P)``, losses and counts as :func:`_class_losses` returns them)."""
-    weights, losses, counts = outputs
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights, losses, counts)`` as :func:`_every_row` returns them, computed on copies of
+    the present ``rows`` (flat indices into the losses) of ``(B, C, P)`` ``fg``; 0 elsewhere."""
+    values = source.detach().flatten(2)  # (B, C, P)
+    weights = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
+    num_rows = source.shape[1] if settings.batch else source.shape[0] * source.shape[1]
+    losses = torch.zeros(num_rows, dtype=values.dtype, device=values.device)
+    counts = torch.zeros(num_rows, dtype=torch.int64, device=values.device)
+    if not rows.numel():
+        return weights, losses, counts
     num_classes, num_voxels = values.shape[1:]
     batch = settings.batch
     if batch:  # (B, n, P) copies, keyed, and seen as (n, B, P) rows
@@ -237,8 +255,21 @@ def _present_rows_into(
         weights.index_copy_(1, rows, row_weights.transpose(0, 1))
     else:
         weights.view(-1, num_voxels).index_copy_(0, rows, row_weights.view(-1, num_voxels))
-    losses.view(-1).index_copy_(0, rows, row_losses)
-    counts.view(-1).index_copy_(0, rows, row_counts)
+    losses.index_copy_(0, rows, row_losses)
+    counts.index_copy_(0, rows, row_counts)
+    return weights, losses, counts
+
+
+def _computes_absent_rows(
+    num_present: int, num_rows: int, source: Tensor, settings: LovaszSettings
+) -> bool:
+    """Whether :func:`_present_class_losses` computes every row in place: when every row is
+    present, or when at least half are and the exact sort leaves out the voxels of the absent
+    rows (:func:`~lovasz_monai.functional.rows.sorts_weighted_voxels_only`)."""
+    if num_present == num_rows:
+        return True
+    row_size = source[0, 0].numel() * (source.shape[0] if settings.batch else 1)
+    return 2 * num_present >= num_rows and sorts_weighted_voxels_only(source, row_size, settings)
 
 
 def lovasz_class_losses(

@@ -208,88 +208,164 @@ def _weighted_voxels(key: Tensor, fg: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return keep, kept
 
 
-def _sort_rows_numpy(
-    key: Tensor, fg: Tensor, keep: np.ndarray | None = None, kept: np.ndarray | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The same as :func:`_sort_rows_torch` for float32 CPU rows, several times faster; with
-    ``keep`` and ``kept`` of :func:`_weighted_voxels`, on the voxels that can weigh only.
+def _pack_voxels(
+    out: np.ndarray, errors: np.ndarray, fg_bit: np.ndarray, voxel: np.ndarray
+) -> None:
+    """Writes into the int64 ``out`` one sort key per voxel: the inverted error bits (a value
+    past them for ignored voxels) in the high word, the foreground bit and the voxel index in
+    the low word. Ascending order of the keys is decreasing error, background first at equal
+    error, then the voxel index."""
+    np.copyto(out, errors.view(np.int32))
+    np.bitwise_and(out, _INDEX_MASK, out=out)  # the sign bit of -0.0
+    np.subtract(_ERROR_BITS_MAX, out, out=out)  # ascending order == descending error
+    np.copyto(out, _IGNORED, where=errors < 0)
+    out <<= 1
+    out |= fg_bit
+    out <<= 31
+    out |= voxel
 
-    Each voxel becomes one int64: the inverted error bits (a value past them for ignored voxels)
-    in the high word, the foreground bit and the voxel index in the low word. numpy's vectorised
-    sort of these integers alone yields the order, the sorted labels and the sorted errors; ties
-    sort background first, then by voxel index.
 
-    With ``keep``, each row holds its kept voxels, sorted, then ignored entries (weight 0) for
-    left-out voxels up to the longest kept row: the rows are as long as the longest kept row,
-    and their weights, losses and counts are those of the whole sort. Rows are packed and
-    sorted in ``torch.get_num_threads()`` threads, a share of the rows each.
-    """
-    num_rows, segments, num_voxels = key.shape
-    row_size = segments * num_voxels
-    key_np, fg_np = key.numpy(), fg.numpy()
-    index = np.arange(row_size, dtype=np.int64).reshape(segments, num_voxels)
-    length = row_size if kept is None else max(1, int(kept.max()))
-    packed = np.empty((num_rows, length), dtype=np.int64)
-
-    def pack(out: np.ndarray, errors: np.ndarray, fg_bit: np.ndarray, voxel: np.ndarray) -> None:
-        np.copyto(out, errors.view(np.int32))
-        np.bitwise_and(out, _INDEX_MASK, out=out)  # the sign bit of -0.0
-        np.subtract(_ERROR_BITS_MAX, out, out=out)  # ascending order == descending error
-        np.copyto(out, _IGNORED, where=errors < 0)
-        out <<= 1
-        out |= fg_bit
-        out <<= 31
-        out |= voxel
-
-    def pack_and_sort(rows: slice) -> None:
-        if keep is None or kept is None or (kept[rows] == row_size).all():
-            pack(packed[rows].reshape(-1, segments, num_voxels), key_np[rows], fg_np[rows], index)
-            packed[rows].sort(axis=-1)
-            return
-        for row in range(*rows.indices(num_rows)):
-            out, count = packed[row], kept[row]
-            if count == row_size:
-                pack(out.reshape(segments, num_voxels), key_np[row], fg_np[row], index)
-                out.sort()
-                continue
-            voxels = np.flatnonzero(keep[row])
-            at = np.divmod(voxels, num_voxels)
-            pack(out[:count], key_np[row][at], fg_np[row][at], voxels)
-            out[:count].sort()
-            left_out = np.flatnonzero(~keep[row])[: length - count]
-            np.bitwise_or(left_out, _IGNORED << 32, out=out[count:])
-
-    _each_share(pack_and_sort, _row_shares(num_rows, packed.size))
+def _unpack_sorted(packed: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(order, fg_sorted, errors_sorted, has_valid)`` of rows of sorted :func:`_pack_voxels`
+    keys, as :func:`_sort_rows_torch` returns them."""
     packed_t = torch.from_numpy(packed)
     # little-endian: low word first (flattened first: a size-1 row may carry any stride)
-    words = packed_t.reshape(-1).view(torch.int32).view(num_rows, -1)
+    words = packed_t.reshape(-1).view(torch.int32).view(packed.shape[0], -1)
     fg_sorted = words[:, 0::2] < 0
     error_bits = torch.sub(_ERROR_BITS_MAX, words[:, 1::2]).clamp_min_(0)  # ignored: 0.0
     has_valid = words[:, 1:2] != _IGNORED
     return packed_t.bitwise_and_(_INDEX_MASK), fg_sorted, error_bits.view(torch.float32), has_valid
 
 
-def _chunks_by_length(kept: np.ndarray, chunk_elements: int) -> list[Tensor]:
+def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same as :func:`_sort_rows_torch` for float32 CPU rows, several times faster.
+
+    Each voxel becomes one int64 (:func:`_pack_voxels`); numpy's vectorised sort of these
+    integers alone yields the order, the sorted labels and the sorted errors. Rows are packed
+    and sorted in ``torch.get_num_threads()`` threads, a share of the rows each.
+    """
+    num_rows, segments, num_voxels = key.shape
+    key_np, fg_np = key.numpy(), fg.numpy()
+    index = np.arange(segments * num_voxels, dtype=np.int64).reshape(segments, num_voxels)
+    packed = np.empty((num_rows, segments * num_voxels), dtype=np.int64)
+
+    def pack_and_sort(rows: slice) -> None:
+        _pack_voxels(
+            packed[rows].reshape(-1, segments, num_voxels), key_np[rows], fg_np[rows], index
+        )
+        packed[rows].sort(axis=-1)
+
+    _each_share(pack_and_sort, _row_shares(num_rows, packed.size))
+    return _unpack_sorted(packed)
+
+
+def _sort_kept_voxels(
+    key: np.ndarray, fg: np.ndarray, keep: np.ndarray, kept: np.ndarray, rows: np.ndarray
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_sort_rows_numpy` of the voxels that can weigh only (``keep`` and ``kept`` of
+    :func:`_weighted_voxels`), for the ``rows`` (indices) of the ``(R, S, P)`` arrays ``key``
+    and ``fg``, which are read in place.
+
+    Each output row holds its row's kept voxels, sorted, then ignored entries (weight 0) up to
+    the longest kept row of ``rows``: the weights, losses and counts of its first ``kept[row]``
+    entries are those of the whole sort; the index of the padding means nothing.
+    """
+    segments, num_voxels = key.shape[1:]
+    row_size = segments * num_voxels
+    packed = np.empty((len(rows), max(1, int(kept[rows].max()))), dtype=np.int64)
+    index = np.arange(row_size, dtype=np.int64).reshape(segments, num_voxels)
+
+    def pack_and_sort(share: slice) -> None:
+        for out, row in zip(packed[share], rows[share], strict=True):
+            count = kept[row]
+            if count == row_size:  # sorted whole
+                _pack_voxels(out.reshape(segments, num_voxels), key[row], fg[row], index)
+            else:
+                voxels = np.flatnonzero(keep[row])
+                at = np.divmod(voxels, num_voxels)
+                _pack_voxels(out[:count], key[row][at], fg[row][at], voxels)
+                out[count:] = _IGNORED << 32
+            out[:count].sort()
+
+    _each_share(pack_and_sort, _row_shares(len(rows), packed.size))
+    return _unpack_sorted(packed)
+
+
+def _write_kept_weights(
+    weights: np.ndarray, rows: np.ndarray, kept: np.ndarray, order: Tensor, grad: Tensor
+) -> None:
+    """Writes the ``rows`` of the ``(R, S, P)`` array ``weights``: the sorted weights ``grad``
+    of :func:`_sort_kept_voxels` at their voxels (``order``), 0 at the voxels left out."""
+    num_voxels = weights.shape[2]
+    order_np, grad_np = order.numpy(), grad.numpy()
+
+    def write(share: slice) -> None:
+        for voxels, values, row in zip(order_np[share], grad_np[share], rows[share], strict=True):
+            count = kept[row]
+            if count < weights[row].size:
+                weights[row].fill(0.0)
+            weights[row][np.divmod(voxels[:count], num_voxels)] = values[:count]
+
+    _each_share(write, _row_shares(len(rows), weights[0].size * len(rows)))
+
+
+def _chunks_by_length(kept: np.ndarray, chunk_elements: int) -> list[np.ndarray]:
     """Row indices in chunks of similar kept lengths, longest first, each chunk within
     ``chunk_elements`` once padded to its longest row (at least one row a chunk)."""
     order = np.argsort(-kept, kind="stable")
     chunks, start = [], 0
     while start < len(order):
         size = max(1, chunk_elements // max(int(kept[order[start]]), 1))
-        chunks.append(torch.from_numpy(order[start : start + size].copy()))
+        chunks.append(order[start : start + size])
         start += size
     return chunks
 
 
-def _use_numpy_sort(key: Tensor) -> bool:
+def _sorts_with_numpy(device: torch.device, dtype: torch.dtype, row_size: int) -> bool:
     return (
-        key.device.type == "cpu"
-        and key.dtype == torch.float32
-        and key.shape[-1] * key.shape[-2] <= _INDEX_MASK
-        and key.stride(-1) == 1
+        device.type == "cpu"
+        and dtype == torch.float32
+        and row_size <= _INDEX_MASK
         and sys.byteorder == "little"
         and not torch.compiler.is_compiling()
     )
+
+
+def _use_numpy_sort(key: Tensor) -> bool:
+    row_size = key.shape[-1] * key.shape[-2]
+    return _sorts_with_numpy(key.device, key.dtype, row_size) and key.stride(-1) == 1
+
+
+def sorts_weighted_voxels_only(source: Tensor, row_size: int, settings: LovaszSettings) -> bool:
+    """Whether class rows of ``row_size`` voxels of ``source``'s device and dtype sort only the
+    voxels that can weigh (:func:`_weighted_voxels`): the exact method on the CPU, float32 rows
+    of at least :data:`_PRUNED_ROW_VOXELS`. A row without foreground then keeps one voxel."""
+    return (
+        settings.method == "sort"
+        and row_size >= _PRUNED_ROW_VOXELS
+        and _sorts_with_numpy(source.device, source.dtype, row_size)
+    )
+
+
+def _sorted_row_weights(
+    fg_sorted: Tensor,
+    errors_sorted: Tensor,
+    has_valid: Tensor,
+    dtype: torch.dtype,
+    wrt_source: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights, losses, counts)`` of rows sorted by decreasing error (ignored voxels last, as
+    background with error 0): Algorithm 1, then each row's loss, sum of error x weight."""
+    # Ignored voxels get weight 0 (and so does the first voxel of a row where every voxel is
+    # ignored).
+    grad, counts = _lovasz_grad(
+        fg_sorted, None, dtype, negate_foreground=wrt_source, has_valid=has_valid
+    )
+    weighted = torch.mul(errors_sorted, grad)
+    losses = (weighted.abs_() if wrt_source else weighted).sum(-1)  # pairwise summation
+    if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
+        grad.masked_fill_(errors_sorted <= 0, 0.0)
+    return grad, losses, counts
 
 
 def _class_rows_by_sort(
@@ -305,57 +381,36 @@ def _class_rows_by_sort(
     weights = key if overwrite_key else torch.empty_like(key)
     losses = torch.empty(num_rows, dtype=key.dtype, device=key.device)
     counts = torch.empty(num_rows, 1, dtype=torch.int64, device=key.device)
-    chunks: list[slice] | list[Tensor]
     if _use_numpy_sort(key) and row_size >= _PRUNED_ROW_VOXELS:
-        # Only the voxels that can weigh are sorted; rows of similar lengths share a chunk.
         keep, kept = _weighted_voxels(key, fg)
-        if (kept == row_size).all():  # nothing to leave out: the plain chunks, no copies
-            keep = kept = None
-    else:
-        keep = kept = None
-    if keep is not None and kept is not None:
-        chunks = _chunks_by_length(kept, chunk_elements)
-    else:
-        # Whole rows, as many as fit the element budget (at least one), are sorted at once.
-        rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
-        chunks = [
-            slice(start, min(start + rows_per_chunk, num_rows))
-            for start in range(0, num_rows, rows_per_chunk)
-        ]
+        if not (kept == row_size).all():
+            # Only the voxels that can weigh are sorted; rows of similar lengths share a chunk.
+            key_np, fg_np, weights_np = key.numpy(), fg.numpy(), weights.numpy()
+            for rows in _chunks_by_length(kept, chunk_elements):
+                sorted_rows = _sort_kept_voxels(key_np, fg_np, keep, kept, rows)
+                grad, row_losses, row_counts = _sorted_row_weights(
+                    *sorted_rows[1:], key.dtype, wrt_source
+                )
+                index = torch.from_numpy(rows)
+                losses[index], counts[index] = row_losses, row_counts
+                _write_kept_weights(weights_np, rows, kept, sorted_rows[0], grad)
+            return weights, losses, counts.view(-1)
+    # Whole rows, as many as fit the element budget (at least one), are sorted at once.
+    rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
     sort_rows = _sort_rows_numpy if _use_numpy_sort(key) else _sort_rows_torch
-    for rows in chunks:
-        # 1. Sort each row by decreasing error, carrying the foreground along (a chunk of
-        # indices is a copy of its rows, read in full before any weight is written).
-        if keep is None or kept is None:
-            order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
+    for start in range(0, num_rows, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, num_rows))
+        # 1. Sort each row by decreasing error, carrying the foreground along (the rows are
+        # read in full before their weights are written).
+        order, *sorted_rows = sort_rows(key[rows], fg[rows])
+        # 2. Algorithm 1 on the sorted rows, and the loss of each row.
+        grad, losses[rows], counts[rows] = _sorted_row_weights(*sorted_rows, key.dtype, wrt_source)
+        # 3. Scatter the weights back from sorted order to voxel order.
+        out = weights[rows]
+        if out.is_contiguous():
+            out.view(order.shape).scatter_(-1, order, grad)
         else:
-            order, fg_sorted, errors_sorted, has_valid = _sort_rows_numpy(
-                key[rows], fg[rows], keep[rows.numpy()], kept[rows.numpy()]
-            )
-        # 2. Algorithm 1 on the sorted rows. Ignored voxels sort last and are background: they
-        # get weight 0 (and so does the first voxel of a row where every voxel is ignored).
-        grad, counts[rows] = _lovasz_grad(
-            fg_sorted, None, key.dtype, negate_foreground=wrt_source, has_valid=has_valid
-        )
-        # 3. The loss of each row: sum of error * weight (the weights' sign undone by abs).
-        weighted = torch.mul(errors_sorted, grad)
-        losses[rows] = (weighted.abs_() if wrt_source else weighted).sum(-1)  # pairwise summation
-        if wrt_source:  # the subgradient autograd takes where the error is 0 (abs, relu)
-            grad.masked_fill_(errors_sorted <= 0, 0.0)
-        # 4. Scatter the weights back from sorted order to voxel order (voxels left out of the
-        # sort get weight 0).
-        whole = order.shape[-1] == row_size
-        out = weights[rows] if isinstance(rows, slice) else None
-        if out is not None and out.is_contiguous():
-            flat = out.view(order.shape[0], row_size)
-            (flat if whole else flat.zero_()).scatter_(-1, order, grad)
-            continue
-        flat = torch.empty_like(grad) if whole else grad.new_zeros(order.shape[0], row_size)
-        flat.scatter_(-1, order, grad)
-        if out is not None:
-            out.copy_(flat.view(out.shape))
-        else:
-            weights[rows] = flat.view(-1, segments, num_voxels)
+            out.copy_(torch.empty_like(grad).scatter_(-1, order, grad).view(out.shape))
     return weights, losses, counts.view(-1)
 
 

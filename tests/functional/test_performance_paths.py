@@ -1,5 +1,6 @@
 """The fast paths of issue 4: numpy vs torch sort backends, compile-friendliness, lean autograd."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,6 +167,46 @@ def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("kind", ["probability", "hinge", "errors"])
+def test_skip_absent_computes_in_place_when_most_rows_are_present(monkeypatch, batch, kind):
+    """With most rows present and the cut on (float32 on the CPU), every row is computed in
+    place and the absent rows are cleared afterwards: the losses, counts and gradient of the
+    copy path, which float64 inputs (no cut) still take, and of the full computation."""
+    monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1)
+    sorted_rows = []
+    sort = row_kernels._class_rows_by_sort
+
+    def counting_sort(key, fg, **kwargs):
+        sorted_rows.append(key.shape[0])
+        return sort(key, fg, **kwargs)
+
+    monkeypatch.setattr(row_kernels, "_class_rows_by_sort", counting_sort)
+    logits64, labels, mask = _few_classes_present(4, num_classes=9, present=6)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 9).movedim(-1, 1)
+    class_losses = {
+        "probability": (lambda x: x.softmax(1), Fn.lovasz_probability_class_losses),
+        "hinge": (lambda x: x, Fn.lovasz_hinge_class_losses),
+        "errors": (lambda x: (onehot - x.softmax(1)).abs(), Fn.lovasz_class_losses),
+    }
+    make_source, losses_of = class_losses[kind]
+    outcome = {}
+    for name, dtype, skip in [("in place", 32, True), ("copies", 64, True), ("full", 64, False)]:
+        logits = logits64.detach().to(getattr(torch, f"float{dtype}")).requires_grad_(True)
+        losses, counts = losses_of(make_source(logits), onehot, mask, batch, skip_absent=skip)
+        (grad,) = torch.autograd.grad(Fn.average_class_losses(losses, counts).sum(), logits)
+        outcome[name] = (losses.detach().double(), counts, grad.double())
+    present = outcome["full"][1] > 0
+    assert not present.all() and 2 * present.sum() >= present.numel()
+    assert sorted_rows == [present.numel(), int(present.sum()), present.numel()]
+    for name in ("in place", "copies"):
+        losses, counts, grad = outcome[name]
+        assert torch.equal(counts, outcome["full"][1])
+        assert torch.all(losses[~present] == 0)
+        torch.testing.assert_close(losses[present], outcome["full"][0][present], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, outcome["full"][2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [False, True])
 def test_present_classes_loss_matches_the_reference_loop_with_absent_classes(batch):
     """The loss class (which skips absent rows) against the benchmark's independent per-class
     loop, value and gradient, when most classes are absent."""
@@ -262,7 +303,8 @@ def test_pruned_sort_equals_the_whole_sort(monkeypatch, levels, layout_batch, wr
 
     _pruned_sort(monkeypatch, fraction)
     pruned = weights_losses_counts()
-    order = row_kernels._sort_rows_numpy(key, fg, *row_kernels._weighted_voxels(key, fg))[0]
+    keep, kept = row_kernels._weighted_voxels(key, fg)
+    order = row_kernels._sort_kept_voxels(key.numpy(), fg.numpy(), keep, kept, np.arange(5))[0]
     _whole_sort(monkeypatch)
     whole = weights_losses_counts()
     assert torch.equal(pruned[0], whole[0]) and torch.equal(pruned[2], whole[2])
