@@ -269,7 +269,11 @@ def _computes_absent_rows(
     if num_present == num_rows:
         return True
     row_size = source[0, 0].numel() * (source.shape[0] if settings.batch else 1)
-    return 2 * num_present >= num_rows and sorts_weighted_voxels_only(source, row_size, settings)
+    return (
+        2 * num_present >= num_rows
+        and source.is_contiguous()  # the given errors may be the key itself (and strided)
+        and sorts_weighted_voxels_only(source, row_size, settings)
+    )
 
 
 def lovasz_class_losses(

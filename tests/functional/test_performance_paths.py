@@ -182,7 +182,7 @@ def test_skip_absent_computes_in_place_when_most_rows_are_present(monkeypatch, b
 
     monkeypatch.setattr(row_kernels, "_class_rows_by_sort", counting_sort)
     logits64, labels, mask = _few_classes_present(4, num_classes=9, present=6)
-    onehot = torch.nn.functional.one_hot(labels[:, 0], 9).movedim(-1, 1)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 9).movedim(-1, 1).contiguous()
     class_losses = {
         "probability": (lambda x: x.softmax(1), Fn.lovasz_probability_class_losses),
         "hinge": (lambda x: x, Fn.lovasz_hinge_class_losses),
