@@ -2,10 +2,11 @@
 
 Once the last foreground voxel of a row sorted by decreasing error is passed, every later
 Lovász weight is 0, so the exact method sorts only the voxels above that cut
-(``lovasz_monai.functional.rows._sort_rows_numpy``). How many voxels that leaves depends on the
-network: few early in training (the foreground errors are all large), more once some
-foreground voxel is predicted with certainty (its error, and so the cut, near 0). This script
-measures both, interleaved in one process, median of ``--repeats`` after ``--warmup``:
+(``lovasz_monai.functional.rows._weighted_voxels`` and ``_sort_kept_voxels``). How many
+voxels that leaves depends on the network: few early in training (the foreground errors are
+all large), more once some foreground voxel is predicted with certainty (its error, and so the
+cut, near 0). This script measures both, interleaved in one process, median of
+``--repeats`` after ``--warmup``:
 
 1. the loss alone (forward + backward of ``LovaszCELoss(lambda_ce=0.3)``, the default, and of
    it with ``batch=True``) against MONAI's DiceLoss and DiceCELoss, on the many-class sizes of
@@ -51,6 +52,7 @@ from lovasz_monai.functional import rows
 from lovasz_monai.losses import LovaszCELoss
 from lovasz_monai.precision import cpu_description
 from lovasz_monai.tools.benchmark import MANY_CLASS_PRESENT, Case, make_inputs
+from lovasz_monai.tools.recipes import LOSSES
 
 
 @contextlib.contextmanager
@@ -80,10 +82,10 @@ def interleaved(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def package_at(commit: str) -> ModuleType:
+def package_at(commit: str, folder: Path) -> ModuleType:
     """The ``lovasz_monai`` package of ``commit`` of this repository, renamed
-    ``lovasz_monai_<commit>`` (every reference to the name rewritten) and imported from a
-    temporary folder."""
+    ``lovasz_monai_<commit>`` (every reference to the name rewritten), written into ``folder``
+    and imported from there (``folder`` is put first on ``sys.path``)."""
     name = "lovasz_monai_" + re.sub(r"\W", "_", commit)
     archive = subprocess.run(
         ["git", "archive", commit, "lovasz_monai"],
@@ -91,14 +93,21 @@ def package_at(commit: str) -> ModuleType:
         capture_output=True,
         check=True,
     ).stdout
-    root = Path(tempfile.mkdtemp())
     with tarfile.open(fileobj=io.BytesIO(archive)) as files:
-        files.extractall(root, filter="data")
-    (root / "lovasz_monai").rename(root / name)
-    for path in (root / name).rglob("*.py"):
+        # the "data" filter (no links out, no absolute paths) where this Python has it
+        files.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (folder / "lovasz_monai").rename(folder / name)
+    for path in (folder / name).rglob("*.py"):
         path.write_text(re.sub(r"\blovasz_monai\b", name, path.read_text()))
-    sys.path.insert(0, str(root))
+    sys.path.insert(0, str(folder))
     return importlib.import_module(name)
+
+
+def recipe_loss(package: ModuleType, recipe: str) -> torch.nn.Module:
+    """The loss of the comparison recipe ``recipe`` (:data:`lovasz_monai.tools.recipes.LOSSES`)
+    built from ``package``'s classes."""
+    loss = LOSSES[recipe].model(1, 0, 0)["loss"]
+    return getattr(package, loss["class_path"].rsplit(".", 1)[1])(**loss["init_args"])
 
 
 def loss_steps(
@@ -198,26 +207,29 @@ def training_steps(
 
     steps: dict[str, Callable[[], None]] = {}
     batch = None
+    # (name, recipe, sort context, package whose loss replaces the recipe's, or None)
     variants = [
-        ("Dice+CE", "dicece", contextlib.nullcontext),
-        ("default, cut", "lovasz_ce_lowce", contextlib.nullcontext),
-        ("default, whole sort", "lovasz_ce_lowce", whole_sort),
-        ("default with batch=True, cut", "lovasz_ce_lowce_batch", contextlib.nullcontext),
+        ("Dice+CE", "dicece", contextlib.nullcontext, None),
+        ("default, cut", "lovasz_ce_lowce", contextlib.nullcontext, None),
+        ("default, whole sort", "lovasz_ce_lowce", whole_sort, None),
+        ("default with batch=True, cut", "lovasz_ce_lowce_batch", contextlib.nullcontext, None),
     ]
     if previous is not None:
+        commit, package = previous
         variants += [
-            (f"default, cut, at {previous[0]}", "lovasz_ce_lowce", contextlib.nullcontext),
-            (f"default with batch=True, at {previous[0]}", "lovasz_ce_lowce_batch", None),
+            (f"default, cut, at {commit}", "lovasz_ce_lowce", contextlib.nullcontext, package),
+            (
+                f"default with batch=True, cut, at {commit}",
+                "lovasz_ce_lowce_batch",
+                contextlib.nullcontext,
+                package,
+            ),
         ]
-    for name, loss, context in variants:
-        cli = LovaszCLI(args=cli_args(config, loss, 0, 1, "runs/_bench_cut"), run=False)
+    for name, recipe, context, package in variants:
+        cli = LovaszCLI(args=cli_args(config, recipe, 0, 1, "runs/_bench_cut"), run=False)
         model = cli.model
-        if previous is not None and name.endswith(f"at {previous[0]}"):
-            batch_mode = loss.endswith("_batch")
-            model.objective.loss = previous[1].LovaszCELoss(
-                to_onehot_y=True, lambda_ce=0.3, batch=batch_mode
-            )
-            context = contextlib.nullcontext
+        if package is not None:
+            model.objective.loss = recipe_loss(package, recipe)
         load_network(model, checkpoint)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -251,7 +263,9 @@ def main() -> None:
         "--against", metavar="COMMIT", default=None, help="also time the losses of this commit"
     )
     args = parser.parse_args()
-    previous = None if args.against is None else (args.against, package_at(args.against))
+    previous = None
+    if args.against is not None:
+        previous = (args.against, package_at(args.against, Path(tempfile.mkdtemp())))
     print(f"# {cpu_description()}, {torch.get_num_threads()} torch threads")
     for size in () if args.no_many_classes else ("2x84x96x96x96", "1x105x128x128x128"):
         b, c, *spatial = map(int, size.split("x"))

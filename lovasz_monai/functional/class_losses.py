@@ -149,6 +149,7 @@ def _class_losses(
     return known_gradient(source, losses.view(shape), weights), counts.view(shape)
 
 
+@torch.no_grad()
 def _every_row(
     source: Tensor,
     fg: Tensor,
@@ -200,14 +201,12 @@ def _present_class_losses(
         if batch:  # one row per class over the batch
             present = present.any(dim=0, keepdim=True)
         rows = present.view(-1).nonzero().view(-1)
-        if _computes_absent_rows(rows.numel(), present.numel(), source, settings):
+        if _computes_every_row(rows.numel(), present.numel(), source, settings):
             weights, losses, counts = _every_row(source, fg, valid, key_of, settings, wrt_source)
-            absent = (~present).view(-1).nonzero().view(-1)
-            losses.index_fill_(0, absent, 0.0)  # their counts are 0 already
-            if batch:
-                weights.view(num_batch, num_classes, -1).index_fill_(1, absent, 0.0)
-            else:
-                weights.view(num_batch * num_classes, -1).index_fill_(0, absent, 0.0)
+            if rows.numel() < present.numel():  # clear the absent rows (their counts are 0)
+                absent = ~present.view(-1, num_classes, 1)  # broadcast over B with batch
+                weights.view(num_batch, num_classes, -1).masked_fill_(absent, 0.0)
+                losses.masked_fill_(absent.view(-1), 0.0)
         else:
             weights, losses, counts = _present_rows(
                 source, flat_fg, valid, rows, key_of, settings, wrt_source
@@ -216,9 +215,10 @@ def _present_class_losses(
     return losses, counts.view(shape)
 
 
+@torch.no_grad()
 def _present_rows(
     source: Tensor,
-    fg: Tensor,
+    flat_fg: Tensor,
     valid: Tensor | None,
     rows: Tensor,
     key_of: KeyOf,
@@ -226,7 +226,8 @@ def _present_rows(
     wrt_source: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(weights, losses, counts)`` as :func:`_every_row` returns them, computed on copies of
-    the present ``rows`` (flat indices into the losses) of ``(B, C, P)`` ``fg``; 0 elsewhere."""
+    the present ``rows`` (flat indices into the losses) of the ``(B, C, P)`` foreground
+    ``flat_fg``; 0 elsewhere."""
     values = source.detach().flatten(2)  # (B, C, P)
     weights = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
     num_rows = source.shape[1] if settings.batch else source.shape[0] * source.shape[1]
@@ -237,12 +238,12 @@ def _present_rows(
     num_classes, num_voxels = values.shape[1:]
     batch = settings.batch
     if batch:  # (B, n, P) copies, keyed, and seen as (n, B, P) rows
-        row_fg = fg.index_select(1, rows)
+        row_fg = flat_fg.index_select(1, rows)
         row_valid = None if valid is None else valid.flatten(2)
         key = key_of(values.index_select(1, rows), row_fg, row_valid)
         key_rows, fg_rows = key.transpose(0, 1), row_fg.transpose(0, 1)
     else:  # (n, P) copies of the (volume, class) rows, seen as (n, 1, P)
-        row_fg = fg.reshape(-1, num_voxels).index_select(0, rows)
+        row_fg = flat_fg.reshape(-1, num_voxels).index_select(0, rows)
         row_valid = None
         if valid is not None:
             row_valid = valid.flatten(2)[:, 0].index_select(0, rows // num_classes)
@@ -260,7 +261,7 @@ def _present_rows(
     return weights, losses, counts
 
 
-def _computes_absent_rows(
+def _computes_every_row(
     num_present: int, num_rows: int, source: Tensor, settings: LovaszSettings
 ) -> bool:
     """Whether :func:`_present_class_losses` computes every row in place: when every row is
@@ -271,8 +272,9 @@ def _computes_absent_rows(
     row_size = source[0, 0].numel() * (source.shape[0] if settings.batch else 1)
     return (
         2 * num_present >= num_rows
-        and source.is_contiguous()  # the given errors may be the key itself (and strided)
-        and sorts_weighted_voxels_only(source, row_size, settings)
+        # a strided source can give strided rows, which are sorted whole, absent ones included
+        and source.is_contiguous()
+        and sorts_weighted_voxels_only(source.device, source.dtype, row_size, settings)
     )
 
 

@@ -185,21 +185,25 @@ def _weighted_voxels(key: Tensor, fg: Tensor) -> tuple[np.ndarray, np.ndarray]:
     Sorted by decreasing error, a row's Jaccard loss reaches 1 at its last foreground voxel and
     stays there, so every later weight is 0: only the voxels whose error is at least the
     smallest foreground error can weigh (ties included: they sort before that voxel). A row
-    without foreground weighs its first largest error only. Ignored voxels never weigh. A row
-    that keeps more than :data:`_PRUNED_FRACTION` of its voxels counts as kept whole.
+    without foreground weighs its first largest error only (the first in voxel order: ties sort
+    by voxel index), so it keeps that one voxel, ties at its error or not. Ignored voxels never
+    weigh. A row that keeps more than :data:`_PRUNED_FRACTION` of its voxels counts as kept
+    whole.
     """
     key_np, fg_np = key.numpy(), fg.numpy()
     keep = np.empty(key_np.shape, dtype=bool)
     kept = np.empty(key_np.shape[0], dtype=np.int64)
 
     def find(rows: slice) -> None:
-        rows_key, rows_fg = key_np[rows], fg_np[rows]
+        rows_key, rows_fg, rows_keep = key_np[rows], fg_np[rows], keep[rows]
         cut = rows_key.min(axis=(1, 2), where=rows_fg, initial=np.inf)
-        no_fg = ~rows_fg.any(axis=(1, 2))
-        if no_fg.any():  # the largest error (none when every voxel is ignored)
-            cut[no_fg] = np.maximum(rows_key[no_fg].max(axis=(1, 2)), 0.0)
-        np.greater_equal(rows_key, cut[:, None, None], out=keep[rows])
-        counts = np.count_nonzero(keep[rows].reshape(len(cut), -1), axis=-1)
+        np.greater_equal(rows_key, cut[:, None, None], out=rows_keep)
+        for row in np.flatnonzero(~rows_fg.any(axis=(1, 2))):
+            rows_keep[row] = False
+            first_largest = np.argmax(rows_key[row])  # flat index in voxel order
+            if rows_key[row].flat[first_largest] >= 0:  # not when every voxel is ignored
+                rows_keep[row].flat[first_largest] = True
+        counts = np.count_nonzero(rows_keep.reshape(len(cut), -1), axis=-1)
         # a row that keeps most of its voxels is cheaper to sort whole than to gather first
         whole = counts > _PRUNED_FRACTION * counts.dtype.type(keep[0].size)
         kept[rows] = np.where(whole, keep[0].size, counts)
@@ -262,9 +266,9 @@ def _sort_rows_numpy(key: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor, T
 def _sort_kept_voxels(
     key: np.ndarray, fg: np.ndarray, keep: np.ndarray, kept: np.ndarray, rows: np.ndarray
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_sort_rows_numpy` of the voxels that can weigh only (``keep`` and ``kept`` of
-    :func:`_weighted_voxels`), for the ``rows`` (indices) of the ``(R, S, P)`` arrays ``key``
-    and ``fg``, which are read in place.
+    """Sorts the voxels that can weigh only (``keep`` and ``kept`` of :func:`_weighted_voxels`),
+    packed as in :func:`_sort_rows_numpy`, for the ``rows`` (indices) of the ``(R, S, P)``
+    arrays ``key`` and ``fg``, which are read in place; returns as :func:`_sort_rows_torch`.
 
     Each output row holds its row's kept voxels, sorted, then ignored entries (weight 0) up to
     the longest kept row of ``rows``: the weights, losses and counts of its first ``kept[row]``
@@ -322,6 +326,8 @@ def _chunks_by_length(kept: np.ndarray, chunk_elements: int) -> list[np.ndarray]
 
 
 def _sorts_with_numpy(device: torch.device, dtype: torch.dtype, row_size: int) -> bool:
+    """Whether rows of ``row_size`` voxels of this device and dtype can be sorted by
+    :func:`_sort_rows_numpy` (given a unit stride along the voxels)."""
     return (
         device.type == "cpu"
         and dtype == torch.float32
@@ -332,18 +338,22 @@ def _sorts_with_numpy(device: torch.device, dtype: torch.dtype, row_size: int) -
 
 
 def _use_numpy_sort(key: Tensor) -> bool:
+    """Whether the ``(R, S, P)`` rows ``key`` are sorted by :func:`_sort_rows_numpy`."""
     row_size = key.shape[-1] * key.shape[-2]
     return _sorts_with_numpy(key.device, key.dtype, row_size) and key.stride(-1) == 1
 
 
-def sorts_weighted_voxels_only(source: Tensor, row_size: int, settings: LovaszSettings) -> bool:
-    """Whether class rows of ``row_size`` voxels of ``source``'s device and dtype sort only the
-    voxels that can weigh (:func:`_weighted_voxels`): the exact method on the CPU, float32 rows
-    of at least :data:`_PRUNED_ROW_VOXELS`. A row without foreground then keeps one voxel."""
+def sorts_weighted_voxels_only(
+    device: torch.device, dtype: torch.dtype, row_size: int, settings: LovaszSettings
+) -> bool:
+    """Whether class rows of ``row_size`` voxels of this device and dtype, with a unit stride
+    along the voxels, sort only the voxels that can weigh (:func:`_weighted_voxels`): the exact
+    method on the CPU, float32 rows of at least :data:`_PRUNED_ROW_VOXELS`. A row without
+    foreground then keeps one voxel."""
     return (
         settings.method == "sort"
         and row_size >= _PRUNED_ROW_VOXELS
-        and _sorts_with_numpy(source.device, source.dtype, row_size)
+        and _sorts_with_numpy(device, dtype, row_size)
     )
 
 
@@ -387,13 +397,15 @@ def _class_rows_by_sort(
             # Only the voxels that can weigh are sorted; rows of similar lengths share a chunk.
             key_np, fg_np, weights_np = key.numpy(), fg.numpy(), weights.numpy()
             for rows in _chunks_by_length(kept, chunk_elements):
-                sorted_rows = _sort_kept_voxels(key_np, fg_np, keep, kept, rows)
+                order, fg_sorted, errors_sorted, has_valid = _sort_kept_voxels(
+                    key_np, fg_np, keep, kept, rows
+                )
                 grad, row_losses, row_counts = _sorted_row_weights(
-                    *sorted_rows[1:], key.dtype, wrt_source
+                    fg_sorted, errors_sorted, has_valid, key.dtype, wrt_source
                 )
                 index = torch.from_numpy(rows)
                 losses[index], counts[index] = row_losses, row_counts
-                _write_kept_weights(weights_np, rows, kept, sorted_rows[0], grad)
+                _write_kept_weights(weights_np, rows, kept, order, grad)
             return weights, losses, counts.view(-1)
     # Whole rows, as many as fit the element budget (at least one), are sorted at once.
     rows_per_chunk = max(1, chunk_elements // max(row_size, 1))
@@ -402,9 +414,11 @@ def _class_rows_by_sort(
         rows = slice(start, min(start + rows_per_chunk, num_rows))
         # 1. Sort each row by decreasing error, carrying the foreground along (the rows are
         # read in full before their weights are written).
-        order, *sorted_rows = sort_rows(key[rows], fg[rows])
+        order, fg_sorted, errors_sorted, has_valid = sort_rows(key[rows], fg[rows])
         # 2. Algorithm 1 on the sorted rows, and the loss of each row.
-        grad, losses[rows], counts[rows] = _sorted_row_weights(*sorted_rows, key.dtype, wrt_source)
+        grad, losses[rows], counts[rows] = _sorted_row_weights(
+            fg_sorted, errors_sorted, has_valid, key.dtype, wrt_source
+        )
         # 3. Scatter the weights back from sorted order to voxel order.
         out = weights[rows]
         if out.is_contiguous():

@@ -6,6 +6,7 @@ import torch
 
 from lovasz_monai import LovaszCELoss, LovaszHingeLoss, LovaszSoftmaxLoss
 from lovasz_monai import functional as Fn
+from lovasz_monai.functional import class_losses as class_loss_kernels
 from lovasz_monai.functional import rows as row_kernels
 from tests.oracle import fractions_to_tensor, greedy_extension, greedy_weights
 
@@ -168,10 +169,15 @@ def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
 
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("kind", ["probability", "hinge", "errors"])
-def test_skip_absent_computes_in_place_when_most_rows_are_present(monkeypatch, batch, kind):
-    """With most rows present and the cut on (float32 on the CPU), every row is computed in
-    place and the absent rows are cleared afterwards: the losses, counts and gradient of the
-    copy path, which float64 inputs (no cut) still take, and of the full computation."""
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_skip_absent_computes_in_place_when_most_rows_are_present(
+    monkeypatch, batch, kind, masked, strided
+):
+    """With most rows present and the cut on (float32 on the CPU, a contiguous source), every
+    row is computed in place and the absent rows are cleared afterwards; a strided source takes
+    the copies of the present rows. Both give the losses, counts and gradient of the copy path
+    and of the full computation."""
     monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1)
     sorted_rows = []
     sort = row_kernels._class_rows_by_sort
@@ -182,28 +188,43 @@ def test_skip_absent_computes_in_place_when_most_rows_are_present(monkeypatch, b
 
     monkeypatch.setattr(row_kernels, "_class_rows_by_sort", counting_sort)
     logits64, labels, mask = _few_classes_present(4, num_classes=9, present=6)
-    onehot = torch.nn.functional.one_hot(labels[:, 0], 9).movedim(-1, 1).contiguous()
+    mask = mask if masked else None
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 9).movedim(-1, 1)
+    onehot = onehot if strided else onehot.contiguous()
     class_losses = {
         "probability": (lambda x: x.softmax(1), Fn.lovasz_probability_class_losses),
         "hinge": (lambda x: x, Fn.lovasz_hinge_class_losses),
         "errors": (lambda x: (onehot - x.softmax(1)).abs(), Fn.lovasz_class_losses),
     }
     make_source, losses_of = class_losses[kind]
-    outcome = {}
-    for name, dtype, skip in [("in place", 32, True), ("copies", 64, True), ("full", 64, False)]:
-        logits = logits64.detach().to(getattr(torch, f"float{dtype}")).requires_grad_(True)
-        losses, counts = losses_of(make_source(logits), onehot, mask, batch, skip_absent=skip)
+
+    def outcome(skip: bool):
+        logits = logits64.detach().float()
+        if strided:
+            logits = logits.movedim(1, -1).contiguous().movedim(-1, 1)
+        logits.requires_grad_(True)
+        source = make_source(logits)
+        contiguous.append(source.is_contiguous())
+        losses, counts = losses_of(source, onehot, mask, batch, skip_absent=skip)
         (grad,) = torch.autograd.grad(Fn.average_class_losses(losses, counts).sum(), logits)
-        outcome[name] = (losses.detach().double(), counts, grad.double())
-    present = outcome["full"][1] > 0
+        return losses.detach(), counts, grad
+
+    contiguous: list[bool] = []
+    chosen = outcome(True)
+    monkeypatch.setattr(class_loss_kernels, "_computes_every_row", lambda *args: False)
+    copies = outcome(True)
+    full_losses, full_counts, full_grad = outcome(False)
+    present = full_counts > 0
     assert not present.all() and 2 * present.sum() >= present.numel()
-    assert sorted_rows == [present.numel(), int(present.sum()), present.numel()]
-    for name in ("in place", "copies"):
-        losses, counts, grad = outcome[name]
-        assert torch.equal(counts, outcome["full"][1])
+    # softmax returns contiguous probabilities of strided logits; the others keep the strides
+    assert contiguous[0] == (not strided or kind == "probability")
+    first = present.numel() if contiguous[0] else int(present.sum())
+    assert sorted_rows == [first, int(present.sum()), present.numel()]
+    for losses, counts, grad in (chosen, copies):
+        assert torch.equal(counts, full_counts)
         assert torch.all(losses[~present] == 0)
-        torch.testing.assert_close(losses[present], outcome["full"][0][present], atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, outcome["full"][2], atol=1e-6, rtol=0)
+        torch.testing.assert_close(losses[present], full_losses[present], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -268,14 +289,17 @@ def _pruned_sort(monkeypatch, fraction: float = row_kernels._PRUNED_FRACTION):
 
 def _rows(seed: int, levels: int, layout_batch: bool):
     """``(key, fg)`` class rows with ties (``levels`` error values), ignored voxels, a row
-    without foreground, a row of ignored voxels only, and (``layout_batch``) the non-contiguous
+    without foreground, a row that keeps most of its voxels (row 1: 95% foreground, none
+    ignored), a row of ignored voxels only, and (``layout_batch``) the non-contiguous
     ``(C, B, P)`` view of the batch layout."""
     gen = torch.Generator().manual_seed(seed)
     num_rows, segments, voxels = 5, 3, 41
     key = torch.randint(0, levels, (num_rows, segments, voxels), generator=gen) / levels
     fg = torch.rand(num_rows, segments, voxels, generator=gen) < 0.2
     fg[0] = False
+    fg[1] = torch.rand(segments, voxels, generator=gen) < 0.95
     ignored = torch.rand(num_rows, segments, voxels, generator=gen) < 0.3
+    ignored[1] = False
     ignored[-1] = True
     key[ignored], fg = -1.0, fg & ~ignored
     if layout_batch:
@@ -288,32 +312,38 @@ def _rows(seed: int, levels: int, layout_batch: bool):
 @pytest.mark.parametrize("layout_batch", [False, True])
 @pytest.mark.parametrize("wrt_source", [False, True])
 @pytest.mark.parametrize("fraction", [row_kernels._PRUNED_FRACTION, 1.0])
-def test_pruned_sort_equals_the_whole_sort(monkeypatch, levels, layout_batch, wrt_source, fraction):
-    """Voxels past the last foreground voxel of a sorted row (or past the largest error of a
-    row without foreground) weigh 0, so leaving them out of the sort changes no weight, count
-    or loss, ties, ignored voxels and non-contiguous rows included; and it does leave voxels
-    out. Rows that keep more than ``_PRUNED_FRACTION`` are sorted whole, next to pruned rows
-    (1.0: every row is gathered)."""
+@pytest.mark.parametrize("overwrite_key, chunk_elements", [(False, 1 << 21), (True, 100)])
+def test_pruned_sort_equals_the_whole_sort(
+    monkeypatch, levels, layout_batch, wrt_source, fraction, overwrite_key, chunk_elements
+):
+    """Voxels past the last foreground voxel of a sorted row (or past the first largest error
+    of a row without foreground) weigh 0, so leaving them out of the sort changes no weight,
+    count or loss, ties, ignored voxels and non-contiguous rows included; and it does leave
+    voxels out. Rows that keep more than ``_PRUNED_FRACTION`` are sorted whole, next to pruned
+    rows (1.0: every row is gathered); with ``overwrite_key`` and small chunks the weights are
+    written over the keys chunk by chunk."""
     key, fg = _rows(levels, levels, layout_batch)
 
-    def weights_losses_counts():
+    def weights_losses_counts(overwrite: bool, chunk: int):
         return row_kernels._class_rows_by_sort(
-            key.clone(), fg, chunk_elements=1 << 21, wrt_source=wrt_source, overwrite_key=False
+            key.clone(), fg, chunk_elements=chunk, wrt_source=wrt_source, overwrite_key=overwrite
         )
 
     _pruned_sort(monkeypatch, fraction)
-    pruned = weights_losses_counts()
+    pruned = weights_losses_counts(overwrite_key, chunk_elements)
     keep, kept = row_kernels._weighted_voxels(key, fg)
-    order = row_kernels._sort_kept_voxels(key.numpy(), fg.numpy(), keep, kept, np.arange(5))[0]
     _whole_sort(monkeypatch)
-    whole = weights_losses_counts()
+    whole = weights_losses_counts(False, 1 << 21)
     assert torch.equal(pruned[0], whole[0]) and torch.equal(pruned[2], whole[2])
     torch.testing.assert_close(pruned[1], whole[1], rtol=0, atol=1e-6)
-    assert order.shape[-1] < key[0].numel()
-    # the row without foreground weighs its first largest error only; the ignored row nothing
+    assert (kept[[0, 2, 3, 4]] < key[0].numel()).all()  # ignored voxels are never kept
+    # the row without foreground keeps and weighs its first largest error only, ties or not;
+    # the ignored row nothing; row 1 is sorted whole unless every row is gathered
     first = (key[0] == key[0].max()).flatten().nonzero()[0]
+    assert kept[0] == 1 and np.flatnonzero(keep[0]).tolist() == first.tolist()
     assert torch.equal(pruned[0][0].flatten().nonzero()[0], first)
-    assert not pruned[0][-1].any() and pruned[1][-1] == 0
+    assert not pruned[0][-1].any() and pruned[1][-1] == 0 and kept[-1] == 0
+    assert kept[1] == key[1].numel() or fraction == 1.0
 
 
 def test_pruned_sort_matches_the_greedy_oracle(monkeypatch):

@@ -30,12 +30,17 @@ def _has_commit(commit: str) -> bool:
 
 
 @pytest.mark.skipif(not _has_commit("98f32d5"), reason="needs the repository's git history")
-def test_package_at_a_commit_imports_beside_this_checkout():
+def test_package_at_a_commit_imports_beside_this_checkout(tmp_path, monkeypatch):
     """``pruned_sort.py --against COMMIT`` times the package of another commit in the same
     process: a renamed copy that imports its own modules, not this checkout's, and computes the
     same loss as this checkout where the loss has not changed (the first commit with the
     exact cut, 98f32d5, on an input the cut applies to)."""
-    package = _script("pruned_sort.py").package_at("98f32d5")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [name for name in sys.modules if name.startswith("lovasz_monai_98f32d5")]:
+        monkeypatch.delitem(sys.modules, name)  # a copy left by an earlier call
+    script = _script("pruned_sort.py")
+    package = script.package_at("98f32d5", tmp_path)
+    assert sys.path[0] == str(tmp_path)
     assert package.__name__ == "lovasz_monai_98f32d5"
     assert Path(package.__file__).parent.name == "lovasz_monai_98f32d5"
     assert package.functional.rows.__name__ == "lovasz_monai_98f32d5.functional.rows"
@@ -51,3 +56,9 @@ def test_package_at_a_commit_imports_beside_this_checkout():
         expected.backward()
         assert value.item() == expected.item()
         assert torch.equal(ours.grad, theirs.grad)
+    # the training-step variants build a recipe's loss from the other package's classes
+    loss = script.recipe_loss(package, "lovasz_ce_lowce_batch")
+    assert type(loss).__module__.startswith("lovasz_monai_98f32d5.")
+    assert (loss.lambda_ce, loss.lovasz.batch) == (0.3, True)
+    for name in [name for name in sys.modules if name.startswith("lovasz_monai_98f32d5")]:
+        del sys.modules[name]  # the copy lives in tmp_path, which pytest removes
