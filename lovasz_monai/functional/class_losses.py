@@ -143,8 +143,7 @@ def _class_losses(
     under ``torch.compile``): see :func:`_present_class_losses`."""
     if skip_absent and settings.world_size == 1 and not torch.compiler.is_compiling():
         return _present_class_losses(source, fg, valid, key_of, settings, wrt_source)
-    with torch.no_grad():
-        weights, losses, counts = _every_row(source, fg, valid, key_of, settings, wrt_source)
+    weights, losses, counts = _every_row(source, fg, valid, key_of, settings, wrt_source)
     shape = (1 if settings.batch else source.shape[0], source.shape[1])
     return known_gradient(source, losses.view(shape), weights), counts.view(shape)
 

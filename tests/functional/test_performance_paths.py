@@ -147,9 +147,9 @@ def test_skip_absent_keeps_present_rows_and_their_gradient(seed, batch, method, 
     torch.testing.assert_close(grad, full_grad, rtol=0, atol=1e-12)
 
 
-def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
-    """The saving is real: only rows with foreground reach the sort."""
-    sorted_rows = []
+def _rows_reaching_the_sort(monkeypatch) -> list[int]:
+    """The list fills with the number of rows of every call of the exact sort."""
+    sorted_rows: list[int] = []
     sort = row_kernels._class_rows_by_sort
 
     def counting_sort(key, fg, **kwargs):
@@ -157,6 +157,12 @@ def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
         return sort(key, fg, **kwargs)
 
     monkeypatch.setattr(row_kernels, "_class_rows_by_sort", counting_sort)
+    return sorted_rows
+
+
+def test_skip_absent_sorts_only_the_present_rows(monkeypatch):
+    """The saving is real: only rows with foreground reach the sort."""
+    sorted_rows = _rows_reaching_the_sort(monkeypatch)
     logits, labels, _ = _few_classes_present(0, num_classes=9, present=3)
     LovaszSoftmaxLoss(to_onehot_y=True)(logits, labels)
     LovaszSoftmaxLoss(to_onehot_y=True, batch=True)(logits, labels)
@@ -179,14 +185,7 @@ def test_skip_absent_computes_in_place_when_most_rows_are_present(
     the copies of the present rows. Both give the losses, counts and gradient of the copy path
     and of the full computation."""
     monkeypatch.setattr(row_kernels, "_PRUNED_ROW_VOXELS", 1)
-    sorted_rows = []
-    sort = row_kernels._class_rows_by_sort
-
-    def counting_sort(key, fg, **kwargs):
-        sorted_rows.append(key.shape[0])
-        return sort(key, fg, **kwargs)
-
-    monkeypatch.setattr(row_kernels, "_class_rows_by_sort", counting_sort)
+    sorted_rows = _rows_reaching_the_sort(monkeypatch)
     logits64, labels, mask = _few_classes_present(4, num_classes=9, present=6)
     mask = mask if masked else None
     onehot = torch.nn.functional.one_hot(labels[:, 0], 9).movedim(-1, 1)
