@@ -6,6 +6,8 @@ runs the same, as does the test suite).
 
 from __future__ import annotations
 
+import re
+
 import lovasz_monai
 
 project = "lovasz_monai"
@@ -16,7 +18,6 @@ version = release
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "myst_nb",
@@ -79,10 +80,6 @@ def _resolve_short_reference(app, env, node, contnode):  # noqa: ANN001 (Sphinx'
     )
 
 
-def setup(app):  # noqa: ANN001, ANN201
-    app.connect("missing-reference", _resolve_short_reference)
-
-
 # -- HTML -------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"lovasz_monai {release}"
@@ -94,5 +91,23 @@ try:
     import lovasz_monai.nnunet  # noqa: F401
 
     tags.add("nnunet")  # noqa: F821 (Sphinx's global)
+    HAS_NNUNET = True
 except ImportError:
-    pass
+    HAS_NNUNET = False
+
+#: the ``.. only:: nnunet`` block of the API page: its indented lines and the blank ones
+_NNUNET_ONLY_BLOCK = re.compile(r"^\.\. only:: nnunet\n(?:[ \t]*\n|   .*\n)*", re.MULTILINE)
+
+
+def _drop_nnunet_api(app, docname: str, source: list[str]) -> None:  # noqa: ANN001
+    """Without nnunetv2, take the nnU-Net autodoc directives out of the API page: ``only``
+    drops them from the output, but Sphinx still runs them, and their failed imports are
+    warnings (errors with -W)."""
+    if docname == "api":
+        source[0] = _NNUNET_ONLY_BLOCK.sub("", source[0])
+
+
+def setup(app):  # noqa: ANN001, ANN201
+    app.connect("missing-reference", _resolve_short_reference)
+    if not HAS_NNUNET:
+        app.connect("source-read", _drop_nnunet_api)
