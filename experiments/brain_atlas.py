@@ -283,18 +283,26 @@ def figure(output: str | Path = RESULTS / "overlay.png") -> Path:
 
 
 #: pipeline variants: name -> (what changes, LovaszCLI overrides of configs/subcortical.yaml)
-_VAL_SPLIT = ["--data.val_fraction", "0.2", "--lr_scheduler.init_args.T_max", "79"]
+# every variant but "shipped" was run with the default loss (per volume), the config's until
+# 2026-12-04, and changes one thing from it
+_PER_VOLUME = ["--model.loss=null"]
+_VAL_SPLIT = [*_PER_VOLUME, "--data.val_fraction", "0.2", "--lr_scheduler.init_args.T_max", "79"]
 _FLIPS_12 = [*_VAL_SPLIT, "--data.flip_axes", "[1, 2]"]
-_DICECE = ["--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"]
+_DICECE = ["--model.loss=null", "--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"]
 PIPELINE_VARIANTS = {
     "shipped": (
         "configs/subcortical.yaml as shipped: no flips, all 24 training cases train, cosine "
-        "T_max 79 (the learning rate ends at ~10% of its peak)",
+        "T_max 79 (the learning rate ends at ~10% of its peak), the default loss with batch=True",
         [],
+    ),
+    "default_loss": (
+        "the package's default loss, one Lovász row per class and patch (batch=False): the "
+        "config until 2026-12-04",
+        _PER_VOLUME,
     ),
     "cosine_tmax63": (
         "the cosine schedule ends with the training (T_max 63): the config of the last stop",
-        ["--lr_scheduler.init_args.T_max", "63"],
+        [*_PER_VOLUME, "--lr_scheduler.init_args.T_max", "63"],
     ),
     "val_split": (
         "5 of the 24 training cases held out for validation (79 epochs of 19 steps, T_max 79)",
@@ -307,10 +315,11 @@ PIPELINE_VARIANTS = {
     "flips_12": ("val_split with flips on axes 1, 2, never left-right (the first fix)", _FLIPS_12),
     "dicece_flips_12": ("flips_12 with the masked Dice+CE loss", [*_FLIPS_12, *_DICECE]),
     "dicece": ("the masked Dice+CE loss instead of Lovász + 0.3 CE", _DICECE),
-    "fp32": ("float32 instead of bf16-mixed", ["--trainer.precision", "32-true"]),
+    "fp32": ("float32 instead of bf16-mixed", [*_PER_VOLUME, "--trainer.precision", "32-true"]),
     "adam_constant": (
         "the plain loop's optimiser: Adam 1e-3, no weight decay, no schedule",
         [
+            *_PER_VOLUME,
             "--optimizer",
             '{"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}',
             "--optimizer.init_args.weight_decay",

@@ -186,6 +186,25 @@ def test_pipeline_variants_change_one_setting_each(atlas):
     assert all(overrides for _, overrides in others.values())
 
 
+def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
+    """``shipped`` is configs/subcortical.yaml's loss, the default with ``batch=True``; the
+    Dice+CE variants train the masked Dice+CE; every other variant the package default per
+    volume, as they were run (before the config moved to ``batch=True``)."""
+    from lovasz_monai.cli import LovaszCLI
+    from lovasz_monai.losses import LovaszCELoss, MaskedDiceCELoss
+
+    data = atlas.build(tmp_path / "data", "subcortical", num_train=2, num_test=1, seed=0)
+    for name, (_, overrides) in atlas.PIPELINE_VARIANTS.items():
+        args = ["--config", str(atlas.SUBCORTICAL_CONFIG), "--data.data_dir", str(data)]
+        args += ["--trainer.logger", "false", *overrides]
+        loss = LovaszCLI(args=args, run=False).model.loss
+        if name.startswith("dicece"):
+            assert type(loss) is MaskedDiceCELoss, name
+            continue
+        assert type(loss) is LovaszCELoss and loss.lambda_ce == 0.3, name
+        assert loss.batch == (name == "shipped"), name
+
+
 def test_pipeline_table_puts_the_plain_loop_first_with_differences(atlas):
     names = ["background", *[f"s{i}" for i in range(1, 16)]]
 
