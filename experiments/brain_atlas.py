@@ -283,8 +283,8 @@ def figure(output: str | Path = RESULTS / "overlay.png") -> Path:
 
 
 #: pipeline variants: name -> (what changes, LovaszCLI overrides of configs/subcortical.yaml)
-# every variant but "shipped" was run with the default loss (per volume), the config's until
-# 2026-12-04, and changes one thing from it
+# every variant but "shipped" changes one thing from the config as it was until 2026-12-04,
+# whose loss was the package default (per volume): `--model.loss=null` trains that again
 _PER_VOLUME = ["--model.loss=null"]
 _VAL_SPLIT = [*_PER_VOLUME, "--data.val_fraction", "0.2", "--lr_scheduler.init_args.T_max", "79"]
 _FLIPS_12 = [*_VAL_SPLIT, "--data.flip_axes", "[1, 2]"]
@@ -359,6 +359,19 @@ def _case_scores(csv_path: Path, names: list[str]) -> dict[str, float]:
     return out
 
 
+def _without_option(args: list[str], option: str) -> list[str]:
+    """``args`` without ``option`` and its value (``--option value`` or ``--option=value``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def _run_shipped(name: str, overrides: list[str], steps: int, seed: int, data: str) -> Path:
     """Train ``configs/subcortical.yaml`` with ``overrides`` for ``steps`` steps in a fresh
     ``runs/brain_atlas/pipeline/<name>_seed<seed>``, then test the last checkpoint; return its
@@ -374,7 +387,7 @@ def _run_shipped(name: str, overrides: list[str], steps: int, seed: int, data: s
     subprocess.run([*cli, "fit", *fit], check=True, cwd=ROOT)
     ckpt = root / "checkpoints" / "last.ckpt"
     test = [*common, "--ckpt_path", str(ckpt), "--model.surface_metrics", "true"]
-    test += [o for o in overrides if not o.startswith("--trainer.precision")]
+    test += _without_option(overrides, "--trainer.precision")  # tested at the config's
     subprocess.run([*cli, "test", *test], check=True, cwd=ROOT)
     found = sorted(root.glob("csv/version_*/test_cases.csv"), key=lambda p: p.stat().st_mtime)
     return found[-1]

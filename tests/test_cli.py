@@ -36,8 +36,9 @@ class TrainingProbe(Callback):
 
     At ``on_train_start`` (after a checkpoint's states are restored, before the first step): the
     model's ``state_dict``, the first optimizer's and LR scheduler's state, epoch and step. At
-    the first ``on_before_optimizer_step``: for every parameter, whether its gradient is finite
-    and its largest absolute value (``None``: no gradient).
+    the end of the first ``optimizer.step``: for every parameter, whether the gradient the step
+    used (after gradient clipping) is finite and its largest absolute value (``None``: no
+    gradient).
     """
 
     def __init__(self) -> None:
@@ -54,15 +55,18 @@ class TrainingProbe(Callback):
         self.scheduler = copy.deepcopy(configs[0].scheduler.state_dict()) if configs else None
         self.epoch, self.step = trainer.current_epoch, trainer.global_step
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.grads is None:
-            self.grads = {
-                name: None
-                if p.grad is None
-                else (bool(p.grad.isfinite().all()), float(p.grad.detach().abs().max()))
-                for name, p in pl_module.named_parameters()
-                if p.requires_grad
-            }
+        def record_grads(optimizer, args, kwargs) -> None:
+            if self.grads is None:
+                self.grads = {
+                    name: None
+                    if p.grad is None
+                    else (bool(p.grad.isfinite().all()), float(p.grad.detach().abs().max()))
+                    for name, p in pl_module.named_parameters()
+                    if p.requires_grad
+                }
+
+        # after the step: Lightning clips the gradients after on_before_optimizer_step
+        trainer.optimizers[0].register_step_post_hook(record_grads)
 
 
 def assert_first_step_trains(cli: LovaszCLI, probe: TrainingProbe) -> None:

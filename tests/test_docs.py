@@ -10,6 +10,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -151,25 +152,38 @@ def test_docs_links_between_pages_resolve():
             assert (page.parent / link).exists(), f"{page.name}: broken link {link}"
 
 
-def test_without_nnunetv2_the_api_page_keeps_no_nnunet_autodoc() -> None:
+def _conf(monkeypatch, nnunet_importable: bool) -> dict:
+    """``docs/conf.py``'s namespace, with ``lovasz_monai.nnunet`` importable or not."""
+    import runpy
+
+    module = types.ModuleType("lovasz_monai.nnunet") if nnunet_importable else None
+    monkeypatch.setitem(sys.modules, "lovasz_monai.nnunet", module)  # None: ImportError
+    tags = types.SimpleNamespace(add=lambda tag: None)
+    return runpy.run_path(str(DOCS / "conf.py"), init_globals={"tags": tags})
+
+
+@pytest.mark.parametrize("nnunet_importable", [False, True])
+def test_without_nnunetv2_the_api_page_keeps_no_nnunet_autodoc(monkeypatch, nnunet_importable):
     """Where nnunetv2 is missing, ``conf.py`` takes the nnU-Net autodoc directives out of the API
     page before Sphinx runs them (their imports would fail the build) and keeps the note that
-    says how to get them; other pages and the rest of the API page are left as they are."""
-    import runpy
-    import types
-
-    conf = runpy.run_path(
-        str(DOCS / "conf.py"), init_globals={"tags": types.SimpleNamespace(add=lambda tag: None)}
-    )
-    api = (DOCS / "api.md").read_text()
-    assert "automodule:: lovasz_monai.nnunet" in api
+    says how to get them; other pages and the rest of the API page are left as they are. Where
+    it is installed, the page is read as it is."""
+    conf = _conf(monkeypatch, nnunet_importable)
+    events = []
+    conf["setup"](types.SimpleNamespace(connect=lambda event, fn: events.append((event, fn))))
+    hooks = [fn for event, fn in events if event == "source-read"]
+    assert conf["HAS_NNUNET"] is nnunet_importable
+    if nnunet_importable:
+        assert hooks == []
+        return
+    assert hooks == [conf["_drop_nnunet_api"]]
+    api = (DOCS / "api.md").read_text(encoding="utf-8")
+    block = api.index(".. only:: nnunet")
+    assert "automodule:: lovasz_monai.nnunet" in api[block:]
     source = [api]
-    conf["_drop_nnunet_api"](None, "api", source)
-    assert "lovasz_monai.nnunet" not in source[0].replace("lovasz_monai[nnunet]", "")
-    assert ".. only:: not nnunet" in source[0]
-    assert "Install ``nnunetv2``" in source[0]
-    nnunet_start = api.index(".. only:: nnunet")
-    assert source[0][:nnunet_start] == api[:nnunet_start]
+    hooks[0](None, "api", source)
+    assert source[0] == api[:block] + api[api.index(".. only:: not nnunet") :]
+    assert "lovasz_monai.nnunet" not in source[0]
     other = [api]
-    conf["_drop_nnunet_api"](None, "guides/nnunet", other)
+    hooks[0](None, "guides/nnunet", other)
     assert other == [api]

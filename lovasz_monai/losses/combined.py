@@ -269,10 +269,7 @@ class MaskedDiceCELoss(nn.Module):
 
     Args:
         lambda_dice: weight of the Dice term, >= 0.
-        lambda_ce: weight of the cross-entropy term, >= 0. ``None`` (default): the recommended
-            recipe, :data:`DEFAULT_LOSS_LAMBDA_CE` (0.3) with a softmax over classes (the best of
-            the brain-tissue comparison; before version 0.2 the default was 1.0), 1.0 with
-            ``sigmoid=True`` (equal weights; not compared).
+        lambda_ce: weight of the cross-entropy term, >= 0 (MONAI's default, 1.0).
         ce_weight: optional per-class weights of the cross-entropy, one per input channel (the
             mean is then weighted as ``F.cross_entropy(weight=...)`` weighs it).
         ignore_index: label value of a label-map target whose voxels take part in nothing (they

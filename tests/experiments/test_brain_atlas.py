@@ -199,10 +199,21 @@ def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
         args += ["--trainer.logger", "false", *overrides]
         loss = LovaszCLI(args=args, run=False).model.loss
         if name.startswith("dicece"):
+            # the config's lambda_ce 0.3 must not carry over: the variants ran MONAI's 1:1
             assert type(loss) is MaskedDiceCELoss, name
+            assert (loss.lambda_dice, loss.lambda_ce) == (1.0, 1.0), name
             continue
         assert type(loss) is LovaszCELoss and loss.lambda_ce == 0.3, name
         assert loss.batch == (name == "shipped"), name
+
+
+def test_pipeline_tests_without_the_precision_override(atlas):
+    """The fp32 variant trains in float32; its test command drops the flag with its value."""
+    fp32 = atlas.PIPELINE_VARIANTS["fp32"][1]
+    assert atlas._without_option(fp32, "--trainer.precision") == ["--model.loss=null"]
+    assert atlas._without_option(["--trainer.precision=32-true", "-x"], "--trainer.precision") == [
+        "-x"
+    ]
 
 
 def test_pipeline_table_puts_the_plain_loop_first_with_differences(atlas):
