@@ -3,7 +3,8 @@
 - :mod:`~lovasz_monai.losses.base`: the two stages of the Lovász losses, ``prepare`` (checks and
   target decoding) and ``compute`` (class mean and reduction);
 - :mod:`~lovasz_monai.losses.cross_entropy`: :func:`masked_cross_entropy`, the cross-entropy over
-  the valid voxels of the combined losses;
+  the valid voxels of the combined losses, and :func:`masked_nll_loss`, the same from
+  log-probabilities;
 - :mod:`~lovasz_monai.losses.lovasz`: :class:`LovaszSoftmaxLoss` (softmax or sigmoid) and
   :class:`LovaszHingeLoss`;
 - :mod:`~lovasz_monai.losses.combined`: :class:`LovaszCELoss` (Lovász + cross-entropy),
@@ -19,7 +20,7 @@ from lovasz_monai.losses.combined import (
     WeightedSumLoss,
     default_loss,
 )
-from lovasz_monai.losses.cross_entropy import masked_cross_entropy
+from lovasz_monai.losses.cross_entropy import masked_cross_entropy, masked_nll_loss
 from lovasz_monai.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "WeightedSumLoss",
     "default_loss",
     "masked_cross_entropy",
+    "masked_nll_loss",
 ]

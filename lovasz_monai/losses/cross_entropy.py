@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lovasz_monai import functional
 
-__all__ = ["masked_cross_entropy"]
+__all__ = ["masked_cross_entropy", "masked_nll_loss"]
 
 
 def masked_cross_entropy(
@@ -61,37 +61,94 @@ def masked_cross_entropy(
         ValueError: an unknown ``reduction``, ``label_smoothing`` outside ``[0, 1)`` or with
             ``sigmoid``, or a ``weight`` count other than ``C``.
     """
+    _check_arguments(logits.shape[1], weight, label_smoothing, reduction)
+    if sigmoid and label_smoothing:
+        raise ValueError("label_smoothing applies to the softmax cross-entropy, not sigmoid=True")
+    if not sigmoid:
+        return masked_nll_loss(
+            torch.log_softmax(logits, dim=1),
+            target,
+            valid,
+            weight=weight,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
+    pos_weight = None if weight is None else weight.view(-1, *([1] * (logits.ndim - 2)))
+    per_voxel = F.binary_cross_entropy_with_logits(
+        logits, target.to(logits.dtype), pos_weight=pos_weight, reduction="none"
+    )
+    if valid is not None:
+        per_voxel = per_voxel * valid
+        denominator = valid.sum() * logits.shape[1]
+    else:
+        denominator = torch.tensor(per_voxel.numel(), device=logits.device)
+    return _reduce(per_voxel.sum(), denominator, reduction)
+
+
+def masked_nll_loss(
+    log_probs: Tensor,
+    target: Tensor,
+    valid: Tensor | None = None,
+    *,
+    weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = LossReduction.MEAN.value,
+) -> Tensor:
+    """The softmax cross-entropy of :func:`masked_cross_entropy` from log-probabilities.
+
+    For a caller that needs the class probabilities too (``log_probs.exp()``): one log-softmax
+    then serves both, where a softmax and a cross-entropy would each normalise the logits (on
+    the CPU, PyTorch's softmax over the channel dimension is the slower of the two kernels).
+
+    Args:
+        log_probs: ``(B, C, *spatial)`` log-probabilities, ``torch.log_softmax(logits, dim=1)``.
+        target, valid, weight, label_smoothing, reduction: as in :func:`masked_cross_entropy`
+            (softmax).
+
+    Returns:
+        The scalar cross-entropy, equal to ``masked_cross_entropy(logits, ...)``.
+
+    Example:
+        >>> logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]]])  # (1, 2, 3)
+        >>> labels, valid = torch.tensor([[0, 1, 1]]), torch.tensor([[[True, True, False]]])
+        >>> bool(torch.isclose(
+        ...     masked_nll_loss(torch.log_softmax(logits, dim=1), labels, valid),
+        ...     masked_cross_entropy(logits, labels, valid),
+        ... ))
+        True
+
+    Raises:
+        ValueError: as :func:`masked_cross_entropy`.
+    """
+    _check_arguments(log_probs.shape[1], weight, label_smoothing, reduction)
+    per_voxel = F.nll_loss(log_probs, target, weight=weight, reduction="none")
+    if label_smoothing:  # as PyTorch smooths: a share of the loss spread over every class
+        class_weight = 1.0 if weight is None else weight.view(-1, *([1] * (log_probs.ndim - 2)))
+        spread = (log_probs * class_weight).sum(dim=1).neg_() / log_probs.shape[1]
+        per_voxel = (1.0 - label_smoothing) * per_voxel + label_smoothing * spread
+    voxel_weight = torch.ones_like(per_voxel) if weight is None else weight[target]
+    if valid is not None:
+        voxel_weight = voxel_weight * valid[:, 0]
+        per_voxel = per_voxel * valid[:, 0]
+    return _reduce(per_voxel.sum(), voxel_weight.sum(), reduction)
+
+
+def _check_arguments(
+    num_channels: int, weight: Tensor | None, label_smoothing: float, reduction: str
+) -> None:
     if reduction not in (LossReduction.MEAN.value, LossReduction.SUM.value):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-    if sigmoid and label_smoothing:
-        raise ValueError("label_smoothing applies to the softmax cross-entropy, not sigmoid=True")
-    if weight is not None and weight.shape != (logits.shape[1],):
+    if weight is not None and weight.shape != (num_channels,):
         raise ValueError(
-            f"weight must have one value per input channel ({logits.shape[1]}), "
+            f"weight must have one value per input channel ({num_channels}), "
             f"got shape {tuple(weight.shape)}"
         )
-    if sigmoid:
-        pos_weight = None if weight is None else weight.view(-1, *([1] * (logits.ndim - 2)))
-        per_voxel = F.binary_cross_entropy_with_logits(
-            logits, target.to(logits.dtype), pos_weight=pos_weight, reduction="none"
-        )
-        if valid is not None:
-            per_voxel = per_voxel * valid
-            denominator = valid.sum() * logits.shape[1]
-        else:
-            denominator = torch.tensor(per_voxel.numel(), device=logits.device)
-    else:
-        per_voxel = F.cross_entropy(
-            logits, target, weight=weight, reduction="none", label_smoothing=label_smoothing
-        )
-        voxel_weight = torch.ones_like(per_voxel) if weight is None else weight[target]
-        if valid is not None:
-            voxel_weight = voxel_weight * valid[:, 0]
-            per_voxel = per_voxel * valid[:, 0]
-        denominator = voxel_weight.sum()
-    total = per_voxel.sum()
+
+
+def _reduce(total: Tensor, denominator: Tensor, reduction: str) -> Tensor:
+    """The sum, or the mean over a denominator that may be 0 (then 0, with a zero gradient)."""
     if reduction == LossReduction.SUM.value:
         return total
     return torch.where(denominator > 0, total / denominator.clamp_min(1e-12), total * 0)

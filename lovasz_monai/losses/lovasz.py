@@ -156,8 +156,14 @@ class LovaszSoftmaxLoss(LovaszLoss):
                 "in [0, 1]; pass softmax=True (or leave it None) for logits"
             )
 
-    def compute(self, inputs: LossInputs) -> Tensor:
+    def compute(self, inputs: LossInputs, probabilities: Tensor | None = None) -> Tensor:
         """The Lovász-Softmax (sigmoid) loss of :meth:`prepare`'s output, reduced.
+
+        Args:
+            inputs: :meth:`prepare`'s output.
+            probabilities: the activation of ``inputs.input`` when the caller has it already
+                (:class:`~lovasz_monai.losses.LovaszCELoss` shares one log-softmax with its
+                cross-entropy); ``None``: computed here.
 
         Example:
             >>> import torch
@@ -166,7 +172,7 @@ class LovaszSoftmaxLoss(LovaszLoss):
             >>> bool(loss.compute(loss.prepare(logits, labels)) == loss(logits, labels))
             True
         """
-        probs = self._probabilities(inputs.input)
+        probs = self._probabilities(inputs.input) if probabilities is None else probabilities
         if self.softmax or self.sigmoid:
             return self._class_mean(
                 functional.lovasz_probability_class_losses, probs, inputs.fg, inputs.valid

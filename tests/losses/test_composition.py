@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 from lovasz_monai import LovaszCELoss, LovaszSoftmaxLoss
 from lovasz_monai.functional import LovaszSettings, select_classes
-from lovasz_monai.losses import DEFAULT_LOSS_LAMBDA_CE, default_loss, masked_cross_entropy
+from lovasz_monai.losses import (
+    DEFAULT_LOSS_LAMBDA_CE,
+    default_loss,
+    masked_cross_entropy,
+    masked_nll_loss,
+)
 
 IGNORE = 255
 
@@ -38,6 +43,61 @@ def test_value_is_lovasz_term_plus_cross_entropy_of_torch():
     ce = F.cross_entropy(logits, labels[:, 0].masked_fill(labels[:, 0] == IGNORE, -100))
     torch.testing.assert_close(loss(logits, labels), 0.7 * lovasz + 0.3 * ce)
     assert isinstance(loss.lovasz, LovaszSoftmaxLoss)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"ce_weight": [1.0, 2.0, 0.5, 3.0], "label_smoothing": 0.1, "weight": [1.0, 0.5, 2.0, 1.0]},
+        {"reduction": "sum", "batch": True, "classes": "all"},
+    ],
+)
+def test_value_and_gradient_are_those_of_the_two_terms_computed_apart(kwargs):
+    # LovaszCELoss shares one log-softmax between its terms; each term on its own normalises
+    # the logits itself (softmax for the Lovász term, F.cross_entropy for CE)
+    logits, labels = _case(7)
+    loss = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_lovasz=0.7, **kwargs)
+    lovasz_kwargs = {k: v for k, v in kwargs.items() if k not in ("ce_weight", "label_smoothing")}
+    lovasz_term = LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE, **lovasz_kwargs)
+    ce_weight = kwargs.get("ce_weight")
+    ce_term = torch.nn.CrossEntropyLoss(
+        weight=None if ce_weight is None else torch.tensor(ce_weight, dtype=torch.float64),
+        ignore_index=IGNORE,
+        reduction=kwargs.get("reduction", "mean"),
+        label_smoothing=kwargs.get("label_smoothing", 0.0),
+    )
+    shared = logits.clone().requires_grad_(True)
+    apart = logits.clone().requires_grad_(True)
+    value = loss(shared, labels)
+    expected = 0.7 * lovasz_term(apart, labels) + 0.3 * ce_term(apart, labels[:, 0])
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    expected.backward()
+    torch.testing.assert_close(shared.grad, apart.grad)
+
+
+def test_the_softmax_terms_share_one_normalisation_of_the_logits(monkeypatch):
+    calls = []
+    for name in ("softmax", "log_softmax"):
+        original = getattr(torch, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counted)
+    logits, labels = _case(8)
+    LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE)(logits, labels)
+    assert calls == ["log_softmax"]
+
+
+def test_gradcheck_of_the_shared_log_softmax():
+    logits, labels = _case(9, channels=3)
+    logits = logits[:, :, :3, :2, :2].clone().requires_grad_(True)
+    labels = labels[:, :, 2:5, :2, :2] % 3
+    loss = LovaszCELoss(to_onehot_y=True, label_smoothing=0.1, ce_weight=[1.0, 2.0, 0.5])
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits,))
 
 
 def test_settings_read_through_to_the_lovasz_term():
@@ -87,15 +147,12 @@ def test_masked_cross_entropy_is_torch_cross_entropy_with_ignore_index(
         label_smoothing=label_smoothing,
         reduction=reduction,
     )
-    value = masked_cross_entropy(
-        logits,
-        labels[:, 0].masked_fill(~valid[:, 0], 0),
-        valid,
-        weight=w,
-        label_smoothing=label_smoothing,
-        reduction=reduction,
-    )
+    target = labels[:, 0].masked_fill(~valid[:, 0], 0)
+    kwargs = {"weight": w, "label_smoothing": label_smoothing, "reduction": reduction}
+    value = masked_cross_entropy(logits, target, valid, **kwargs)
     torch.testing.assert_close(value, expected)
+    from_log_probs = masked_nll_loss(torch.log_softmax(logits, 1), target, valid, **kwargs)
+    torch.testing.assert_close(from_log_probs, expected)
 
 
 def test_masked_cross_entropy_sigmoid_is_bce_over_valid_voxels():
