@@ -61,6 +61,7 @@ import numpy as np
 import yaml
 from nibabel.processing import resample_from_to
 
+from lovasz_monai.precision import cpu_description, resolve_precision
 from lovasz_monai.tools.report import merge_results, read_results, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,6 +394,20 @@ def _run_shipped(name: str, overrides: list[str], steps: int, seed: int, data: s
     return found[-1]
 
 
+def _trained_precision(variant: str) -> str:
+    """The precision a pipeline variant trains at on this machine: the plain loop's float32,
+    a ``--trainer.precision`` override, or the config's, resolved for this machine (``auto`` on
+    a CPU: bf16-mixed with native bf16, else 32-true)."""
+    if variant == PLAIN:
+        return "32-true"
+    overrides = PIPELINE_VARIANTS[variant][1]
+    if "--trainer.precision" in overrides:
+        return overrides[overrides.index("--trainer.precision") + 1]
+    trainer = yaml.safe_load(SUBCORTICAL_CONFIG.read_text())["trainer"]
+    precision = trainer.get("precision", "32-true")
+    return str(resolve_precision(precision, trainer.get("accelerator", "auto")))
+
+
 def pipeline(
     steps: int = 600,
     seeds: tuple[int, ...] = (0,),
@@ -421,6 +436,8 @@ def pipeline(
                 csv_path = _run_shipped(variant, overrides, steps, seed, data)
             scores = _case_scores(csv_path, names)
             scores["wall_seconds"] = time.monotonic() - start
+            scores["precision"] = _trained_precision(variant)
+            scores["cpu"] = cpu_description()
             results["runs"][f"{variant}/{seed}"] = {"variant": variant, "seed": seed, **scores}
             results["steps"] = steps
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -452,8 +469,8 @@ def pipeline_table(results: dict, names: list[str], smallest: int = 5) -> str:
         f"smallest {smallest}: {', '.join(small)}",
         "",
         "| variant | what changes | seeds | per-case mIoU | - plain | mIoU of the 5 smallest "
-        "| mDice | HD95 (mm) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mDice | HD95 (mm) | trained at |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     plain = by_variant.get(PLAIN)
     plain_miou = statistics.fmean(r["mIoU"] for r in plain) if plain else math.nan
@@ -468,9 +485,20 @@ def pipeline_table(results: dict, names: list[str], smallest: int = 5) -> str:
             f"| {variant} | {what} | {len(runs)} | {fmt([r['mIoU'] for r in runs])} | "
             f"{statistics.fmean(r['mIoU'] for r in runs) - plain_miou:+.3f} | {fmt(smalls)} | "
             f"{fmt([r['mDice'] for r in runs])} | "
-            f"{fmt([r['HD95'] for r in runs])} |"
+            f"{fmt([r['HD95'] for r in runs])} | {_precisions(runs)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _precisions(runs: list[dict]) -> str:
+    """The training precisions of ``runs`` with their seeds, e.g. ``bf16-mixed (0, 1); 32-true
+    (2)`` (``not recorded`` for runs older than the record)."""
+    seeds: dict[str, list[str]] = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        seeds.setdefault(run.get("precision", "not recorded"), []).append(str(run["seed"]))
+    if len(seeds) == 1:
+        return next(iter(seeds))
+    return "; ".join(f"{precision} ({', '.join(s)})" for precision, s in seeds.items())
 
 
 #: the loss comparison of both tasks (keys of lovasz_monai.tools.recipes.LOSSES), in run order

@@ -231,3 +231,26 @@ def test_pipeline_table_puts_the_plain_loop_first_with_differences(atlas):
     assert [r[0] for r in rows] == ["| plain_monai", "| shipped", "| flips_all"]
     assert rows[0][3:5] == ["0.750 +/- 0.071", "+0.000"]
     assert rows[1][3:5] == ["0.760 +/- 0.000", "+0.010"] and rows[2][4] == "-0.050"
+    assert [r[-1] for r in rows] == ["not recorded |"] * 3
+
+
+def test_pipeline_table_says_what_precision_each_seed_trained_at(atlas):
+    names = ["background", *[f"s{i}" for i in range(1, 16)]]
+    scores = {"mIoU": 0.8, "mDice": 0.9, "HD95": 2.0, **{f"IoU/{n}": 0.8 for n in names[1:]}}
+    runs = {
+        f"shipped/{seed}": {"variant": "shipped", "seed": seed, **scores, "precision": precision}
+        for seed, precision in [(2, "32-true"), (0, "bf16-mixed"), (1, "bf16-mixed")]
+    }
+    runs["shipped/3"] = {"variant": "shipped", "seed": 3, **scores}
+    table = atlas.pipeline_table({"steps": 10, "runs": runs}, names)
+    row = next(line for line in table.splitlines() if line.startswith("| shipped"))
+    assert row.endswith("| bf16-mixed (0, 1); 32-true (2); not recorded (3) |")
+
+
+def test_pipeline_records_the_precision_each_variant_trains_at(atlas, monkeypatch):
+    assert atlas._trained_precision("plain_monai") == "32-true"
+    assert atlas._trained_precision("fp32") == "32-true"
+    # the config's "auto": bf16-mixed on a CPU with native bf16, float32 without
+    for native, expected in [(True, "bf16-mixed"), (False, "32-true")]:
+        monkeypatch.setattr("lovasz_monai.precision.cpu_has_native_bf16", lambda n=native: n)
+        assert atlas._trained_precision("shipped") == expected
