@@ -58,6 +58,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 import yaml
 from nibabel.processing import resample_from_to
 
@@ -394,18 +395,28 @@ def _run_shipped(name: str, overrides: list[str], steps: int, seed: int, data: s
     return found[-1]
 
 
+def _option_value(args: list[str], option: str) -> str | None:
+    """The value of the last ``option`` in ``args`` (``--option value`` or ``--option=value``)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def _trained_precision(variant: str) -> str:
     """The precision a pipeline variant trains at on this machine: the plain loop's float32,
-    a ``--trainer.precision`` override, or the config's, resolved for this machine (``auto`` on
+    or the config's with the variant's overrides, resolved as the CLI resolves it (``auto`` on
     a CPU: bf16-mixed with native bf16, else 32-true)."""
     if variant == PLAIN:
         return "32-true"
     overrides = PIPELINE_VARIANTS[variant][1]
-    if "--trainer.precision" in overrides:
-        return overrides[overrides.index("--trainer.precision") + 1]
     trainer = yaml.safe_load(SUBCORTICAL_CONFIG.read_text())["trainer"]
-    precision = trainer.get("precision", "32-true")
-    return str(resolve_precision(precision, trainer.get("accelerator", "auto")))
+    precision = _option_value(overrides, "--trainer.precision") or trainer.get("precision")
+    accelerator = _option_value(overrides, "--trainer.accelerator") or trainer.get("accelerator")
+    return str(resolve_precision(precision or "32-true", accelerator or "auto"))
 
 
 def pipeline(
@@ -438,6 +449,8 @@ def pipeline(
             scores["wall_seconds"] = time.monotonic() - start
             scores["precision"] = _trained_precision(variant)
             scores["cpu"] = cpu_description()
+            if variant != PLAIN and torch.cuda.is_available():  # Lightning's "auto" takes it
+                scores["gpu"] = torch.cuda.get_device_name()
             results["runs"][f"{variant}/{seed}"] = {"variant": variant, "seed": seed, **scores}
             results["steps"] = steps
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,9 @@ def masked_cross_entropy(
 
     Args:
         logits: ``(B, C, *spatial)`` float logits.
-        target: softmax: ``(B, *spatial)`` int64 class indices in ``[0, C)`` (any value at
-            ignored voxels that indexes ``weight``, e.g. 0); sigmoid: ``(B, C, *spatial)`` 0/1
-            (bool or float).
+        target: softmax: ``(B, *spatial)`` int64 class indices in ``[0, C)``, ignored voxels
+            included (any class there, e.g. 0: it counts nowhere); sigmoid:
+            ``(B, C, *spatial)`` 0/1 (bool or float).
         valid: optional ``(B, 1, *spatial)`` bool or 0/1; ``None``: every voxel counts.
         sigmoid: binary cross-entropy per channel instead of a softmax over channels.
         weight: optional ``(C,)`` class weights (softmax) or positive-class weights (sigmoid).
@@ -59,21 +59,16 @@ def masked_cross_entropy(
 
     Raises:
         ValueError: an unknown ``reduction``, ``label_smoothing`` outside ``[0, 1)`` or with
-            ``sigmoid``, or a ``weight`` count other than ``C``.
+            ``sigmoid``, a ``weight`` count other than ``C``, or ``valid`` not
+            ``(B, 1, *spatial)``.
     """
-    _check_arguments(logits.shape[1], weight, label_smoothing, reduction)
+    _check_arguments(logits, valid, weight, label_smoothing, reduction)
     if sigmoid and label_smoothing:
         raise ValueError("label_smoothing applies to the softmax cross-entropy, not sigmoid=True")
     if not sigmoid:
-        return masked_nll_loss(
-            torch.log_softmax(logits, dim=1),
-            target,
-            valid,
-            weight=weight,
-            label_smoothing=label_smoothing,
-            reduction=reduction,
-        )
-    pos_weight = None if weight is None else weight.view(-1, *([1] * (logits.ndim - 2)))
+        log_probs = torch.log_softmax(logits, dim=1)
+        return _masked_nll(log_probs, target, valid, weight, label_smoothing, reduction)
+    pos_weight = None if weight is None else _per_channel(weight, logits.ndim)
     per_voxel = F.binary_cross_entropy_with_logits(
         logits, target.to(logits.dtype), pos_weight=pos_weight, reduction="none"
     )
@@ -97,8 +92,7 @@ def masked_nll_loss(
     """The softmax cross-entropy of :func:`masked_cross_entropy` from log-probabilities.
 
     For a caller that needs the class probabilities too (``log_probs.exp()``): one log-softmax
-    then serves both, where a softmax and a cross-entropy would each normalise the logits (on
-    the CPU, PyTorch's softmax over the channel dimension is the slower of the two kernels).
+    then serves both.
 
     Args:
         log_probs: ``(B, C, *spatial)`` log-probabilities, ``torch.log_softmax(logits, dim=1)``.
@@ -106,7 +100,7 @@ def masked_nll_loss(
             (softmax).
 
     Returns:
-        The scalar cross-entropy, equal to ``masked_cross_entropy(logits, ...)``.
+        The scalar cross-entropy: ``masked_cross_entropy(logits, ...)`` up to rounding.
 
     Example:
         >>> logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]]])  # (1, 2, 3)
@@ -120,10 +114,23 @@ def masked_nll_loss(
     Raises:
         ValueError: as :func:`masked_cross_entropy`.
     """
-    _check_arguments(log_probs.shape[1], weight, label_smoothing, reduction)
+    _check_arguments(log_probs, valid, weight, label_smoothing, reduction)
+    return _masked_nll(log_probs, target, valid, weight, label_smoothing, reduction)
+
+
+def _masked_nll(
+    log_probs: Tensor,
+    target: Tensor,
+    valid: Tensor | None,
+    weight: Tensor | None,
+    label_smoothing: float,
+    reduction: str,
+) -> Tensor:
+    """:func:`masked_nll_loss` of checked arguments."""
+    weight = None if weight is None else weight.to(log_probs)
     per_voxel = F.nll_loss(log_probs, target, weight=weight, reduction="none")
     if label_smoothing:  # as PyTorch smooths: a share of the loss spread over every class
-        class_weight = 1.0 if weight is None else weight.view(-1, *([1] * (log_probs.ndim - 2)))
+        class_weight = 1.0 if weight is None else _per_channel(weight, log_probs.ndim)
         spread = (log_probs * class_weight).sum(dim=1).neg_() / log_probs.shape[1]
         per_voxel = (1.0 - label_smoothing) * per_voxel + label_smoothing * spread
     voxel_weight = torch.ones_like(per_voxel) if weight is None else weight[target]
@@ -133,17 +140,32 @@ def masked_nll_loss(
     return _reduce(per_voxel.sum(), voxel_weight.sum(), reduction)
 
 
+def _per_channel(weight: Tensor, ndim: int) -> Tensor:
+    """A ``(C,)`` weight shaped to broadcast over ``(B, C, *spatial)`` of ``ndim`` dimensions."""
+    return weight.view(-1, *([1] * (ndim - 2)))
+
+
 def _check_arguments(
-    num_channels: int, weight: Tensor | None, label_smoothing: float, reduction: str
+    input: Tensor,
+    valid: Tensor | None,
+    weight: Tensor | None,
+    label_smoothing: float,
+    reduction: str,
 ) -> None:
     if reduction not in (LossReduction.MEAN.value, LossReduction.SUM.value):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+    num_channels = input.shape[1]
     if weight is not None and weight.shape != (num_channels,):
         raise ValueError(
             f"weight must have one value per input channel ({num_channels}), "
             f"got shape {tuple(weight.shape)}"
+        )
+    expected = (input.shape[0], 1, *input.shape[2:])
+    if valid is not None and tuple(valid.shape) != expected:
+        raise ValueError(
+            f"valid must have shape {expected} (B, 1, *spatial), got {tuple(valid.shape)}"
         )
 
 

@@ -161,9 +161,13 @@ class LovaszSoftmaxLoss(LovaszLoss):
 
         Args:
             inputs: :meth:`prepare`'s output.
-            probabilities: the activation of ``inputs.input`` when the caller has it already
-                (:class:`~lovasz_monai.losses.LovaszCELoss` shares one log-softmax with its
-                cross-entropy); ``None``: computed here.
+            probabilities: ``(B, C, *spatial)``, the activation of ``inputs.input`` (in its
+                dtype) when the caller has it already, e.g. ``exp()`` of a log-softmax that
+                :class:`~lovasz_monai.losses.LovaszCELoss` shares with its cross-entropy; not
+                checked. ``None``: computed here.
+
+        Returns:
+            The loss, reduced as ``reduction`` says.
 
         Example:
             >>> import torch

@@ -207,6 +207,13 @@ def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
         assert loss.batch == (name == "shipped"), name
 
 
+def test_pipeline_reads_an_option_in_either_form(atlas):
+    args = ["--trainer.precision", "16-mixed", "-x", "--trainer.precision=32-true", "--y"]
+    assert atlas._option_value(args, "--trainer.precision") == "32-true"
+    assert atlas._option_value(args[:3], "--trainer.precision") == "16-mixed"
+    assert atlas._option_value(args, "--trainer.accelerator") is None
+
+
 def test_pipeline_tests_without_the_precision_override(atlas):
     """The fp32 variant trains in float32; its test command drops the flag with its value."""
     fp32 = atlas.PIPELINE_VARIANTS["fp32"][1]
@@ -250,7 +257,8 @@ def test_pipeline_table_says_what_precision_each_seed_trained_at(atlas):
 def test_pipeline_records_the_precision_each_variant_trains_at(atlas, monkeypatch):
     assert atlas._trained_precision("plain_monai") == "32-true"
     assert atlas._trained_precision("fp32") == "32-true"
-    # the config's "auto": bf16-mixed on a CPU with native bf16, float32 without
+    # the config's "auto" on a CPU: bf16-mixed with native bf16, float32 without
+    monkeypatch.setattr("lovasz_monai.precision._device_kind", lambda accelerator: "cpu")
     for native, expected in [(True, "bf16-mixed"), (False, "32-true")]:
         monkeypatch.setattr("lovasz_monai.precision.cpu_has_native_bf16", lambda n=native: n)
         assert atlas._trained_precision("shipped") == expected

@@ -45,51 +45,88 @@ def test_value_is_lovasz_term_plus_cross_entropy_of_torch():
     assert isinstance(loss.lovasz, LovaszSoftmaxLoss)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
+SHARED_LOG_SOFTMAX_CASES = {
+    "defaults": ({}, "labels", False),
+    "weights and smoothing": (
         {"ce_weight": [1.0, 2.0, 0.5, 3.0], "label_smoothing": 0.1, "weight": [1.0, 0.5, 2.0, 1.0]},
+        "labels",
+        False,
+    ),
+    "sum, batch, all classes": (
         {"reduction": "sum", "batch": True, "classes": "all"},
-    ],
+        "labels",
+        False,
+    ),
+    "mask": ({}, "labels", True),
+    "one-hot target and mask": ({}, "one-hot", True),
+    "no cross-entropy": ({"lambda_ce": 0.0}, "labels", False),
+    "other activation": ({"other_act": torch.sigmoid}, "labels", True),
+}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "target_kind", "with_mask"),
+    SHARED_LOG_SOFTMAX_CASES.values(),
+    ids=SHARED_LOG_SOFTMAX_CASES.keys(),
 )
-def test_value_and_gradient_are_those_of_the_two_terms_computed_apart(kwargs):
-    # LovaszCELoss shares one log-softmax between its terms; each term on its own normalises
-    # the logits itself (softmax for the Lovász term, F.cross_entropy for CE)
+def test_value_and_gradient_are_those_of_the_two_terms_computed_apart(
+    kwargs, target_kind, with_mask
+):
+    # LovaszCELoss shares one log-softmax between its terms (softmax over classes); each term on
+    # its own normalises the logits itself (softmax for the Lovász term, F.cross_entropy for CE)
     logits, labels = _case(7)
-    loss = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_lovasz=0.7, **kwargs)
-    lovasz_kwargs = {k: v for k, v in kwargs.items() if k not in ("ce_weight", "label_smoothing")}
-    lovasz_term = LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE, **lovasz_kwargs)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(labels.shape, generator=g) > 0.3 if with_mask else None
+    valid = (labels != IGNORE) & (True if mask is None else mask)
+    if target_kind == "one-hot":
+        target = F.one_hot(labels[:, 0].masked_fill(labels[:, 0] == IGNORE, 0), 4)
+        target, terms = target.movedim(-1, 1).double(), {"to_onehot_y": False}
+        mask = valid  # a one-hot target has no ignore label: the mask carries it
+    else:
+        target, terms = labels, {"to_onehot_y": True, "ignore_index": IGNORE}
+    ce_only = {"ce_weight", "label_smoothing", "lambda_ce"}
+    lovasz_term = LovaszSoftmaxLoss(
+        **terms, **{k: v for k, v in kwargs.items() if k not in ce_only}
+    )
     ce_weight = kwargs.get("ce_weight")
     ce_term = torch.nn.CrossEntropyLoss(
         weight=None if ce_weight is None else torch.tensor(ce_weight, dtype=torch.float64),
-        ignore_index=IGNORE,
         reduction=kwargs.get("reduction", "mean"),
         label_smoothing=kwargs.get("label_smoothing", 0.0),
     )
+    lambda_ce = kwargs.get("lambda_ce", 0.3)
+    loss = LovaszCELoss(**terms, lambda_lovasz=0.7, **kwargs)
     shared = logits.clone().requires_grad_(True)
     apart = logits.clone().requires_grad_(True)
-    value = loss(shared, labels)
-    expected = 0.7 * lovasz_term(apart, labels) + 0.3 * ce_term(apart, labels[:, 0])
+    value = loss(shared, target, mask)
+    ce_labels = labels[:, 0].masked_fill(~valid[:, 0], -100)
+    expected = 0.7 * lovasz_term(apart, target, mask) + lambda_ce * ce_term(apart, ce_labels)
     torch.testing.assert_close(value, expected)
     value.backward()
     expected.backward()
     torch.testing.assert_close(shared.grad, apart.grad)
 
 
-def test_the_softmax_terms_share_one_normalisation_of_the_logits(monkeypatch):
-    calls = []
-    for name in ("softmax", "log_softmax"):
-        original = getattr(torch, name)
+def _normalisations(loss, logits, target) -> list[str]:
+    """The softmax and log-softmax kernels one forward and backward of ``loss`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        loss(logits.clone().requires_grad_(True), target).backward()
+    kernels = ("aten::_softmax", "aten::_log_softmax")
+    return sorted(e.name for e in profile.events() if e.name in kernels)
 
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
 
-        monkeypatch.setattr(torch, name, counted)
+def test_the_softmax_terms_share_one_normalisation_of_the_logits():
     logits, labels = _case(8)
-    LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE)(logits, labels)
-    assert calls == ["log_softmax"]
+    shared = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE)
+    assert _normalisations(shared, logits, labels) == ["aten::_log_softmax"]
+    # the probe sees F.cross_entropy's own log-softmax and a softmax of the Lovász term apart
+    lovasz = LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE)
+
+    def apart(x, target):
+        ce_labels = target[:, 0].masked_fill(target[:, 0] == IGNORE, -100)
+        return lovasz(x, target) + F.cross_entropy(x, ce_labels)
+
+    assert _normalisations(apart, logits, labels) == ["aten::_log_softmax", "aten::_softmax"]
 
 
 def test_gradcheck_of_the_shared_log_softmax():
@@ -122,7 +159,7 @@ def test_state_dict_of_version_0_1_loads():
 def test_zero_lovasz_weight_skips_the_lovasz_term(monkeypatch):
     logits, labels = _case(2)
     loss = LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_lovasz=0.0)
-    monkeypatch.setattr(loss.lovasz, "compute", lambda inputs: pytest.fail("Lovász computed"))
+    monkeypatch.setattr(loss.lovasz, "compute", lambda *a, **k: pytest.fail("Lovász computed"))
     loss(logits, labels)
 
 
@@ -147,7 +184,7 @@ def test_masked_cross_entropy_is_torch_cross_entropy_with_ignore_index(
         label_smoothing=label_smoothing,
         reduction=reduction,
     )
-    target = labels[:, 0].masked_fill(~valid[:, 0], 0)
+    target = labels[:, 0].masked_fill(~valid[:, 0], 3)  # counts nowhere (weight 3.0)
     kwargs = {"weight": w, "label_smoothing": label_smoothing, "reduction": reduction}
     value = masked_cross_entropy(logits, target, valid, **kwargs)
     torch.testing.assert_close(value, expected)
@@ -182,12 +219,16 @@ def test_masked_cross_entropy_without_valid_voxels_is_zero_with_zero_gradient():
         ({"reduction": "none"}, "reduction"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"weight": torch.ones(3, dtype=torch.float64)}, "one value per input channel"),
+        # a (B, *spatial) mask would broadcast against the wrong axes
+        ({"valid": torch.ones(2, 6, 5, 4, dtype=torch.bool)}, r"valid must have shape \(2, 1, 6"),
     ],
 )
 def test_masked_cross_entropy_refuses_bad_arguments(kwargs, match):
     logits, labels = _case(6)
     with pytest.raises(ValueError, match=match):
         masked_cross_entropy(logits, labels[:, 0] % 4, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        masked_nll_loss(torch.log_softmax(logits, 1), labels[:, 0] % 4, **kwargs)
 
 
 def test_settings_are_frozen_and_checked_once():
