@@ -100,7 +100,7 @@ def masked_nll_loss(
             (softmax).
 
     Returns:
-        The scalar cross-entropy: ``masked_cross_entropy(logits, ...)`` up to rounding.
+        The scalar cross-entropy, ``masked_cross_entropy(logits, ...)`` up to rounding.
 
     Example:
         >>> logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]]])  # (1, 2, 3)
