@@ -220,8 +220,8 @@ class LovaszCELoss(_Loss):
             ce_weight = None if self.ce_weight is None else self.ce_weight.to(logits)
             probabilities = None
             if self.softmax and self.lambda_lovasz:
-                # one log-softmax for both terms: on the CPU, faster than a softmax and a
-                # cross-entropy each normalising the logits (benchmarks/RESULTS.md)
+                # one normalisation of the logits for both terms instead of a softmax and a
+                # log-softmax (a small gain on the CPU: benchmarks/RESULTS.md)
                 log_probs = torch.log_softmax(logits, dim=1)
                 probabilities = log_probs.exp()
                 ce = masked_nll_loss(
