@@ -123,6 +123,8 @@ class RunResult:
             averaged over the volumes.
         class_voxels: voxels of each class in the training labels (``C``; the report's
             "smallest" classes).
+        resumed_at_steps: the training steps at which the run was continued from an epoch
+            checkpoint after it had stopped (empty: trained in one go).
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
@@ -151,6 +153,7 @@ class RunResult:
     case_dice: float = math.nan
     case_hd95: float = math.nan
     class_voxels: list[int] = field(default_factory=list)
+    resumed_at_steps: list[int] = field(default_factory=list)
 
     @property
     def median_step(self) -> float:
@@ -572,6 +575,18 @@ def markdown_table(result: ComparisonResult) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Losses:", ""]
     lines += [f"- `{loss}`: {LOSSES[loss].description}" for loss in result.losses]
+    continued = [r for r in result.runs if r.resumed_at_steps]
+    if continued:
+        lines += [
+            "",
+            "Runs continued from an epoch checkpoint after they had stopped (their "
+            "random draws after that step differ from an uninterrupted run's):",
+            "",
+        ]
+        lines += [
+            f"- `{r.loss}` seed {r.seed}: at step(s) {', '.join(map(str, r.resumed_at_steps))}"
+            for r in continued
+        ]
     lines += [
         "",
         f"Total time: {result.total_time / 60:.1f} min. Per-run numbers: the JSON file next to "

@@ -30,6 +30,7 @@ from lovasz_monai.tools.recipes import (
 from lovasz_monai.tools.report import RunResult, yaml_config
 
 __all__ = [
+    "EpochCheckpoint",
     "EvaluationCache",
     "TrainingRecorder",
     "benchmark_steps",
@@ -39,6 +40,10 @@ __all__ = [
     "run_one",
     "training_finished",
 ]
+
+
+#: file name of the :class:`EpochCheckpoint` of a :func:`run_one` run, in ``<run_dir>/checkpoints``
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
 
 class TrainingRecorder(Callback):
@@ -61,6 +66,8 @@ class TrainingRecorder(Callback):
         self.step_times: list[float] = []
         self.val_miou: list[float] = []
         self.fit_seconds = math.nan
+        self.resumed_at_steps: list[int] = []
+        self.resumed_seconds = 0.0
         self._start = 0.0
         self._fit_start = 0.0
 
@@ -71,7 +78,24 @@ class TrainingRecorder(Callback):
         recorder = cls(path)
         recorder.step_times, recorder.val_miou = data["step_times"], data["val_miou"]
         recorder.fit_seconds = float(data.get("fit_seconds", math.nan))
+        recorder.resumed_at_steps = list(data.get("resumed_at_steps", []))
         return recorder
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the times and scores so far, so that a fit continued from it
+        (``ckpt_path``) records the whole run."""
+        return {
+            "step_times": self.step_times,
+            "val_miou": self.val_miou,
+            "fit_seconds": self.resumed_seconds + time.perf_counter() - self._fit_start,
+            "resumed_at_steps": self.resumed_at_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_times = list(state_dict["step_times"])
+        self.val_miou = list(state_dict["val_miou"])
+        self.resumed_seconds = float(state_dict["fit_seconds"])
+        self.resumed_at_steps = [*state_dict["resumed_at_steps"], len(self.step_times)]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -89,15 +113,73 @@ class TrainingRecorder(Callback):
         self.val_miou.append(math.nan if value is None else float(value))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit_seconds = time.perf_counter() - self._fit_start
+        self.fit_seconds = self.resumed_seconds + time.perf_counter() - self._fit_start
         if self.path is not None and trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             record = {
                 "step_times": self.step_times,
                 "val_miou": self.val_miou,
                 "fit_seconds": self.fit_seconds,
+                "resumed_at_steps": self.resumed_at_steps,
             }
             self.path.write_text(json.dumps(record))
+
+
+class EpochCheckpoint(Callback):
+    """The whole training state (weights, optimizer, scheduler, loop progress, callback states)
+    saved to one file at the end of every training epoch, and the file removed when ``fit``
+    ends: a run stopped part-way (killed, a session's end) continues from its last finished
+    epoch with ``trainer.fit(..., ckpt_path=path)`` instead of starting again.
+
+    Each save is written next to ``path`` and then renamed onto it, so a process killed while
+    saving leaves the previous epoch's file intact. The random draws after a continuation (crops,
+    augmentation) are not those an uninterrupted run would have made: the same distribution,
+    not the same numbers.
+
+    Args:
+        path: the checkpoint file (e.g. ``<run_dir>/checkpoints/interrupted.ckpt``).
+
+    Raises:
+        ValueError: continuing on another number of processes than the training that wrote
+            the file (each process's share of an epoch would change part-way).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> callback = EpochCheckpoint(pathlib.Path(tempfile.mkdtemp()) / "interrupted.ckpt")
+        >>> callback.path.name
+        'interrupted.ckpt'
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._world_size = 1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._world_size = trainer.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_size": self._world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = int(state_dict["world_size"])
+        if saved != self._world_size:
+            raise ValueError(
+                f"{self.path} was written by a training on {saved} process(es); continue it on "
+                f"{saved}, not {self._world_size}, or delete it to train from the start"
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        trainer.strategy.barrier("EpochCheckpoint")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.path.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -344,7 +426,11 @@ def run_one(
             ``checkpoints/last.ckpt``) is not trained again; its step times and ``wall_time``
             (the training's) come from ``recorder.json``. Its evaluation is read from
             ``evaluation-<split>.json`` when that file was written for the same checkpoint,
-            arguments and package version, else evaluated again (and the file written).
+            arguments and package version, else evaluated again (and the file written). A
+            ``run_dir`` whose training stopped part-way continues from its last finished epoch
+            (``checkpoints/interrupted.ckpt``, which :class:`EpochCheckpoint` writes during
+            every training); the result's ``resumed_at_steps`` says where. Without ``resume``
+            the ``run_dir`` is emptied and trained from the start.
         eval_split: ``"val"``: evaluate on the validation split; ``"test"``: on the labelled
             ``test`` cases of ``dataset.json`` (the validation split when there are none, as
             ``lovasz-monai test`` does; the result's ``eval_split`` says which).
@@ -371,15 +457,17 @@ def run_one(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     record, last = run_dir / "recorder.json", run_dir / "checkpoints" / "last.ckpt"
+    interrupted = run_dir / "checkpoints" / INTERRUPTED_CHECKPOINT
     trained = resume and training_finished(run_dir)
+    continued = resume and not trained and interrupted.is_file()
     from_checkpoint = trained or processes > 1  # else trained and evaluated in this process
-    if run_dir.exists() and not trained:
+    if run_dir.exists() and not trained and not continued:
         shutil.rmtree(run_dir)
     args = cli_args(config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs)
     if trained:
         recorder = TrainingRecorder.read(record)
     elif processes > 1:
-        recorder = _fit_ddp(args, run_dir, processes)
+        recorder = _fit_ddp(args, run_dir, processes, interrupted if continued else None)
     cli_run_args = args
     if from_checkpoint:  # evaluated in this process, on one device
         cli_run_args = [
@@ -402,8 +490,8 @@ def run_one(
         callbacks = list(trainer.callbacks)
         if not progress_bar:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
-        trainer.callbacks = [*callbacks, recorder]
-        trainer.fit(model, datamodule=datamodule)
+        trainer.callbacks = [*callbacks, recorder, EpochCheckpoint(interrupted)]
+        trainer.fit(model, datamodule=datamodule, ckpt_path=interrupted if continued else None)
     if eval_split == "test" and datamodule.test_files:
         datamodule.setup("test")
         loader = datamodule.test_dataloader()
@@ -428,7 +516,11 @@ def run_one(
         step_times=recorder.step_times,
         val_miou_curve=recorder.val_miou,
         logged_val_miou=logged,
-        wall_time=recorder.fit_seconds if trained else time.perf_counter() - start,
+        wall_time=(
+            recorder.fit_seconds
+            if trained
+            else recorder.resumed_seconds + time.perf_counter() - start
+        ),
         run_dir=str(run_dir),
         class_names=list(model.class_names),
         counted_classes=model.labels.counted_classes,
@@ -439,6 +531,7 @@ def run_one(
         class_voxels=class_voxel_counts(datamodule.description),
         case_iou=metrics["case_iou"],
         eval_split=eval_split,
+        resumed_at_steps=list(recorder.resumed_at_steps),
     )
 
 
@@ -504,15 +597,24 @@ class EvaluationCache:
             self.path.write_text(json.dumps({"key": key, "metrics": dict(metrics)}))
 
 
-def _fit_ddp(args: list[str], run_dir: Path, processes: int) -> TrainingRecorder:
+def _fit_ddp(
+    args: list[str], run_dir: Path, processes: int, continue_from: Path | None = None
+) -> TrainingRecorder:
     """``lovasz-monai fit`` of ``args`` with DDP on ``processes`` processes, in a subprocess
-    (the config's callbacks replaced by a :class:`TrainingRecorder`, no progress bar); the step
-    times and logged ``val/mIoU`` that rank 0 recorded."""
+    (the config's callbacks replaced by a :class:`TrainingRecorder` and an
+    :class:`EpochCheckpoint`, no progress bar; continued from ``continue_from`` when given); the
+    step times and logged ``val/mIoU`` that rank 0 recorded."""
     record = run_dir / "recorder.json"
-    callback = {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}}
+    interrupted = run_dir / "checkpoints" / INTERRUPTED_CHECKPOINT
+    callbacks = [
+        {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}},
+        {"class_path": f"{__name__}.EpochCheckpoint", "init_args": {"path": str(interrupted)}},
+    ]
     command = [sys.executable, "-m", "lovasz_monai.cli", "fit", *args]
     command += ["--trainer.strategy=ddp", f"--trainer.devices={processes}"]
-    command += [f"--trainer.callbacks=[{json.dumps(callback)}]"]
+    command += [f"--trainer.callbacks={json.dumps(callbacks)}"]
+    if continue_from is not None:
+        command += [f"--ckpt_path={continue_from}"]
     command += ["--trainer.enable_progress_bar=false"]
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

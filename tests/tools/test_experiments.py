@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +34,15 @@ from lovasz_monai.tools.report import (
     report,
     write_results,
 )
-from lovasz_monai.tools.runs import EvaluationCache, cli_args, cosine_t_max, evaluate
+from lovasz_monai.tools.runs import (
+    EpochCheckpoint,
+    EvaluationCache,
+    cli_args,
+    cosine_t_max,
+    evaluate,
+    run_one,
+    training_finished,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -869,6 +881,117 @@ def test_compare_command_tiny(tmp_path):
             b["iou"],
             b["step_times"],
         )
+
+
+class _Stopped(Exception):
+    """Raised by the test to stop a training part-way, as a killed process would."""
+
+
+def test_a_run_stopped_part_way_continues_from_its_last_epoch(tmp_path, monkeypatch):
+    tiny = [
+        "--data.data_dir", str(tmp_path / "data"),
+        "--data.synthetic_kwargs",
+        '{"num_cases": 4, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
+        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
+        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
+    ]  # fmt: skip
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    save = EpochCheckpoint.on_train_epoch_end
+
+    def save_then_stop_after_epoch_1(self, trainer, module):
+        save(self, trainer, module)
+        if trainer.current_epoch == 1:
+            raise _Stopped
+
+    monkeypatch.setattr(EpochCheckpoint, "on_train_epoch_end", save_then_stop_after_epoch_1)
+    with pytest.raises(_Stopped):
+        run_one(DEMO, "lovasz_ce", 0, 4, run_dir, tiny)
+    monkeypatch.undo()
+    assert not training_finished(run_dir)
+    saved = torch.load(checkpoints / "interrupted.ckpt", weights_only=False)
+    assert saved["global_step"] == 4  # 3 training volumes in batches of 2: 2 steps an epoch
+    first_steps = saved["callbacks"]["TrainingRecorder"]["step_times"]
+    assert len(first_steps) == 4
+    assert saved["callbacks"]["EpochCheckpoint"] == {"world_size": 1}
+    # continuing on another number of processes is refused (each one's share of an epoch
+    # would change part-way); a copy of the file says it has 2
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    saved["callbacks"]["EpochCheckpoint"]["world_size"] = 2
+    torch.save(saved, other / "checkpoints" / "interrupted.ckpt")
+    with pytest.raises(ValueError, match="written by a training on 2 process"):
+        run_one(DEMO, "lovasz_ce", 0, 4, other, tiny, resume=True)
+
+    run = run_one(DEMO, "lovasz_ce", 0, 4, run_dir, tiny, resume=True)
+    assert training_finished(run_dir) and not (checkpoints / "interrupted.ckpt").exists()
+    assert run.resumed_at_steps == [4]
+    assert len(run.step_times) == 8 and run.step_times[:4] == first_steps
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 8 and last["epoch"] == 3
+    # the schedule went on where it stopped: 4 epoch steps of a cosine over 4 epochs end at 0
+    (scheduler,) = last["lr_schedulers"]
+    assert scheduler["last_epoch"] == 4 and scheduler["_last_lr"] == [pytest.approx(0.0)]
+    steps = [int(s["step"]) for s in last["optimizer_states"][0]["state"].values()]
+    assert set(steps) == {8}
+    assert len(run.val_miou_curve) == 4 and run.wall_time > sum(run.step_times)
+    recorded = json.loads((run_dir / "recorder.json").read_text())
+    assert recorded["resumed_at_steps"] == [4] and recorded["step_times"] == run.step_times
+
+    # a finished run is reused as it is; without resume a run folder is trained from the start
+    again = run_one(DEMO, "lovasz_ce", 0, 4, run_dir, tiny, resume=True)
+    assert again.step_times == run.step_times and again.resumed_at_steps == [4]
+    fresh = run_one(DEMO, "lovasz_ce", 0, 1, run_dir, tiny)
+    assert fresh.resumed_at_steps == [] and len(fresh.step_times) == 2
+    table = markdown_table(
+        ComparisonResult(
+            DEMO, ["lovasz_ce"], [0], 4, tiny, run.class_names, run.counted_classes, 1, "cmd", [run]
+        )
+    )
+    assert "- `lovasz_ce` seed 0: at step(s) 4" in table
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_comparison_continues_where_it_stopped(tmp_path):
+    command = [
+        sys.executable, "-m", "lovasz_monai.experiments", "compare",
+        "--config", str(DEMO), "--losses", "lovasz_ce", "--seeds", "0", "--max-epochs", "6",
+        "--output", str(tmp_path / "cmp"), "--runs-dir", str(tmp_path / "runs"),
+        "--data.data_dir", str(tmp_path / "data"),
+        "--data.synthetic_kwargs",
+        '{"num_cases": 4, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
+        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
+        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
+        "--bench-repeats", "0", "--processes", "2",
+    ]  # fmt: skip
+    checkpoints = tmp_path / "runs" / "lovasz_ce" / "seed0" / "checkpoints"
+    interrupted = checkpoints / "interrupted.ckpt"
+    training = subprocess.Popen(
+        command, cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:  # kill the whole process group (the comparison and its 2 DDP workers) after epoch 2
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and training.poll() is None:
+            if interrupted.is_file() and torch.load(interrupted, weights_only=False)["epoch"] >= 2:
+                break
+            time.sleep(0.2)
+        assert training.poll() is None, "the training ended before it could be killed"
+    finally:
+        os.killpg(training.pid, signal.SIGKILL)
+        training.wait()
+    stopped_at = torch.load(interrupted, weights_only=False)["global_step"]
+    assert 0 < stopped_at < 6  # 3 training volumes, 2 per process, batches of 2: 1 step an epoch
+
+    done = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "cmp.json").read_text())["runs"]
+    assert run["resumed_at_steps"] == [stopped_at] and len(run["step_times"]) == 6
+    assert len(run["val_miou_curve"]) == 6 and not interrupted.exists()
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and last["epoch"] == 5
+    assert last["lr_schedulers"][0]["last_epoch"] == 6
+    assert f"seed 0: at step(s) {stopped_at}" in (tmp_path / "cmp.md").read_text()
 
 
 def test_old_import_paths_still_work():
