@@ -149,8 +149,9 @@ def compare(
         log: progress printer (``None``: silent).
         bench_repeats: rounds of :func:`benchmark_steps` after the runs (0: no benchmark).
         processes: DDP processes per run (see :func:`run_one`).
-        resume: reuse the runs whose training finished in ``runs_dir`` (see :func:`run_one`),
-            e.g. after an interrupted comparison.
+        resume: reuse the runs whose training finished in ``runs_dir`` and continue those
+            stopped part-way from their last finished epoch (see :func:`run_one`), e.g. after
+            an interrupted comparison.
         eval_split: evaluate on ``"val"`` (the validation split) or ``"test"`` (the labelled
             test cases; see :func:`run_one`).
         finished_only: train nothing: report the (loss, seed) runs whose training finished in
@@ -303,7 +304,8 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="evaluate the runs whose training finished in --runs-dir instead of training them "
-        "again (after an interruption)",
+        "again, and continue those stopped part-way from their last finished epoch (after an "
+        "interruption)",
     )
     cmp.add_argument(
         "--finished-only",

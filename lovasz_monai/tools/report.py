@@ -123,8 +123,8 @@ class RunResult:
             averaged over the volumes.
         class_voxels: voxels of each class in the training labels (``C``; the report's
             "smallest" classes).
-        resumed_at_steps: the training steps at which the run was continued from an epoch
-            checkpoint after it had stopped (empty: trained in one go).
+        resumed_at_steps: the training batches done before each continuation of the run from
+            an epoch checkpoint after it had stopped (empty: trained in one go).
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],

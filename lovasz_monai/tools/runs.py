@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import subprocess
@@ -15,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ProgressBar
 from torch import Tensor
 
 from lovasz_monai.evaluation import SegmentationMetrics
@@ -51,9 +53,13 @@ class TrainingRecorder(Callback):
 
     Args:
         path: optional JSON file that the global rank 0 writes at the end of ``fit``:
-            ``{"step_times": [...], "val_miou": [...], "fit_seconds": ...}`` (for runs in another
-            process, e.g. ``lovasz-monai fit --trainer.callbacks+=...`` under DDP, and as the mark
-            of a finished run that ``compare --resume`` reuses).
+            ``{"step_times": [...], "val_miou": [...], "fit_seconds": ..., "resumed_at_steps":
+            [...], "resumed_seconds": ...}`` (for runs in another process, e.g. ``lovasz-monai
+            fit --trainer.callbacks+=...`` under DDP, and as the mark of a finished run that
+            ``compare --resume`` reuses). A fit continued from a checkpoint that holds the
+            recorder's state (``ckpt_path``) records the whole run: ``resumed_at_steps`` are the
+            training batches done before each continuation, ``resumed_seconds`` the fit seconds
+            before the last one (both included in ``step_times`` and ``fit_seconds``).
 
     Example:
         >>> recorder = TrainingRecorder()
@@ -79,6 +85,7 @@ class TrainingRecorder(Callback):
         recorder.step_times, recorder.val_miou = data["step_times"], data["val_miou"]
         recorder.fit_seconds = float(data.get("fit_seconds", math.nan))
         recorder.resumed_at_steps = list(data.get("resumed_at_steps", []))
+        recorder.resumed_seconds = float(data.get("resumed_seconds", 0.0))
         return recorder
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,54 +128,80 @@ class TrainingRecorder(Callback):
                 "val_miou": self.val_miou,
                 "fit_seconds": self.fit_seconds,
                 "resumed_at_steps": self.resumed_at_steps,
+                "resumed_seconds": self.resumed_seconds,
             }
             self.path.write_text(json.dumps(record))
 
 
-class EpochCheckpoint(Callback):
+class EpochCheckpoint(Checkpoint):
     """The whole training state (weights, optimizer, scheduler, loop progress, callback states)
     saved to one file at the end of every training epoch, and the file removed when ``fit``
     ends: a run stopped part-way (killed, a session's end) continues from its last finished
     epoch with ``trainer.fit(..., ckpt_path=path)`` instead of starting again.
 
-    Each save is written next to ``path`` and then renamed onto it, so a process killed while
-    saving leaves the previous epoch's file intact. The random draws after a continuation (crops,
-    augmentation) are not those an uninterrupted run would have made: the same distribution,
-    not the same numbers.
+    It saves after every other callback of the epoch's end (``ModelCheckpoint``, early
+    stopping), so that their state is in the file: as a ``Checkpoint`` it runs with them, after
+    the others, and it moves itself to the end of the trainer's callbacks. Each save is written
+    next to ``path`` and renamed onto it, so a process killed while saving leaves the previous
+    file intact.
+
+    Lightning does not keep the random generators. A continued training seeds them anew from
+    the run's seed, the step it continues at and the process rank, before its data loaders are
+    built: its crops and augmentation are not those an uninterrupted run would have drawn (the
+    same distribution, other numbers), and not a repeat of the first epochs' either.
 
     Args:
         path: the checkpoint file (e.g. ``<run_dir>/checkpoints/interrupted.ckpt``).
+        key: what the training must match to be continued (e.g. the run's LovaszCLI arguments:
+            another ``max_epochs``, learning rate or schedule would silently mix two runs).
 
     Raises:
-        ValueError: continuing on another number of processes than the training that wrote
-            the file (each process's share of an epoch would change part-way).
+        ValueError: continuing from a file that another ``key`` wrote, or that a training on
+            another number of processes wrote (the global batch, and so the steps per epoch,
+            would change for the rest of the run).
 
     Example:
         >>> import pathlib, tempfile
-        >>> callback = EpochCheckpoint(pathlib.Path(tempfile.mkdtemp()) / "interrupted.ckpt")
-        >>> callback.path.name
-        'interrupted.ckpt'
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "interrupted.ckpt"
+        >>> callback = EpochCheckpoint(path, key=["--seed_everything", "0"])
+        >>> callback.state_dict()
+        {'key': ['--seed_everything', '0'], 'world_size': 1, 'global_step': 0}
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, key: Sequence[str] = ()) -> None:
         self.path = Path(path)
-        self._world_size = 1
+        self.key = [str(k) for k in key]
+        self._world_size, self._rank, self._global_step = 1, 0, 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._world_size = trainer.world_size
+        self._world_size, self._rank = trainer.world_size, trainer.global_rank
+        # a new list: the hook call that runs this goes on over the old one
+        trainer.callbacks = [*(c for c in trainer.callbacks if c is not self), self]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"world_size": self._world_size}
+        return {"key": self.key, "world_size": self._world_size, "global_step": self._global_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if list(state_dict["key"]) != self.key:
+            raise ValueError(
+                f"{self.path} was written by a training with other arguments "
+                f"({shlex.join(state_dict['key'])}); continue it with those, or delete it to "
+                "train from the start"
+            )
         saved = int(state_dict["world_size"])
         if saved != self._world_size:
             raise ValueError(
                 f"{self.path} was written by a training on {saved} process(es); continue it on "
                 f"{saved}, not {self._world_size}, or delete it to train from the start"
             )
+        entropy = [torch.initial_seed(), int(state_dict["global_step"]), self._rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._global_step = trainer.global_step
         partial = self.path.with_name(self.path.name + ".partial")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,7 +450,8 @@ def run_one(
 
     Args:
         config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs: see
-            :func:`cli_args`. ``run_dir`` is emptied first.
+            :func:`cli_args`. ``run_dir`` is emptied first, unless ``resume`` finds a training
+            there to reuse or continue.
         progress_bar: keep the config's progress bar (False removes it).
         processes: ``> 1``: train with DDP on that many processes (``lovasz-monai fit
             --trainer.strategy ddp`` in a subprocess, its output in ``<run_dir>/fit.log``; the
@@ -429,8 +463,9 @@ def run_one(
             arguments and package version, else evaluated again (and the file written). A
             ``run_dir`` whose training stopped part-way continues from its last finished epoch
             (``checkpoints/interrupted.ckpt``, which :class:`EpochCheckpoint` writes during
-            every training); the result's ``resumed_at_steps`` says where. Without ``resume``
-            the ``run_dir`` is emptied and trained from the start.
+            every training), with the same arguments and number of processes; the result's
+            ``resumed_at_steps`` says where. Without ``resume`` the ``run_dir`` is emptied and
+            trained from the start.
         eval_split: ``"val"``: evaluate on the validation split; ``"test"``: on the labelled
             ``test`` cases of ``dataset.json`` (the validation split when there are none, as
             ``lovasz-monai test`` does; the result's ``eval_split`` says which).
@@ -443,7 +478,11 @@ def run_one(
         ValueError: a config whose model is not multi-class, without a validation split (with
             ``eval_split="val"``), or an unknown ``eval_split``.
         SystemExit: a LovaszCLI parse error (jsonargparse prints what is wrong).
-        RuntimeError: the DDP training subprocess failed (the end of its output is included).
+        RuntimeError: the DDP training subprocess failed (the end of its output is included),
+            e.g. refusing to continue a training as below.
+        ValueError: ``resume`` finds a training stopped part-way that other arguments or
+            another number of processes started (:class:`EpochCheckpoint`); delete its
+            ``interrupted.ckpt`` to train it from the start.
 
     Example:
         >>> run = run_one("configs/demo.yaml", "lovasz", 0, 2, "runs/one")  # doctest: +SKIP
@@ -463,6 +502,8 @@ def run_one(
     from_checkpoint = trained or processes > 1  # else trained and evaluated in this process
     if run_dir.exists() and not trained and not continued:
         shutil.rmtree(run_dir)
+    if trained:  # killed between the end of its training and the removal of the file
+        interrupted.unlink(missing_ok=True)
     args = cli_args(config, loss, seed, max_epochs, run_dir, overrides, warmup_epochs, ramp_epochs)
     if trained:
         recorder = TrainingRecorder.read(record)
@@ -490,7 +531,7 @@ def run_one(
         callbacks = list(trainer.callbacks)
         if not progress_bar:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
-        trainer.callbacks = [*callbacks, recorder, EpochCheckpoint(interrupted)]
+        trainer.callbacks = [*callbacks, recorder, EpochCheckpoint(interrupted, key=args)]
         trainer.fit(model, datamodule=datamodule, ckpt_path=interrupted if continued else None)
     if eval_split == "test" and datamodule.test_files:
         datamodule.setup("test")
@@ -608,7 +649,10 @@ def _fit_ddp(
     interrupted = run_dir / "checkpoints" / INTERRUPTED_CHECKPOINT
     callbacks = [
         {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}},
-        {"class_path": f"{__name__}.EpochCheckpoint", "init_args": {"path": str(interrupted)}},
+        {
+            "class_path": f"{__name__}.EpochCheckpoint",
+            "init_args": {"path": str(interrupted), "key": args},
+        },
     ]
     command = [sys.executable, "-m", "lovasz_monai.cli", "fit", *args]
     command += ["--trainer.strategy=ddp", f"--trainer.devices={processes}"]
@@ -619,7 +663,8 @@ def _fit_ddp(
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    (run_dir / "fit.log").write_text(done.stdout + done.stderr)
+    with open(run_dir / "fit.log", "a") as log:  # a continued training adds to the log
+        log.write(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(
             f"DDP training failed ({shlex.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"

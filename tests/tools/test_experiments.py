@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -911,14 +912,23 @@ def test_a_run_stopped_part_way_continues_from_its_last_epoch(tmp_path, monkeypa
     assert not training_finished(run_dir)
     saved = torch.load(checkpoints / "interrupted.ckpt", weights_only=False)
     assert saved["global_step"] == 4  # 3 training volumes in batches of 2: 2 steps an epoch
-    first_steps = saved["callbacks"]["TrainingRecorder"]["step_times"]
-    assert len(first_steps) == 4
-    assert saved["callbacks"]["EpochCheckpoint"] == {"world_size": 1}
-    # continuing on another number of processes is refused (each one's share of an epoch
-    # would change part-way); a copy of the file says it has 2
+    recorder = saved["callbacks"]["TrainingRecorder"]
+    first_steps, first_scores = recorder["step_times"], recorder["val_miou"]
+    assert len(first_steps) == 4 and len(first_scores) == 2
+    # saved after everything that ends epoch 1: ModelCheckpoint has seen both scores
+    (best,) = [v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert float(best["best_model_score"]) == pytest.approx(max(first_scores))
+    assert saved["callbacks"]["EpochCheckpoint"]["world_size"] == 1
+
+    # continuing with other arguments, or on another number of processes, is refused
+    with pytest.raises(ValueError, match="written by a training with other arguments"):
+        run_one(DEMO, "lovasz_ce", 0, 5, run_dir, tiny, resume=True)
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
     saved["callbacks"]["EpochCheckpoint"]["world_size"] = 2
+    saved["callbacks"]["EpochCheckpoint"]["key"] = [
+        str(other) if a == str(run_dir) else a for a in saved["callbacks"]["EpochCheckpoint"]["key"]
+    ]
     torch.save(saved, other / "checkpoints" / "interrupted.ckpt")
     with pytest.raises(ValueError, match="written by a training on 2 process"):
         run_one(DEMO, "lovasz_ce", 0, 4, other, tiny, resume=True)
@@ -927,6 +937,7 @@ def test_a_run_stopped_part_way_continues_from_its_last_epoch(tmp_path, monkeypa
     assert training_finished(run_dir) and not (checkpoints / "interrupted.ckpt").exists()
     assert run.resumed_at_steps == [4]
     assert len(run.step_times) == 8 and run.step_times[:4] == first_steps
+    assert len(run.val_miou_curve) == 4 and run.val_miou_curve[:2] == first_scores
     last = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert last["global_step"] == 8 and last["epoch"] == 3
     # the schedule went on where it stopped: 4 epoch steps of a cosine over 4 epochs end at 0
@@ -934,9 +945,11 @@ def test_a_run_stopped_part_way_continues_from_its_last_epoch(tmp_path, monkeypa
     assert scheduler["last_epoch"] == 4 and scheduler["_last_lr"] == [pytest.approx(0.0)]
     steps = [int(s["step"]) for s in last["optimizer_states"][0]["state"].values()]
     assert set(steps) == {8}
-    assert len(run.val_miou_curve) == 4 and run.wall_time > sum(run.step_times)
+    # the time before the stop counts
+    assert run.wall_time > recorder["fit_seconds"] + sum(run.step_times[4:])
     recorded = json.loads((run_dir / "recorder.json").read_text())
     assert recorded["resumed_at_steps"] == [4] and recorded["step_times"] == run.step_times
+    assert recorded["fit_seconds"] > recorded["resumed_seconds"] >= recorder["fit_seconds"]
 
     # a finished run is reused as it is; without resume a run folder is trained from the start
     again = run_one(DEMO, "lovasz_ce", 0, 4, run_dir, tiny, resume=True)
@@ -949,6 +962,27 @@ def test_a_run_stopped_part_way_continues_from_its_last_epoch(tmp_path, monkeypa
         )
     )
     assert "- `lovasz_ce` seed 0: at step(s) 4" in table
+
+
+def test_a_continued_training_draws_other_random_numbers_than_its_start():
+    """Lightning keeps no random state: a continuation reseeds from (seed, step, rank), so it
+    neither repeats the first epochs' draws nor gives every DDP process the same ones."""
+
+    def draws_after_continuing(global_step: int, rank: int) -> list[float]:
+        torch.manual_seed(7)
+        callback = EpochCheckpoint("unused.ckpt", key=["a"])
+        callback._rank = rank
+        callback.load_state_dict({"key": ["a"], "world_size": 1, "global_step": global_step})
+        draws = [torch.rand(()).item(), float(np.random.rand()), random.random()]
+        return draws
+
+    torch.manual_seed(7)
+    start = torch.rand(()).item()
+    at_4 = draws_after_continuing(4, 0)
+    assert at_4 == draws_after_continuing(4, 0)  # reproducible
+    assert at_4[0] != start
+    for other in (draws_after_continuing(6, 0), draws_after_continuing(4, 1)):
+        assert all(a != b for a, b in zip(at_4, other, strict=True))
 
 
 @pytest.mark.slow
@@ -981,12 +1015,20 @@ def test_a_killed_ddp_comparison_continues_where_it_stopped(tmp_path):
         os.killpg(training.pid, signal.SIGKILL)
         training.wait()
     stopped_at = torch.load(interrupted, weights_only=False)["global_step"]
+    shutil.copy(interrupted, interrupted.with_name("before.ckpt"))
     assert 0 < stopped_at < 6  # 3 training volumes, 2 per process, batches of 2: 1 step an epoch
 
     done = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = json.loads((tmp_path / "cmp.json").read_text())["runs"]
     assert run["resumed_at_steps"] == [stopped_at] and len(run["step_times"]) == 6
+    before = torch.load(interrupted.with_name("before.ckpt"), weights_only=False)
+    recorder = before["callbacks"]["TrainingRecorder"]
+    assert run["wall_time"] > recorder["fit_seconds"]
+    # saved after the CLI's ModelCheckpoint (which the CLI adds after the given callbacks)
+    (best,) = [v for k, v in before["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert float(best["best_model_score"]) == pytest.approx(max(recorder["val_miou"]))
+    assert len(recorder["val_miou"]) == stopped_at
     assert len(run["val_miou_curve"]) == 6 and not interrupted.exists()
     last = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert last["global_step"] == 6 and last["epoch"] == 5
