@@ -787,6 +787,18 @@ def test_plot_without_validation_curves_shows_every_run(tmp_path, monkeypatch):
 # -- the command, on a tiny setting ------------------------------------------------------------
 
 
+def _tiny_overrides(tmp_path: Path, num_cases: int = 4) -> list[str]:
+    """LovaszCLI overrides of the demo config for runs of a few seconds: synthetic 16^3 volumes
+    written to ``tmp_path / "data"`` (1 of them to validation, batches of 2), a 2-level UNet."""
+    return [
+        "--data.data_dir", str(tmp_path / "data"),
+        "--data.synthetic_kwargs",
+        f'{{"num_cases": {num_cases}, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}}',
+        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
+        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_compare_command_tiny(tmp_path):
     output = tmp_path / "results" / "cmp"
@@ -794,11 +806,7 @@ def test_compare_command_tiny(tmp_path):
         sys.executable, "-m", "lovasz_monai.experiments", "compare",
         "--config", str(DEMO), "--losses", "ce", "lovasz", "--seeds", "0",
         "--max-epochs", "1", "--output", str(output), "--runs-dir", str(tmp_path / "runs"),
-        "--data.data_dir", str(tmp_path / "data"),
-        "--data.synthetic_kwargs",
-        '{"num_cases": 3, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
-        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
-        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
+        *_tiny_overrides(tmp_path, num_cases=3),
         "--bench-repeats", "2", "--eval-split", "test",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -889,13 +897,7 @@ class _Stopped(Exception):
 
 
 def test_a_run_stopped_part_way_continues_from_its_last_epoch(tmp_path, monkeypatch):
-    tiny = [
-        "--data.data_dir", str(tmp_path / "data"),
-        "--data.synthetic_kwargs",
-        '{"num_cases": 4, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
-        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
-        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
-    ]  # fmt: skip
+    tiny = _tiny_overrides(tmp_path)
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
     save = EpochCheckpoint.on_train_epoch_end
@@ -991,11 +993,7 @@ def test_a_killed_ddp_comparison_continues_where_it_stopped(tmp_path):
         sys.executable, "-m", "lovasz_monai.experiments", "compare",
         "--config", str(DEMO), "--losses", "lovasz_ce", "--seeds", "0", "--max-epochs", "6",
         "--output", str(tmp_path / "cmp"), "--runs-dir", str(tmp_path / "runs"),
-        "--data.data_dir", str(tmp_path / "data"),
-        "--data.synthetic_kwargs",
-        '{"num_cases": 4, "num_test": 1, "size": [16, 16, 16], "num_classes": 3}',
-        "--data.roi_size", "[16, 16, 16]", "--data.num_samples", "1",
-        "--model.unet_channels", "[4, 8]", "--model.unet_strides", "[2]",
+        *_tiny_overrides(tmp_path),
         "--bench-repeats", "0", "--processes", "2",
     ]  # fmt: skip
     checkpoints = tmp_path / "runs" / "lovasz_ce" / "seed0" / "checkpoints"
