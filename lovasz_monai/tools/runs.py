@@ -476,13 +476,13 @@ def run_one(
     Raises:
         KeyError: an unknown loss.
         ValueError: a config whose model is not multi-class, without a validation split (with
-            ``eval_split="val"``), or an unknown ``eval_split``.
+            ``eval_split="val"``), an unknown ``eval_split``, or (with ``resume``) a training
+            stopped part-way that other arguments or another number of processes started
+            (:class:`EpochCheckpoint`; delete its ``interrupted.ckpt`` to train it from the
+            start).
         SystemExit: a LovaszCLI parse error (jsonargparse prints what is wrong).
         RuntimeError: the DDP training subprocess failed (the end of its output is included),
-            e.g. refusing to continue a training as below.
-        ValueError: ``resume`` finds a training stopped part-way that other arguments or
-            another number of processes started (:class:`EpochCheckpoint`); delete its
-            ``interrupted.ckpt`` to train it from the start.
+            e.g. refusing to continue a training as above.
 
     Example:
         >>> run = run_one("configs/demo.yaml", "lovasz", 0, 2, "runs/one")  # doctest: +SKIP
@@ -508,7 +508,7 @@ def run_one(
     if trained:
         recorder = TrainingRecorder.read(record)
     elif processes > 1:
-        recorder = _fit_ddp(args, run_dir, processes, interrupted if continued else None)
+        recorder = _fit_ddp(args, run_dir, processes, interrupted, continued)
     cli_run_args = args
     if from_checkpoint:  # evaluated in this process, on one device
         cli_run_args = [
@@ -639,14 +639,13 @@ class EvaluationCache:
 
 
 def _fit_ddp(
-    args: list[str], run_dir: Path, processes: int, continue_from: Path | None = None
+    args: list[str], run_dir: Path, processes: int, interrupted: Path, continued: bool
 ) -> TrainingRecorder:
     """``lovasz-monai fit`` of ``args`` with DDP on ``processes`` processes, in a subprocess
     (the config's callbacks replaced by a :class:`TrainingRecorder` and an
-    :class:`EpochCheckpoint`, no progress bar; continued from ``continue_from`` when given); the
-    step times and logged ``val/mIoU`` that rank 0 recorded."""
+    :class:`EpochCheckpoint` saving to ``interrupted``, no progress bar; ``continued``: from
+    ``interrupted``); the step times and logged ``val/mIoU`` that rank 0 recorded."""
     record = run_dir / "recorder.json"
-    interrupted = run_dir / "checkpoints" / INTERRUPTED_CHECKPOINT
     callbacks = [
         {"class_path": f"{__name__}.TrainingRecorder", "init_args": {"path": str(record)}},
         {
@@ -657,8 +656,8 @@ def _fit_ddp(
     command = [sys.executable, "-m", "lovasz_monai.cli", "fit", *args]
     command += ["--trainer.strategy=ddp", f"--trainer.devices={processes}"]
     command += [f"--trainer.callbacks={json.dumps(callbacks)}"]
-    if continue_from is not None:
-        command += [f"--ckpt_path={continue_from}"]
+    if continued:
+        command += [f"--ckpt_path={interrupted}"]
     command += ["--trainer.enable_progress_bar=false"]
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
