@@ -316,6 +316,52 @@ class CaseResults:
             return torch.full((values.shape[1],), math.nan)
         return values.nanmean(dim=0)
 
+    def case_means(self, metric: str, finite_only: bool = False) -> Tensor:
+        """``(N,)`` each case's mean over the counted classes (every class when none is
+        counted), undefined (NaN) classes left out: the per-case score that challenges average
+        over cases.
+
+        Args:
+            metric: a computed metric, e.g. ``"IoU"`` or ``"HD95"``.
+            finite_only: also leave out infinite values, i.e. average a surface metric over the
+                structures present in both label and prediction (a one-sided structure makes
+                the plain mean ``inf``; :meth:`one_sided` counts them).
+
+        Raises:
+            KeyError: a metric that was not computed.
+
+        Example:
+            >>> r = CaseResults(["a", "b"], ["", ""], {"HD95": torch.tensor(
+            ...     [[float("nan"), 2.0, float("inf")], [float("nan"), 1.0, 3.0]])},
+            ...     ["bg", "x", "y"], [1, 2])
+            >>> r.case_means("HD95"), r.case_means("HD95", finite_only=True)
+            (tensor([inf, 2.]), tensor([2., 2.]))
+        """
+        values = self.values[metric]
+        values = values[:, self.counted] if self.counted else values
+        if finite_only:
+            values = values.masked_fill(values.isinf(), math.nan)
+        return values.nanmean(dim=1)
+
+    def one_sided(self, metric: str = "HD95") -> int:
+        """The (case, counted class) pairs whose ``metric`` is infinite: for the surface metrics,
+        a structure in only one of label and prediction (missed, or predicted where the label
+        has none).
+
+        Raises:
+            KeyError: a metric that was not computed.
+
+        Example:
+            >>> r = CaseResults(["a", "b"], ["", ""], {"HD95": torch.tensor(
+            ...     [[float("inf"), 2.0, float("inf")], [float("nan"), 1.0, 3.0]])},
+            ...     ["bg", "x", "y"], [1, 2])
+            >>> r.one_sided()  # the background is not counted
+            1
+        """
+        values = self.values[metric]
+        values = values[:, self.counted] if self.counted else values
+        return int(values.isinf().sum())
+
     def summary(self, metrics: Sequence[str] = ("Dice", "HD95", "ASD")) -> dict[str, Tensor]:
         """Logged values: ``"<metric>/<class>"`` (mean over cases) for every class (surface
         metrics: the counted classes) and ``"m<metric>"`` (mean over the counted classes, NaN

@@ -120,7 +120,12 @@ class RunResult:
         case_iou: per-class IoU averaged over the volumes, ``C``.
         eval_split: the evaluated split, ``"val"`` or ``"test"``.
         case_dice, case_hd95: per-case mean Dice and HD95 (mm; NaN without surface metrics)
-            averaged over the volumes.
+            averaged over the volumes; ``case_hd95`` is ``inf`` when a volume has a structure
+            in only one of label and prediction.
+        case_hd95_found: the per-case HD95 over the structures in both label and prediction.
+        hd95_one_sided: the (volume, counted class) pairs with a structure in only one of label
+            and prediction (missed, or predicted where the label has none), which
+            ``case_hd95_found`` leaves out; NaN without surface metrics.
         class_voxels: voxels of each class in the training labels (``C``; the report's
             "smallest" classes).
         resumed_at_steps: the training batches done before each continuation of the run from
@@ -154,6 +159,13 @@ class RunResult:
     case_hd95: float = math.nan
     class_voxels: list[int] = field(default_factory=list)
     resumed_at_steps: list[int] = field(default_factory=list)
+    case_hd95_found: float = math.nan
+    hd95_one_sided: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.case_hd95_found) and math.isfinite(self.case_hd95):
+            # a finite mean has no one-sided structure (results written before these fields)
+            self.case_hd95_found, self.hd95_one_sided = self.case_hd95, 0
 
     @property
     def median_step(self) -> float:
@@ -238,6 +250,14 @@ class ComparisonResult:
                 return [nan(v) for v in value]
             return value
 
+        keys_added = (
+            "case_miou",
+            "case_iou",
+            "case_dice",
+            "case_hd95",
+            "case_hd95_found",
+            "hd95_one_sided",
+        )
         fields = dict(data)
         runs = []
         for run in fields.pop("runs", []):
@@ -245,7 +265,7 @@ class ComparisonResult:
             for key in ("miou", "dice", "iou", "dice_per_class", "val_miou_curve"):
                 run[key] = nan(run.get(key))
             # absent from results before they existed
-            for key in ("case_miou", "case_iou", "case_dice", "case_hd95"):
+            for key in keys_added:
                 if key in run:
                     run[key] = nan(run[key])
             run["logged_val_miou"] = nan(run.get("logged_val_miou"))
@@ -404,7 +424,8 @@ def markdown_table(result: ComparisonResult) -> str:
     """The Markdown report: header (command, settings, how metrics are computed) and the table.
 
     Columns: loss; when the runs have them, the per-case mIoU, the mean per-case IoU of the
-    :data:`SMALLEST` smallest classes, the per-case Dice and HD95; mIoU, IoU of every class (up
+    :data:`SMALLEST` smallest classes, the per-case Dice and HD95 (over the structures found,
+    with the count of one-sided ones when there are any); mIoU, IoU of every class (up
     to :data:`PER_CLASS_COLUMNS` classes), Dice (``mean ± std`` over seeds), the median
     training-step time of the runs, the median of the interleaved timing
     (:func:`benchmark_steps`, ``n/a`` without one) and its ratio to the first loss.
@@ -509,7 +530,17 @@ def markdown_table(result: ComparisonResult) -> str:
             + "), averaged.",
         ]
     case_dice = per_case and any(math.isfinite(r.case_dice) for r in result.runs)
-    case_hd95 = per_case and any(math.isfinite(r.case_hd95) for r in result.runs)
+    case_hd95 = per_case and any(math.isfinite(r.case_hd95_found) for r in result.runs)
+    one_sided = case_hd95 and any(r.hd95_one_sided > 0 for r in result.runs)
+    if one_sided:
+        lines[-1:-1] = [
+            "",
+            "`HD95 found`: each volume's mean HD95 over the counted structures present in both "
+            "its label and its prediction, averaged over volumes; `one-sided`: the (volume, "
+            "structure) pairs it leaves out, where a structure is in only one of label and "
+            "prediction (missed, or predicted where the label has none: HD95 undefined, "
+            f"infinite in the per-case CSV), summed over the {result.num_val_volumes} volumes.",
+        ]
     per_class = len(names) <= PER_CLASS_COLUMNS
     base_loss = result.losses[0]
     paired = per_case and len(result.losses) > 1
@@ -525,7 +556,8 @@ def markdown_table(result: ComparisonResult) -> str:
     header += [f"{len(smallest)} smallest"] if smallest else []
     header += [f"- {base_loss}"] if paired and smallest else []
     header += ["per-case Dice"] if case_dice else []
-    header += ["HD95 (mm)"] if case_hd95 else []
+    header += ["HD95 (mm)"] if case_hd95 and not one_sided else []
+    header += ["HD95 found (mm)", "one-sided"] if one_sided else []
     header += ["mIoU", *([f"IoU {n}" for n in names] if per_class else []), "Dice"]
     header += ["train step (ms)", "timed step (ms)", "ratio"]
     lines.append("| " + " | ".join(header) + " |")
@@ -564,7 +596,9 @@ def markdown_table(result: ComparisonResult) -> str:
         if case_dice:
             cells.append(format_mean_std([r.case_dice for r in runs]))
         if case_hd95:
-            cells.append(format_mean_std([r.case_hd95 for r in runs]))
+            cells.append(format_mean_std([r.case_hd95_found for r in runs]))
+        if one_sided:
+            cells.append(format_mean_std([r.hd95_one_sided for r in runs], digits=1))
         cells.append(format_mean_std([r.miou for r in runs]))
         if per_class:
             cells += [format_mean_std([r.iou[c] for r in runs]) for c in range(len(names))]

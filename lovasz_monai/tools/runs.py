@@ -32,6 +32,7 @@ from lovasz_monai.tools.recipes import (
 from lovasz_monai.tools.report import RunResult, yaml_config
 
 __all__ = [
+    "EVALUATION_FORMAT",
     "EpochCheckpoint",
     "EvaluationCache",
     "TrainingRecorder",
@@ -236,7 +237,10 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         (list of ``C``): IoU per class averaged over volumes; ``"case_miou"``: the per-case mIoU
         (each volume's mean IoU over the counted classes in its label or prediction) averaged over
         volumes, the score medical challenges report; ``"case_dice"`` and ``"case_hd95"`` the same
-        for Dice and (with the module's ``surface_metrics``, else NaN) HD95 in mm.
+        for Dice and (with the module's ``surface_metrics``, else NaN) HD95 in mm, ``inf`` when
+        a volume has a structure in only one of label and prediction; ``"case_hd95_found"`` the
+        per-case HD95 over the structures in both, and ``"hd95_one_sided"`` the number of (volume,
+        counted class) pairs left out of it (NaN without surface metrics).
 
     Raises:
         ValueError: a multi-label or one-channel binary model, or an empty loader.
@@ -253,8 +257,8 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         >>> metrics = evaluate(model, [batch])
         >>> sorted(metrics), len(metrics["iou"]), metrics["num_volumes"]
         ... # doctest: +NORMALIZE_WHITESPACE
-        (['case_dice', 'case_hd95', 'case_iou', 'case_miou', 'dice', 'dice_mean', 'iou', 'miou',
-          'num_volumes'], 3, 2)
+        (['case_dice', 'case_hd95', 'case_hd95_found', 'case_iou', 'case_miou', 'dice',
+          'dice_mean', 'hd95_one_sided', 'iou', 'miou', 'num_volumes'], 3, 2)
     """
     if model.mode != "multiclass":
         raise ValueError("evaluate supports multi-class (softmax) models only")
@@ -278,25 +282,27 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
     if not len(metrics.cases):
         raise ValueError("evaluate got an empty loader")
     evaluation = metrics.compute()
-    iou, values = evaluation.iou.cpu(), evaluation.cases.values
-    dice = values["Dice"].nanmean(0)
-    counted = model.labels.counted_classes
+    iou, cases = evaluation.iou.cpu(), evaluation.cases
+    dice = cases.values["Dice"].nanmean(0)
+    surface = "HD95" in cases.values
 
-    def per_case_mean(name: str) -> float:
-        if name not in values:
+    def per_case_mean(name: str, finite_only: bool = False) -> float:
+        if name not in cases.values:
             return math.nan
-        return float(values[name][:, counted].nanmean(1).nanmean())
+        return float(cases.case_means(name, finite_only).nanmean())
 
     return {
         "iou": iou.tolist(),
         "dice": dice.tolist(),
         "miou": float(model.labels.mean(iou)),
         "dice_mean": float(model.labels.mean(dice)),
-        "case_iou": values["IoU"].nanmean(0).tolist(),
+        "case_iou": cases.values["IoU"].nanmean(0).tolist(),
         "case_miou": per_case_mean("IoU"),
         "case_dice": per_case_mean("Dice"),
         "case_hd95": per_case_mean("HD95"),
-        "num_volumes": len(evaluation.cases.cases),
+        "case_hd95_found": per_case_mean("HD95", finite_only=True),
+        "hd95_one_sided": cases.one_sided("HD95") if surface else math.nan,
+        "num_volumes": len(cases.cases),
     }
 
 
@@ -569,6 +575,8 @@ def run_one(
         case_miou=metrics["case_miou"],
         case_dice=metrics["case_dice"],
         case_hd95=metrics["case_hd95"],
+        case_hd95_found=metrics["case_hd95_found"],
+        hd95_one_sided=metrics["hd95_one_sided"],
         class_voxels=class_voxel_counts(datamodule.description),
         case_iou=metrics["case_iou"],
         eval_split=eval_split,
@@ -576,12 +584,17 @@ def run_one(
     )
 
 
+#: the layout of :func:`evaluate`'s result; raised when it gains or changes a key, so that
+#: results stored before read as missing and the checkpoint is evaluated again
+EVALUATION_FORMAT = 2
+
+
 class EvaluationCache:
     """The :func:`evaluate` result of one checkpoint, kept next to it as JSON.
 
     A stored result is valid while the checkpoint (size and modification time), the run's
-    arguments and the package version are those it was written for; anything else reads as
-    missing, so an edited config or a retrained run is evaluated again.
+    arguments, the package version and :data:`EVALUATION_FORMAT` are those it was written for;
+    anything else reads as missing, so an edited config or a retrained run is evaluated again.
 
     Args:
         path: the JSON file (e.g. ``<run_dir>/evaluation-test.json``).
@@ -616,6 +629,7 @@ class EvaluationCache:
             "checkpoint": [stat.st_size, stat.st_mtime_ns],
             "args": self.args,
             "version": __version__,
+            "format": EVALUATION_FORMAT,
         }
 
     def read(self) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from monai.losses import DiceCELoss
 
 from lovasz_monai.losses import MaskedDiceCELoss
 from lovasz_monai.module import LovaszSegmentationModule
+from lovasz_monai.tools import runs
 from lovasz_monai.tools.experiments import main, run_order
 from lovasz_monai.tools.recipes import LOSSES, schedule_epochs
 from lovasz_monai.tools.report import (
@@ -451,6 +452,51 @@ def test_evaluate_surface_metrics_in_mm():
     assert result["case_dice"] == pytest.approx(float(np.mean(dice)), rel=1e-6)
 
 
+def test_evaluate_hd95_over_found_structures_and_one_sided_count():
+    """A structure missed in one volume makes the per-case HD95 inf; ``case_hd95_found``
+    averages each volume over the structures in both label and prediction (MONAI's HD95 as the
+    oracle) and ``hd95_one_sided`` counts the pair it left out."""
+    from monai.metrics import compute_hausdorff_distance
+
+    label = torch.zeros(1, 1, 10, 10, 10)
+    label[..., 1:5, 1:5, 1:5] = 1
+    label[..., 6:9, 6:9, 6:9] = 2
+    first = torch.zeros(1, 10, 10, 10, dtype=torch.long)
+    first[..., 2:5, 1:6, 1:5] = 1
+    first[..., 6:9, 5:9, 6:8] = 2
+    second = torch.zeros(1, 10, 10, 10, dtype=torch.long)
+    second[..., 1:4, 1:5, 1:5] = 1  # class 2 missed
+    onehot = lambda x: torch.nn.functional.one_hot(x.long(), 3).movedim(-1, 1)  # noqa: E731
+    logits = [onehot(first).float(), onehot(second).float()]
+    batch = {"image": torch.zeros(1, 1, 10, 10, 10), "label": label, "mask": torch.ones_like(label)}
+    result = evaluate(_fixed_model(logits, surface_metrics=True), [batch, batch])
+
+    def hd95(pred):
+        return compute_hausdorff_distance(
+            onehot(pred), onehot(label[:, 0]), include_background=True, percentile=95
+        )[0]
+
+    first_hd, second_hd = hd95(first), hd95(second)
+    assert not math.isfinite(float(second_hd[2]))  # MONAI: NaN for an empty prediction
+    expected = (float(first_hd[1:].mean()) + float(second_hd[1])) / 2
+    assert result["case_hd95"] == math.inf
+    assert result["case_hd95_found"] == pytest.approx(expected, rel=1e-5)
+    assert result["hd95_one_sided"] == 1
+
+    plain = evaluate(_fixed_model(logits), [batch, batch])  # no surface metrics
+    assert math.isnan(plain["case_hd95_found"]) and math.isnan(plain["hd95_one_sided"])
+
+
+def test_run_result_hd95_found_of_results_written_before_it():
+    """Results stored before ``case_hd95_found`` existed: a finite per-case HD95 had nothing
+    left out (the same value, 0 one-sided); an infinite one stays unknown (NaN)."""
+    finite = RunResult("ce", 0, 0.5, 0.6, [0.5], [0.6], [0.1], [0.5], 0.5, 1.0, "x", case_hd95=3.0)
+    assert (finite.case_hd95_found, finite.hd95_one_sided) == (3.0, 0)
+    missed = RunResult("ce", 0, 0.5, 0.6, [0.5], [0.6], [0.1], [0.5], 0.5, 1.0, "x",
+                       case_hd95=math.inf)  # fmt: skip
+    assert math.isnan(missed.case_hd95_found) and math.isnan(missed.hd95_one_sided)
+
+
 def test_evaluate_absent_class_and_ignored_voxels():
     label = torch.zeros(1, 1, 4, 4, 4)
     label[..., :2] = 1  # class 2 absent from the label
@@ -541,6 +587,9 @@ def test_evaluation_cache_is_only_read_for_what_it_was_written_for(tmp_path, mon
     assert cache.read() is None
     monkeypatch.undo()
     assert cache.read() is not None
+    monkeypatch.setattr(runs, "EVALUATION_FORMAT", runs.EVALUATION_FORMAT + 1)
+    assert cache.read() is None  # written before evaluate() changed its keys
+    monkeypatch.undo()
     checkpoint.write_bytes(b"retrained")  # another size (and time): another model
     assert cache.read() is None
     path.write_text("not json")
@@ -615,6 +664,35 @@ def test_markdown_table_many_small_classes():
     assert lovasz[1] == "2" and lovasz[3] == "+1.010 ± 0.000 (1)"
     assert lovasz[5] == "+0.050 ± 0.000 (1)"
     assert "on the seeds both losses have" in text
+
+
+def test_markdown_table_hd95_over_found_structures():
+    """When a run has a one-sided structure (HD95 inf), the HD95 column is the mean over the
+    structures found and a column counts the one-sided pairs; results without any keep the
+    plain HD95 column."""
+    names = ["bg", "a", "b"]
+
+    def run(seed: int, found: float, one_sided: int) -> RunResult:
+        return RunResult("ce", seed, 0.6, 0.7, [0.6] * 3, [0.7] * 3, [0.2], [0.5], 0.5, 1.0,
+                         "x", case_miou=0.5, case_iou=[0.5] * 3, case_dice=0.6,
+                         case_hd95=math.inf if one_sided else found, case_hd95_found=found,
+                         hd95_one_sided=one_sided, class_voxels=[100, 10, 20])  # fmt: skip
+
+    result = ComparisonResult(
+        "configs/x.yaml", ["ce"], [0, 1], 2, [], names, [1, 2], 8, "cmd", [run(0, 4.0, 3)]
+    )
+    result.runs.append(run(1, 6.0, 0))
+    text = markdown_table(result)
+    header, _, row = _table_rows(text)
+    hd95 = header.index("HD95 found (mm)")
+    assert header[hd95 + 1] == "one-sided" and "HD95 (mm)" not in header
+    assert row[hd95 : hd95 + 2] == ["5.000 ± 1.414", "1.5 ± 2.1"]
+    assert "summed over the 8 volumes" in text
+    assert ComparisonResult.from_json(result.to_json()) == result
+
+    result.runs = [run(0, 4.0, 0), run(1, 6.0, 0)]
+    header, _, row = _table_rows(markdown_table(result))
+    assert "one-sided" not in header and row[header.index("HD95 (mm)")] == "5.000 ± 1.414"
 
 
 def test_markdown_states_scaling():
