@@ -62,6 +62,7 @@ import torch
 import yaml
 from nibabel.processing import resample_from_to
 
+from lovasz_monai.metrics import CaseResults
 from lovasz_monai.precision import cpu_description, resolve_precision
 from lovasz_monai.tools.report import merge_results, read_results, write_results
 
@@ -339,25 +340,17 @@ SUBCORTICAL_CONFIG = ROOT / "configs" / "subcortical.yaml"
 
 
 def _case_scores(csv_path: Path, names: list[str]) -> dict[str, float]:
-    """Per-case means from a ``test_cases.csv``: foreground mIoU (the headline), mDice, HD95,
-    and the mean IoU of each class over the cases (NaN, a class absent from a case, left out)."""
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    fg = names[1:]
+    """Per-case means from a ``test_cases.csv``: foreground mIoU (the headline), mDice, HD95
+    (inf after a one-sided structure), and the mean IoU of each class over the cases (NaN, a
+    class absent from a case, left out)."""
+    cases = CaseResults.read_csv(csv_path, counted=range(1, len(names)))
 
-    def mean(values):
-        values = [v for v in values if not math.isnan(v)]
-        return statistics.fmean(values) if values else math.nan
+    def mean(metric: str) -> float:
+        return float(cases.case_means(metric).nanmean()) if metric in cases.values else math.nan
 
-    def per_case(metric):
-        return [mean(float(r[f"{metric}/{n}"]) for n in fg if f"{metric}/{n}" in r) for r in rows]
-
-    out = {
-        "mIoU": mean(per_case("IoU")),
-        "mDice": mean(per_case("Dice")),
-        "HD95": mean(per_case("HD95")) if f"HD95/{fg[0]}" in rows[0] else math.nan,
-    }
-    out.update({f"IoU/{n}": mean(float(r[f"IoU/{n}"]) for r in rows) for n in fg})
+    out = {"mIoU": mean("IoU"), "mDice": mean("Dice"), "HD95": mean("HD95")}
+    iou = cases.class_means("IoU")
+    out.update({f"IoU/{n}": float(iou[c]) for c, n in enumerate(cases.class_names) if c > 0})
     return out
 
 

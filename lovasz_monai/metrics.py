@@ -316,8 +316,8 @@ class CaseResults:
             return torch.full((values.shape[1],), math.nan)
         return values.nanmean(dim=0)
 
-    def case_means(self, metric: str, finite_only: bool = False) -> Tensor:
-        """``(N,)`` each case's mean over the counted classes (every class when none is
+    def case_means(self, metric: str, *, finite_only: bool = False) -> Tensor:
+        """Each case's mean of ``metric`` over the counted classes (every class when none is
         counted), undefined (NaN) classes left out: the per-case score that challenges average
         over cases.
 
@@ -325,16 +325,20 @@ class CaseResults:
             metric: a computed metric, e.g. ``"IoU"`` or ``"HD95"``.
             finite_only: also leave out infinite values, i.e. average a surface metric over the
                 structures present in both label and prediction (a one-sided structure makes
-                the plain mean ``inf``; :meth:`one_sided` counts them).
+                the plain mean ``inf``; :meth:`num_one_sided` counts them).
+
+        Returns:
+            ``(N,)`` float32; NaN for a case with no value left to average (e.g. with
+            ``finite_only``, a case whose every structure is one-sided).
 
         Raises:
             KeyError: a metric that was not computed.
 
         Example:
+            >>> inf, nan = float("inf"), float("nan")
             >>> r = CaseResults(["a", "b"], ["", ""], {"HD95": torch.tensor(
-            ...     [[float("nan"), 2.0, float("inf")], [float("nan"), 1.0, 3.0]])},
-            ...     ["bg", "x", "y"], [1, 2])
-            >>> r.case_means("HD95"), r.case_means("HD95", finite_only=True)
+            ...     [[100.0, 2.0, inf], [100.0, 1.0, 3.0]])}, ["bg", "x", "y"], [1, 2])
+            >>> r.case_means("HD95"), r.case_means("HD95", finite_only=True)  # bg not counted
             (tensor([inf, 2.]), tensor([2., 2.]))
         """
         values = self.values[metric]
@@ -343,19 +347,25 @@ class CaseResults:
             values = values.masked_fill(values.isinf(), math.nan)
         return values.nanmean(dim=1)
 
-    def one_sided(self, metric: str = "HD95") -> int:
-        """The (case, counted class) pairs whose ``metric`` is infinite: for the surface metrics,
-        a structure in only one of label and prediction (missed, or predicted where the label
-        has none).
+    def num_one_sided(self, metric: str = "HD95") -> int:
+        """How many (case, counted class) values of ``metric`` are infinite: for the surface
+        metrics (HD95, ASD), the structures in only one of label and prediction (missed, or
+        predicted where the label has none). Dice and IoU are never infinite.
+
+        Args:
+            metric: a computed metric.
+
+        Returns:
+            The number of infinite values among the counted classes of all cases.
 
         Raises:
             KeyError: a metric that was not computed.
 
         Example:
+            >>> inf = float("inf")
             >>> r = CaseResults(["a", "b"], ["", ""], {"HD95": torch.tensor(
-            ...     [[float("inf"), 2.0, float("inf")], [float("nan"), 1.0, 3.0]])},
-            ...     ["bg", "x", "y"], [1, 2])
-            >>> r.one_sided()  # the background is not counted
+            ...     [[inf, 2.0, inf], [float("nan"), 1.0, 3.0]])}, ["bg", "x", "y"], [1, 2])
+            >>> r.num_one_sided()  # the background is not counted
             1
         """
         values = self.values[metric]
@@ -393,6 +403,57 @@ class CaseResults:
             shown = self.counted if metric in SURFACE_METRICS else range(len(self.class_names))
             cols += [(metric, c) for c in shown]
         return cols
+
+    @classmethod
+    def read_csv(cls, path: str | os.PathLike, counted: Sequence[int]) -> CaseResults:
+        """Read back a table of :meth:`write_csv` (e.g. ``lovasz-monai test``'s
+        ``test_cases.csv``).
+
+        Args:
+            path: the CSV file.
+            counted: the classes that enter the means over classes (the table does not say
+                which; ``[1, ..., C - 1]`` for label maps without the background).
+
+        Returns:
+            The results, the class names taken from the ``Dice`` columns; a surface metric
+            column missing for a class (not counted when it was written) reads as NaN.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: a table without ``case``/``image``/``Dice`` columns, a column that is
+                not ``<metric>/<class>`` of a known class, or a ``counted`` class outside it.
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> r = CaseResults(["a"], ["a.nii.gz"], {"Dice": torch.tensor([[1.0, 0.5]]),
+            ...                 "HD95": torch.tensor([[float("nan"), 2.0]])}, ["bg", "x/1"], [1])
+            >>> path = r.write_csv(pathlib.Path(tempfile.mkdtemp()) / "cases.csv")
+            >>> back = CaseResults.read_csv(path, counted=[1])
+            >>> back.class_names, back.values["HD95"]
+            (['bg', 'x/1'], tensor([[nan, 2.]]))
+        """
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        header = rows[0] if rows else []
+        if header[:2] != ["case", "image"] or not any(h.startswith("Dice/") for h in header):
+            raise ValueError(f"{path}: expected the columns case, image, Dice/<class>, ...; got "
+                             f"{header[:4]}")  # fmt: skip
+        # metric names hold no "/", class names may
+        columns = [tuple(h.split("/", 1)) for h in header[2:]]
+        names = [c for m, c in columns if m == "Dice"]
+        if any(len(col) != 2 or col[1] not in names for col in columns):
+            raise ValueError(f"{path}: every column after case, image must be <metric>/<class> "
+                             f"of a class of the Dice columns; got {header[2:]}")  # fmt: skip
+        if any(not 0 <= c < len(names) for c in counted):
+            raise ValueError(f"counted must lie in [0, {len(names)}), got {list(counted)}")
+        values: dict[str, Tensor] = {}
+        for metric, _ in columns:
+            values.setdefault(metric, torch.full((len(rows) - 1, len(names)), math.nan))
+        for i, row in enumerate(rows[1:]):
+            for (metric, name), cell in zip(columns, row[2:], strict=True):
+                values[metric][i, names.index(name)] = float(cell)
+        cases, sources = [row[0] for row in rows[1:]], [row[1] for row in rows[1:]]
+        return cls(cases, sources, values, names, list(counted))
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write one row per case: ``case``, ``image``, then ``<metric>/<class>`` columns

@@ -262,6 +262,25 @@ def test_csv_table(tmp_path):
     assert "Dice/c_1" in s and "IoU/c_1" not in s  # IoU is logged dataset-level by the module
     assert float(s["mHD95"]) == INF and float(s["HD95/c2"]) == 2.0
 
+    back = CaseResults.read_csv(path, counted=[1, 2])  # the table read back, bit for bit
+    assert (back.cases, back.sources, back.class_names) == (r.cases, r.sources, r.class_names)
+    assert set(back.values) == {"Dice", "IoU", "HD95"}
+    for metric, values in r.values.items():
+        torch.testing.assert_close(back.values[metric], values, rtol=0, atol=0, equal_nan=True)
+    # case b: HD95 inf for c/1, so 2.0 over the found; case a: 1.5; one value one-sided
+    torch.testing.assert_close(back.case_means("HD95", finite_only=True), torch.tensor([1.5, 2.0]))
+    assert back.case_means("HD95")[1] == INF and back.num_one_sided() == 1
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case,image,IoU/a\nx,,0.5\n")
+    with pytest.raises(ValueError, match="expected the columns case, image, Dice"):
+        CaseResults.read_csv(bad, counted=[0])
+    bad.write_text("case,image,Dice/a,HD95/b\nx,,0.5,1.0\n")
+    with pytest.raises(ValueError, match="<metric>/<class> of a class of the Dice columns"):
+        CaseResults.read_csv(bad, counted=[0])
+    with pytest.raises(ValueError, match=r"counted must lie in \[0, 3\)"):
+        CaseResults.read_csv(path, counted=[3])
+
 
 def test_bad_inputs_raise():
     x = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)

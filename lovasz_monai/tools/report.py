@@ -122,10 +122,15 @@ class RunResult:
         case_dice, case_hd95: per-case mean Dice and HD95 (mm; NaN without surface metrics)
             averaged over the volumes; ``case_hd95`` is ``inf`` when a volume has a structure
             in only one of label and prediction.
-        case_hd95_found: the per-case HD95 over the structures in both label and prediction.
-        hd95_one_sided: the (volume, counted class) pairs with a structure in only one of label
-            and prediction (missed, or predicted where the label has none), which
-            ``case_hd95_found`` leaves out; NaN without surface metrics.
+        case_hd95_found: the per-case HD95 over the structures in both label and prediction
+            (NaN without surface metrics).
+        hd95_one_sided: how many (volume, counted class) pairs have a structure in only one of
+            label and prediction (missed, or predicted where the label has none), which
+            ``case_hd95_found`` leaves out; a count, stored as a float so that NaN can say
+            "not computed".
+
+    Results stored before the last two fields existed get them from a finite ``case_hd95``
+    (nothing was one-sided: the same value and 0); after an infinite one they stay NaN.
         class_voxels: voxels of each class in the training labels (``C``; the report's
             "smallest" classes).
         resumed_at_steps: the training batches done before each continuation of the run from
@@ -163,6 +168,7 @@ class RunResult:
     hd95_one_sided: float = math.nan
 
     def __post_init__(self) -> None:
+        """Fill ``case_hd95_found`` and ``hd95_one_sided`` of older results (see above)."""
         if math.isnan(self.case_hd95_found) and math.isfinite(self.case_hd95):
             # a finite mean has no one-sided structure (results written before these fields)
             self.case_hd95_found, self.hd95_one_sided = self.case_hd95, 0
@@ -231,7 +237,7 @@ class ComparisonResult:
         return sorted((r for r in self.runs if r.loss == loss), key=lambda r: r.seed)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (NaN written as null)."""
+        """A JSON-serialisable dict (NaN written as null, ``inf`` as Python's ``Infinity``)."""
         data = asdict(self)
         return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
 
@@ -531,7 +537,7 @@ def markdown_table(result: ComparisonResult) -> str:
         ]
     case_dice = per_case and any(math.isfinite(r.case_dice) for r in result.runs)
     case_hd95 = per_case and any(math.isfinite(r.case_hd95_found) for r in result.runs)
-    one_sided = case_hd95 and any(r.hd95_one_sided > 0 for r in result.runs)
+    one_sided = per_case and any(r.hd95_one_sided > 0 for r in result.runs)
     if one_sided:
         lines[-1:-1] = [
             "",
@@ -556,8 +562,10 @@ def markdown_table(result: ComparisonResult) -> str:
     header += [f"{len(smallest)} smallest"] if smallest else []
     header += [f"- {base_loss}"] if paired and smallest else []
     header += ["per-case Dice"] if case_dice else []
-    header += ["HD95 (mm)"] if case_hd95 and not one_sided else []
-    header += ["HD95 found (mm)", "one-sided"] if one_sided else []
+    if one_sided:
+        header += ["HD95 found (mm)", "one-sided"]
+    elif case_hd95:
+        header += ["HD95 (mm)"]
     header += ["mIoU", *([f"IoU {n}" for n in names] if per_class else []), "Dice"]
     header += ["train step (ms)", "timed step (ms)", "ratio"]
     lines.append("| " + " | ".join(header) + " |")
@@ -595,7 +603,7 @@ def markdown_table(result: ComparisonResult) -> str:
             cells.append(difference(runs, smallest_iou))
         if case_dice:
             cells.append(format_mean_std([r.case_dice for r in runs]))
-        if case_hd95:
+        if case_hd95 or one_sided:
             cells.append(format_mean_std([r.case_hd95_found for r in runs]))
         if one_sided:
             cells.append(format_mean_std([r.hd95_one_sided for r in runs], digits=1))

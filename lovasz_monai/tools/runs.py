@@ -48,6 +48,10 @@ __all__ = [
 #: file name of the :class:`EpochCheckpoint` of a :func:`run_one` run, in ``<run_dir>/checkpoints``
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
+#: the layout of :func:`evaluate`'s result, incremented when it gains or changes a key, so that
+#: the results :class:`EvaluationCache` stored before read as missing and are computed again
+EVALUATION_FORMAT = 2
+
 
 class TrainingRecorder(Callback):
     """Training-step wall times and the logged ``val/mIoU`` of every validation epoch.
@@ -283,25 +287,25 @@ def evaluate(model: Any, loader: Any, context: Callable[[], Any] | None = None) 
         raise ValueError("evaluate got an empty loader")
     evaluation = metrics.compute()
     iou, cases = evaluation.iou.cpu(), evaluation.cases
-    dice = cases.values["Dice"].nanmean(0)
+    dice = cases.class_means("Dice")
     surface = "HD95" in cases.values
 
     def per_case_mean(name: str, finite_only: bool = False) -> float:
         if name not in cases.values:
             return math.nan
-        return float(cases.case_means(name, finite_only).nanmean())
+        return float(cases.case_means(name, finite_only=finite_only).nanmean())
 
     return {
         "iou": iou.tolist(),
         "dice": dice.tolist(),
         "miou": float(model.labels.mean(iou)),
         "dice_mean": float(model.labels.mean(dice)),
-        "case_iou": cases.values["IoU"].nanmean(0).tolist(),
+        "case_iou": cases.class_means("IoU").tolist(),
         "case_miou": per_case_mean("IoU"),
         "case_dice": per_case_mean("Dice"),
         "case_hd95": per_case_mean("HD95"),
         "case_hd95_found": per_case_mean("HD95", finite_only=True),
-        "hd95_one_sided": cases.one_sided("HD95") if surface else math.nan,
+        "hd95_one_sided": cases.num_one_sided("HD95") if surface else math.nan,
         "num_volumes": len(cases.cases),
     }
 
@@ -582,11 +586,6 @@ def run_one(
         eval_split=eval_split,
         resumed_at_steps=list(recorder.resumed_at_steps),
     )
-
-
-#: the layout of :func:`evaluate`'s result; raised when it gains or changes a key, so that
-#: results stored before read as missing and the checkpoint is evaluated again
-EVALUATION_FORMAT = 2
 
 
 class EvaluationCache:

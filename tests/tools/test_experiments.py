@@ -453,9 +453,10 @@ def test_evaluate_surface_metrics_in_mm():
 
 
 def test_evaluate_hd95_over_found_structures_and_one_sided_count():
-    """A structure missed in one volume makes the per-case HD95 inf; ``case_hd95_found``
-    averages each volume over the structures in both label and prediction (MONAI's HD95 as the
-    oracle) and ``hd95_one_sided`` counts the pair it left out."""
+    """One-sided structures in both directions: class 2 missed in the second volume, class 3
+    (absent from the label) predicted in the first. The per-case HD95 is inf;
+    ``case_hd95_found`` averages each volume over the structures in both label and prediction
+    (MONAI's HD95 as the oracle) and ``hd95_one_sided`` counts the 2 pairs left out."""
     from monai.metrics import compute_hausdorff_distance
 
     label = torch.zeros(1, 1, 10, 10, 10)
@@ -464,9 +465,10 @@ def test_evaluate_hd95_over_found_structures_and_one_sided_count():
     first = torch.zeros(1, 10, 10, 10, dtype=torch.long)
     first[..., 2:5, 1:6, 1:5] = 1
     first[..., 6:9, 5:9, 6:8] = 2
+    first[..., 0, 8:, 8:] = 3  # predicted where the label has no class 3
     second = torch.zeros(1, 10, 10, 10, dtype=torch.long)
     second[..., 1:4, 1:5, 1:5] = 1  # class 2 missed
-    onehot = lambda x: torch.nn.functional.one_hot(x.long(), 3).movedim(-1, 1)  # noqa: E731
+    onehot = lambda x: torch.nn.functional.one_hot(x.long(), 4).movedim(-1, 1)  # noqa: E731
     logits = [onehot(first).float(), onehot(second).float()]
     batch = {"image": torch.zeros(1, 1, 10, 10, 10), "label": label, "mask": torch.ones_like(label)}
     result = evaluate(_fixed_model(logits, surface_metrics=True), [batch, batch])
@@ -477,11 +479,12 @@ def test_evaluate_hd95_over_found_structures_and_one_sided_count():
         )[0]
 
     first_hd, second_hd = hd95(first), hd95(second)
-    assert not math.isfinite(float(second_hd[2]))  # MONAI: NaN for an empty prediction
-    expected = (float(first_hd[1:].mean()) + float(second_hd[1])) / 2
+    # MONAI: inf or NaN for a class empty in one of them
+    assert not math.isfinite(float(second_hd[2])) and not math.isfinite(float(first_hd[3]))
+    expected = (float(first_hd[1:3].mean()) + float(second_hd[1])) / 2
     assert result["case_hd95"] == math.inf
     assert result["case_hd95_found"] == pytest.approx(expected, rel=1e-5)
-    assert result["hd95_one_sided"] == 1
+    assert result["hd95_one_sided"] == 2
 
     plain = evaluate(_fixed_model(logits), [batch, batch])  # no surface metrics
     assert math.isnan(plain["case_hd95_found"]) and math.isnan(plain["hd95_one_sided"])
@@ -693,6 +696,12 @@ def test_markdown_table_hd95_over_found_structures():
     result.runs = [run(0, 4.0, 0), run(1, 6.0, 0)]
     header, _, row = _table_rows(markdown_table(result))
     assert "one-sided" not in header and row[header.index("HD95 (mm)")] == "5.000 ± 1.414"
+
+    # every structure one-sided in every volume: no HD95 to average, but the count is shown
+    result.runs = [run(0, math.nan, 5), run(1, math.nan, 7)]
+    header, _, row = _table_rows(markdown_table(result))
+    hd95 = header.index("HD95 found (mm)")
+    assert row[hd95 : hd95 + 2] == ["n/a", "6.0 ± 1.4"]
 
 
 def test_markdown_states_scaling():
