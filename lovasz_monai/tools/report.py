@@ -122,6 +122,10 @@ class RunResult:
         case_dice, case_hd95: per-case mean Dice and HD95 (mm; NaN without surface metrics)
             averaged over the volumes; ``case_hd95`` is ``inf`` when a volume has a structure
             in only one of label and prediction.
+        class_voxels: voxels of each class in the training labels (``C``; the report's
+            "smallest" classes).
+        resumed_at_steps: the training batches done before each continuation of the run from
+            an epoch checkpoint after it had stopped (empty: trained in one go).
         case_hd95_found: the per-case HD95 over the structures in both label and prediction
             (NaN without surface metrics).
         hd95_one_sided: how many (volume, counted class) pairs have a structure in only one of
@@ -131,10 +135,6 @@ class RunResult:
 
     Results stored before the last two fields existed get them from a finite ``case_hd95``
     (nothing was one-sided: the same value and 0); after an infinite one they stay NaN.
-        class_voxels: voxels of each class in the training labels (``C``; the report's
-            "smallest" classes).
-        resumed_at_steps: the training batches done before each continuation of the run from
-            an epoch checkpoint after it had stopped (empty: trained in one go).
 
     Example:
         >>> run = RunResult("ce", 0, 0.5, 0.6, [0.9, 0.5], [0.9, 0.6], [0.5, 0.2, 0.1, 0.3],
