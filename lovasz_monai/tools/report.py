@@ -458,6 +458,11 @@ def markdown_table(result: ComparisonResult) -> str:
     """
     names = result.class_names
     counted = ", ".join(names[i] for i in result.counted_classes)
+    if len(result.counted_classes) > PER_CLASS_COLUMNS:  # a list too long to read
+        left_out = [n for i, n in enumerate(names) if i not in set(result.counted_classes)]
+        counted = f"the {len(result.counted_classes)} counted classes" + (
+            f" (all but {', '.join(left_out)})" if left_out else ""
+        )
     warm = ""
     if "ce_to_lovasz" in result.losses:
         warm = (

@@ -648,6 +648,7 @@ def test_markdown_table_many_small_classes():
     assert row[1:7] == ["2", "0.600 ± 0.071", "0.250 ± 0.071", "0.700 ± 0.071", "3.500 ± 0.707",
                         "0.600 ± 0.000"]  # fmt: skip
     assert "fewest training voxels (c7, c1, c2, c3, c4)" in text
+    assert "mIoU = mean over the 19 counted classes (all but c0);" in text  # not all 19 names
 
     # a second loss on seeds 1 and 2: differences to the first loss on seed 1 only, the seed
     # both have; 0.65 + 0.01 against 0.65, and 5 smallest 0.30 + 0.05 against 0.30
