@@ -316,6 +316,11 @@ class CaseResults:
             return torch.full((values.shape[1],), math.nan)
         return values.nanmean(dim=0)
 
+    def _counted_values(self, metric: str) -> Tensor:
+        """``(N, K)`` values of the counted classes (every class when none is counted)."""
+        values = self.values[metric]
+        return values[:, self.counted] if self.counted else values
+
     def case_means(self, metric: str, *, finite_only: bool = False) -> Tensor:
         """Each case's mean of ``metric`` over the counted classes (every class when none is
         counted), undefined (NaN) classes left out: the per-case score that challenges average
@@ -341,8 +346,7 @@ class CaseResults:
             >>> r.case_means("HD95"), r.case_means("HD95", finite_only=True)  # bg not counted
             (tensor([inf, 2.]), tensor([2., 2.]))
         """
-        values = self.values[metric]
-        values = values[:, self.counted] if self.counted else values
+        values = self._counted_values(metric)
         if finite_only:
             values = values.masked_fill(values.isinf(), math.nan)
         return values.nanmean(dim=1)
@@ -368,8 +372,7 @@ class CaseResults:
             >>> r.num_one_sided()  # the background is not counted
             1
         """
-        values = self.values[metric]
-        values = values[:, self.counted] if self.counted else values
+        values = self._counted_values(metric)
         return int(values.isinf().sum())
 
     def summary(self, metrics: Sequence[str] = ("Dice", "HD95", "ASD")) -> dict[str, Tensor]:
@@ -436,14 +439,17 @@ class CaseResults:
             rows = list(csv.reader(f))
         header = rows[0] if rows else []
         if header[:2] != ["case", "image"] or not any(h.startswith("Dice/") for h in header):
-            raise ValueError(f"{path}: expected the columns case, image, Dice/<class>, ...; got "
-                             f"{header[:4]}")  # fmt: skip
+            raise ValueError(
+                f"{path}: expected the columns case, image, Dice/<class>, ...; got {header[:4]}"
+            )
         # metric names hold no "/", class names may
         columns = [tuple(h.split("/", 1)) for h in header[2:]]
         names = [c for m, c in columns if m == "Dice"]
         if any(len(col) != 2 or col[1] not in names for col in columns):
-            raise ValueError(f"{path}: every column after case, image must be <metric>/<class> "
-                             f"of a class of the Dice columns; got {header[2:]}")  # fmt: skip
+            raise ValueError(
+                f"{path}: every column after case, image must be <metric>/<class> of a class of "
+                f"the Dice columns; got {header[2:]}"
+            )
         if any(not 0 <= c < len(names) for c in counted):
             raise ValueError(f"counted must lie in [0, {len(names)}), got {list(counted)}")
         values: dict[str, Tensor] = {}
