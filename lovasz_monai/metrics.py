@@ -381,6 +381,12 @@ class CaseResults:
         left out), for those of ``metrics`` that were computed. ``/`` in class names becomes
         ``_``.
 
+        A single structure in only one of label and prediction makes a surface metric's
+        ``"m<metric>"`` inf, so each computed surface metric also gets ``"m<metric>_found"``:
+        each case's mean over the structures in both (:meth:`case_means` with ``finite_only``),
+        averaged over cases; and ``"num_one_sided"`` counts the (case, counted class) pairs
+        that leaves out (:meth:`num_one_sided`).
+
         Example:
             >>> r = CaseResults(["a", "b"], ["", ""], {"Dice": torch.tensor(
             ...     [[1.0, 0.5, float("nan")], [1.0, 0.7, 0.2]])}, ["bg", "x", "y"], [1, 2])
@@ -397,6 +403,9 @@ class CaseResults:
                 out[f"{metric}/{self.class_names[c].replace('/', '_')}"] = means[c]
             counted = means[self.counted] if self.counted else means
             out[f"m{metric}"] = counted.nanmean()
+            if metric in SURFACE_METRICS:
+                out[f"m{metric}_found"] = self.case_means(metric, finite_only=True).nanmean()
+                out["num_one_sided"] = torch.tensor(float(self.num_one_sided(metric)))
         return out
 
     def columns(self) -> list[tuple[str, int]]:

@@ -121,7 +121,11 @@ def test_absent_class_is_nan_and_left_out_of_means():
     assert float(s["HD95/b"]) == INF and "HD95/bg" not in s and "Dice/bg" in s
     assert set(s) == {"Dice/bg", "Dice/a", "Dice/b", "mDice"} | {
         f"{m}/{c}" for m in ("HD95", "ASD") for c in ("a", "b")
-    } | {"mHD95", "mASD"}
+    } | {"mHD95", "mASD", "mHD95_found", "mASD_found", "num_one_sided"}
+    # x3 predicts b where the label has none: one-sided, left out of the found-only mean
+    assert float(s["mHD95"]) == INF and float(s["num_one_sided"]) == 1.0
+    found = [(hd[0, 1] + hd[0, 2]) / 2, hd[1, 1], hd[2, 1]]
+    assert float(s["mHD95_found"]) == pytest.approx(float(sum(found)) / 3)
     # include_background counts class 0; a class NaN in every case stays NaN
     m = CaseMetrics(3, include_background=True)
     m.update(case1_pred, case1_label)
@@ -261,6 +265,7 @@ def test_csv_table(tmp_path):
     s = r.summary()
     assert "Dice/c_1" in s and "IoU/c_1" not in s  # IoU is logged dataset-level by the module
     assert float(s["mHD95"]) == INF and float(s["HD95/c2"]) == 2.0
+    assert float(s["mHD95_found"]) == pytest.approx((1.5 + 2.0) / 2) and s["num_one_sided"] == 1
 
     back = CaseResults.read_csv(path, counted=[1, 2])  # the table read back, bit for bit
     assert (back.cases, back.sources, back.class_names) == (r.cases, r.sources, r.class_names)
