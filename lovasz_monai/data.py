@@ -16,6 +16,7 @@ split by :func:`~lovasz_monai.dataset.split_cases`; the transforms are
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -192,7 +193,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.roi_size = tuple(int(s) for s in roi_size)
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
             raise ValueError(f"roi_size must be 3 positive sizes, got {tuple(roi_size)}.")
-        if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        if spacing is not None and (
+            len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing)
+        ):
             raise ValueError(f"spacing must be None or 3 positive sizes, got {tuple(spacing)}.")
         if batch_size < 1 or num_samples < 1 or num_workers < 0:
             raise ValueError(

@@ -14,6 +14,7 @@ binary regions in multi-label mode) and ``"mask"`` ``(B, 1, *S)``, 1 where the v
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,8 +194,8 @@ class LovaszSegmentationModule(pl.LightningModule):
         )
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if finetune_lr_scale <= 0:
-            raise ValueError(f"finetune_lr_scale must be > 0, got {finetune_lr_scale}")
+        if not (math.isfinite(finetune_lr_scale) and finetune_lr_scale > 0):
+            raise ValueError(f"finetune_lr_scale must be finite and > 0, got {finetune_lr_scale}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
         if sw_batch_size < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,7 +81,7 @@ def _check_arguments(
     spacing = tuple(float(s) for s in spacing)
     if len(size) != 3 or min(size) < 8:
         raise ValueError(f"size must be 3 spatial sizes, each >= 8, got {size}.")
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be 3 positive voxel sizes, got {spacing}.")
     if num_cases < 1 or num_test < 0:
         raise ValueError(f"need num_cases >= 1 and num_test >= 0, got {num_cases}, {num_test}.")

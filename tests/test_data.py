@@ -139,6 +139,8 @@ def test_synthetic_options(tmp_path):
         {"ignore_index": 1},
         {"ignore_fraction": 1.0},
         {"num_cases": 0},
+        {"spacing": (1.0, float("nan"), 1.0)},
+        {"spacing": (1.0, 1.0, float("inf"))},
     ],
 )
 def test_synthetic_bad_arguments(tmp_path, kwargs):
@@ -596,8 +598,9 @@ def test_bad_arguments(tiny):
         {"intensity": "minmax"},
         {"batch_size": 0},
         {"spacing": (1.0, 0.0, 1.0)},
+        {"spacing": (float("nan"), 1.0, 1.0)},
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
             _dm(tiny, **kwargs)
 
 

@@ -336,5 +336,7 @@ def test_finetune_lr_scale_applies_once_when_the_lovasz_phase_starts():
     trainer.fit(model, train_dataloaders=loader)
     # the rate of each epoch's first step
     assert seen == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.05])
-    with pytest.raises(ValueError, match="finetune_lr_scale"):
-        tiny_model(finetune_lr_scale=0.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        match = f"finetune_lr_scale must be finite and > 0, got {bad}"
+        with pytest.raises(ValueError, match=match):
+            tiny_model(finetune_lr_scale=bad)

@@ -105,10 +105,10 @@ class LovaszCELoss(_Loss):
         >>> loss(logits, labels).backward()
 
     Raises:
-        ValueError: as :class:`LovaszSoftmaxLoss`, for negative lambdas, ``reduction="none"``,
-            ``softmax=False`` with no other activation (the input would not be logits),
-            ``label_smoothing`` with ``sigmoid=True``, or a NaN, inf, negative or all-zero
-            ``ce_weight``.
+        ValueError: as :class:`LovaszSoftmaxLoss`, for negative or non-finite lambdas,
+            ``reduction="none"``, ``softmax=False`` with no other activation (the input would
+            not be logits), ``label_smoothing`` with ``sigmoid=True``, or a NaN, inf, negative
+            or all-zero ``ce_weight``.
         TypeError: as :class:`LovaszSoftmaxLoss`.
     """
 
@@ -145,9 +145,10 @@ class LovaszCELoss(_Loss):
             )
         if lambda_ce is None:
             lambda_ce = 1.0 if sigmoid else DEFAULT_LOSS_LAMBDA_CE
-        if lambda_lovasz < 0 or lambda_ce < 0:
+        if not all(math.isfinite(w) and w >= 0 for w in (lambda_lovasz, lambda_ce)):
             raise ValueError(
-                f"lambda_lovasz and lambda_ce must be >= 0, got {lambda_lovasz} and {lambda_ce}"
+                "lambda_lovasz and lambda_ce must be finite and >= 0, "
+                f"got {lambda_lovasz} and {lambda_ce}"
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
@@ -310,10 +311,10 @@ class MaskedDiceCELoss(nn.Module):
         >>> MaskedDiceCELoss()(logits, labels, mask=mask).backward()
 
     Raises:
-        ValueError: negative lambdas, a NaN, inf, negative or all-zero ``ce_weight``; in
-            ``forward``, a single input channel, shapes that do not fit, a ``ce_weight`` count
-            other than the channels, tensors without voxels, and (``validate``) the bad values
-            listed above.
+        ValueError: negative or non-finite lambdas, a NaN, inf, negative or all-zero
+            ``ce_weight``; in ``forward``, a single input channel, shapes that do not fit, a
+            ``ce_weight`` count other than the channels, tensors without voxels, and
+            (``validate``) the bad values listed above.
         TypeError: ``input``, ``target`` or ``mask`` is not a tensor, or ``input`` is not
             floating point.
     """
@@ -328,9 +329,10 @@ class MaskedDiceCELoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        if lambda_dice < 0 or lambda_ce < 0:
+        if not all(math.isfinite(w) and w >= 0 for w in (lambda_dice, lambda_ce)):
             raise ValueError(
-                f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}"
+                "lambda_dice and lambda_ce must be finite and >= 0, "
+                f"got {lambda_dice} and {lambda_ce}"
             )
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)

@@ -18,6 +18,8 @@ prediction stay as they are. The loss follows nnU-Net's label handling (``LabelM
 
 from __future__ import annotations
 
+import math
+
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -122,8 +124,8 @@ def lovasz_loss_for(label_manager: LabelManager, lambda_ce: float | None = None)
         settings["ignore_index"] = label_manager.ignore_label
     if lambda_ce is None:
         loss = default_loss(sigmoid=regions, **settings)
-    elif lambda_ce < 0:
-        raise ValueError(f"lambda_ce must be >= 0, got {lambda_ce}")
+    elif not (math.isfinite(lambda_ce) and lambda_ce >= 0):
+        raise ValueError(f"lambda_ce must be finite and >= 0, got {lambda_ce}")
     else:
         settings.update({"sigmoid": True} if regions else {"to_onehot_y": True})
         if lambda_ce > 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import AsDiscrete
 
 from lovasz_monai import LovaszCELoss, LovaszHingeLoss, LovaszSoftmaxLoss
+from lovasz_monai.losses import MaskedDiceCELoss
 from tests.oracle import (
     ref_lovasz_hinge,
     ref_lovasz_multilabel,
@@ -1102,6 +1105,11 @@ BAD_INIT = [
     pytest.param(lambda: LovaszCELoss(softmax=False), r"logits"),
     pytest.param(lambda: LovaszCELoss(lambda_ce=-1.0), r"lambda_lovasz and lambda_ce"),
     pytest.param(lambda: LovaszCELoss(lambda_lovasz=-0.5), r"lambda"),
+    # NaN or inf weights would make every loss value NaN or inf
+    pytest.param(lambda: LovaszCELoss(lambda_ce=math.nan), r"finite and >= 0, got 1.0 and nan"),
+    pytest.param(lambda: LovaszCELoss(lambda_lovasz=math.inf), r"finite and >= 0, got inf"),
+    pytest.param(lambda: MaskedDiceCELoss(lambda_dice=math.nan), r"lambda_dice and lambda_ce"),
+    pytest.param(lambda: MaskedDiceCELoss(lambda_ce=-1.0), r"lambda_dice and lambda_ce"),
     pytest.param(lambda: LovaszCELoss(label_smoothing=1.0), r"label_smoothing"),
     pytest.param(lambda: LovaszCELoss(ce_weight=[[1.0, 2.0]]), r"ce_weight"),
     pytest.param(lambda: LovaszCELoss(ce_weight=[1.0, -2.0]), r"ce_weight"),

@@ -241,7 +241,7 @@ def test_without_deep_supervision_the_loss_is_ours_alone(planned):
 
 def test_lovasz_loss_for_refuses_a_negative_weight(planned):
     trainer = make_trainer(nnUNetTrainerLovaszCE, planned, 1)
-    with pytest.raises(ValueError, match="lambda_ce must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="lambda_ce must be finite and >= 0, got -1"):
         lovasz_loss_for(trainer.label_manager, -1.0)
 
 
