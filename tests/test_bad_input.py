@@ -558,3 +558,82 @@ def test_weight_count_error_names_the_channels_and_the_classes_list():
     loss = LovaszSoftmaxLoss(to_onehot_y=True, classes=[1, 3], weight=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"one value per channel \(4\), got 2 .*listed in classes"):
         loss(logits, labels)
+
+
+# -- the functional API checks what the loss classes check ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda p: p.index_fill(2, torch.tensor([1]), math.nan), "probs contains NaN or inf"),
+        (lambda p: p.index_fill(2, torch.tensor([1]), math.inf), "probs contains NaN or inf"),
+        (lambda p: 3 * p, r"probabilities in \[0, 1\], got values in \[.*\]; apply a softmax"),
+        (lambda p: p - 0.5, r"probabilities in \[0, 1\]"),
+    ],
+    ids=["nan", "inf", "above_1", "below_0"],
+)
+def test_lovasz_softmax_refuses_what_is_not_a_probability(change, match):
+    logits, labels = _case(27)
+    probs = change(torch.softmax(logits, 1))
+    with pytest.raises(ValueError, match=match):
+        Fn.lovasz_softmax(probs, labels)
+    # validate=False skips the checks (the caller vouches for the input), as in the classes
+    assert torch.isfinite(Fn.lovasz_softmax(probs.nan_to_num(0.5, 0.5), labels, validate=False))
+
+
+def test_lovasz_hinge_refuses_non_finite_and_non_float_logits():
+    logits, labels = _case(28, channels=1)
+    labels = labels.clamp_max(1)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="logits contains NaN or inf values"):
+            Fn.lovasz_hinge(logits.index_fill(2, torch.tensor([0]), bad), labels)
+    with pytest.raises(TypeError, match="logits must be a floating point tensor, got dtype"):
+        Fn.lovasz_hinge(logits.long(), labels)
+    # the class gives the same value as the function on valid logits
+    torch.testing.assert_close(Fn.lovasz_hinge(logits, labels), LovaszHingeLoss()(logits, labels))
+
+
+def test_check_finite_accepts_finite_values_whose_sum_overflows():
+    huge = torch.full((4,), 3e38)  # float32: the sum is inf, every value is finite
+    Fn.check_finite(huge, "x")
+    with pytest.raises(ValueError, match="x contains NaN or inf values"):
+        Fn.check_finite(torch.cat([huge, torch.tensor([math.nan])]), "x")
+
+
+def test_extension_refuses_errors_outside_its_domain():
+    labels = torch.tensor([[1, 0, 1]])
+    # errors < 0 used to be clamped to 0: [-1, 0.5, 0.2] gave the value of [0, 0.5, 0.2]
+    for errors, match in [
+        ([[-1.0, 0.5, 0.2]], "errors must be >= 0.*got a minimum of -1"),
+        ([[math.nan, 0.5, 0.2]], "errors contains NaN or inf"),
+        ([[math.inf, 0.5, 0.2]], "errors contains NaN or inf"),
+    ]:
+        for fn in (Fn.lovasz_extension, Fn.lovasz_weights):
+            with pytest.raises(ValueError, match=match):
+                fn(torch.tensor(errors), labels)
+    with pytest.raises(ValueError, match=r"rows with P >= 1 voxels, got shape \(2, 0\)"):
+        Fn.lovasz_extension(torch.zeros(2, 0), torch.zeros(2, 0), method="histogram")
+    with pytest.raises(TypeError, match="errors must be a floating point tensor"):
+        Fn.lovasz_extension(torch.ones(1, 3, dtype=torch.long), labels)
+    with pytest.raises(ValueError, match="labels must be bool or hold only 0 and 1"):
+        Fn.lovasz_extension(torch.rand(1, 3), 2 * labels)  # 2 used to count as foreground
+    with pytest.raises(ValueError, match="valid must be bool or hold only 0 and 1"):
+        Fn.lovasz_extension(torch.rand(1, 3), labels, torch.tensor([[2, 1, 0]]))
+    with pytest.raises(ValueError, match="fg_sorted must be bool or hold only 0 and 1"):
+        Fn.lovasz_grad(torch.tensor([2, 0, 1]))
+
+
+def test_zero_one_validity_equals_bool_validity():
+    errors, labels = torch.tensor([[0.9, 0.1, 0.6, 0.3]]), torch.tensor([[1, 0, 0, 1]])
+    valid = torch.tensor([[1, 1, 0, 1]])
+    # the third voxel takes part in nothing: the weights of the three others, 0 for it
+    expected = torch.zeros(1, 4)
+    expected[:, [0, 1, 3]] = Fn.lovasz_weights(errors[:, [0, 1, 3]], labels[:, [0, 1, 3]])
+    for mask in (valid, valid.bool()):
+        torch.testing.assert_close(Fn.lovasz_weights(errors, labels, mask), expected)
+    fg = torch.tensor([1, 0, 1, 1])
+    expected = torch.zeros(4)
+    expected[[0, 1, 3]] = Fn.lovasz_grad(fg[[0, 1, 3]])
+    for mask in (valid[0], valid[0].bool()):
+        torch.testing.assert_close(Fn.lovasz_grad(fg, mask), expected)

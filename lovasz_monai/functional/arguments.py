@@ -16,7 +16,9 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "LovaszSettings",
     "Method",
+    "check_binary",
     "check_class_weight",
+    "check_finite",
     "check_lovasz_arguments",
     "collective_check",
     "distributed_world_size",
@@ -217,6 +219,48 @@ def check_class_weight(
             f"{name} must not be all zero (no class would count), got {tensor.tolist()}"
         )
     return tensor
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    """Refuse NaN and inf values (one host synchronisation, two when the sum is not finite).
+
+    Args:
+        tensor: a floating point tensor.
+        name: how the error names it.
+
+    Example:
+        >>> check_finite(torch.tensor([0.5, float("nan")]), "probs")
+        Traceback (most recent call last):
+        ...
+        ValueError: probs contains NaN or inf values
+
+    Raises:
+        ValueError: ``tensor`` holds a NaN or inf.
+    """
+    # A finite sum is cheap to test; only a non-finite one (which can also come from finite
+    # values that overflow) needs the voxel-by-voxel test.
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_binary(tensor: Tensor, name: str) -> None:
+    """Refuse values other than 0 and 1 (a bool tensor passes unchecked).
+
+    Args:
+        tensor: indicators, bool or numbers.
+        name: how the error names it.
+
+    Example:
+        >>> check_binary(torch.tensor([0, 1, 2]), "labels")
+        Traceback (most recent call last):
+        ...
+        ValueError: labels must be bool or hold only 0 and 1
+
+    Raises:
+        ValueError: a value other than 0 and 1.
+    """
+    if tensor.dtype != torch.bool and not ((tensor == 0) | (tensor == 1)).all():
+        raise ValueError(f"{name} must be bool or hold only 0 and 1")
 
 
 def _check_nonempty(shape: Sequence[int], name: str) -> None:

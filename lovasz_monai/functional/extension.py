@@ -49,6 +49,8 @@ def _extension_rows(
 ) -> tuple[Tensor, Tensor]:
     """``(weights (N, P), losses (N,))`` of checked ``(N, P)`` rows, without autograd."""
     _check_rows(errors, labels, valid)
+    if valid is not None:
+        valid = valid.bool()
     key, fg = _key_and_foreground(errors, labels, valid)
     with torch.no_grad():
         settings = LovaszSettings(method=method, bins=bins, chunk_elements=chunk_elements)
@@ -69,10 +71,10 @@ def lovasz_weights(
     Computed without autograd: the weights are constants of the loss.
 
     Args:
-        errors: ``(N, P)`` non-negative errors, one row per (volume, class).
+        errors: ``(N, P)`` finite non-negative errors, one row per (volume, class), ``P >= 1``.
         labels: ``(N, P)`` foreground indicators (bool or 0/1).
-        valid: optional bool mask broadcastable to ``(N, P)`` (e.g. ``(1, P)``); ``False`` voxels
-            take part in nothing and get weight 0.
+        valid: optional mask (bool or 0/1) broadcastable to ``(N, P)`` (e.g. ``(1, P)``);
+            ``False`` voxels take part in nothing and get weight 0.
         method: ``"sort"`` (exact, one batched sort) or ``"histogram"`` (sort-free, ``O(P)``; the
             extension under an order that is exact up to ties within a bin: ``0 <= exact - value <
             max(errors) / bins`` for each row).
@@ -90,7 +92,9 @@ def lovasz_weights(
         tensor([[0.5000, 0.0000, 0.1667, 0.3333]])
 
     Raises:
-        ValueError: on shape mismatches, an unknown ``method`` or non-positive ``bins``.
+        TypeError: ``errors`` is not floating point.
+        ValueError: on shape mismatches, rows without voxels, negative, NaN or inf errors,
+            labels or ``valid`` other than 0/1, an unknown ``method`` or non-positive ``bins``.
     """
     weights, _ = _extension_rows(errors, labels, valid, method, bins, chunk_elements)
     return weights
@@ -107,9 +111,9 @@ def lovasz_extension(
     """Lovász extension of the Jaccard loss of each row, differentiable in ``errors``.
 
     Args:
-        errors: ``(N, P)`` non-negative errors.
+        errors: ``(N, P)`` finite non-negative errors, ``P >= 1``.
         labels: ``(N, P)`` foreground indicators (bool or 0/1).
-        valid: optional bool mask broadcastable to ``(N, P)``.
+        valid: optional mask (bool or 0/1) broadcastable to ``(N, P)``.
         method, bins, chunk_elements: see :func:`lovasz_weights`.
 
     Returns:
@@ -124,6 +128,7 @@ def lovasz_extension(
         tensor([[0.5000, 0.0000, 0.1667, 0.3333]])
 
     Raises:
+        TypeError: ``errors`` is not floating point.
         ValueError: see :func:`lovasz_weights`.
     """
     weights, losses = _extension_rows(errors, labels, valid, method, bins, chunk_elements)

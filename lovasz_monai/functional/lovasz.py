@@ -12,6 +12,7 @@ from lovasz_monai.functional.arguments import (
     DEFAULT_CHUNK_ELEMENTS,
     LovaszSettings,
     Method,
+    check_finite,
     collective_check,
 )
 from lovasz_monai.functional.class_losses import (
@@ -32,6 +33,7 @@ _PER_VOLUME_DEPRECATION = (
 
 
 def _checked_inputs(
+    name: str,
     source: Tensor,
     labels: Tensor,
     valid: Tensor | None,
@@ -41,14 +43,25 @@ def _checked_inputs(
 ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
     """``(source, fg, valid, present_only)``: the labels (a ``(B, 1, *S)`` label map for ``C > 1``
     channels, or one-hot/multi-hot) decoded by :func:`decode_target` and both restricted to the
-    channels of ``classes``."""
+    channels of ``classes``. ``name`` is the argument ``source`` came as: ``"probs"`` must hold
+    probabilities, ``"logits"`` any finite values (both checked only with ``validate``)."""
     if not isinstance(source, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(source).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(source).__name__}")
+    if not source.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {source.dtype}")
     if source.ndim < 3:
         raise ValueError(
-            "input must be (B, C, *spatial) with at least one spatial dimension, got shape "
+            f"{name} must be (B, C, *spatial) with at least one spatial dimension, got shape "
             f"{tuple(source.shape)}"
         )
+    if validate and source.numel():
+        check_finite(source, name)
+        if name == "probs" and not ((source >= 0) & (source <= 1)).all():
+            raise ValueError(
+                f"probs must hold probabilities in [0, 1], got values in "
+                f"[{source.min().item():g}, {source.max().item():g}]; apply a softmax (or a "
+                "sigmoid) to logits first"
+            )
     label_map = isinstance(labels, Tensor) and labels.ndim >= 2 and labels.shape[1] == 1
     fg, valid, _ = decode_target(
         labels,
@@ -68,6 +81,7 @@ def _checked_inputs(
 
 def _class_mean(
     class_losses: Callable[..., tuple[Tensor, Tensor]],
+    name: str,
     source: Tensor,
     labels: Tensor,
     valid: Tensor | None,
@@ -81,7 +95,7 @@ def _class_mean(
     leaving them waiting), then ``class_losses`` averaged over the classes and the volumes."""
 
     def checks() -> tuple[Tensor, Tensor, Tensor | None, bool]:
-        return _checked_inputs(source, labels, valid, ignore_index, classes, validate)
+        return _checked_inputs(name, source, labels, valid, ignore_index, classes, validate)
 
     if validate and settings.world_size > 1:
         checked = collective_check(
@@ -142,8 +156,9 @@ def lovasz_softmax(
         method, bins: see :func:`lovasz_weights`.
         distributed, process_group: the loss of the union of all processes' batches (see
             :func:`lovasz_class_losses`; needs ``batch=True`` and ``method="histogram"``).
-        validate: check label values (one host synchronisation); distributed, the outcome is
-            shared by every process (see :func:`collective_check`).
+        validate: check label values and that ``probs`` are probabilities in [0, 1] (a few host
+            synchronisations); distributed, the outcome is shared by every process (see
+            :func:`collective_check`).
         per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
@@ -159,9 +174,10 @@ def lovasz_softmax(
         tensor(0.2750)
 
     Raises:
-        TypeError: ``probs`` or ``labels`` is not a tensor.
+        TypeError: ``probs`` or ``labels`` is not a tensor, or ``probs`` is not floating point.
         ValueError: on shape mismatches, tensors without voxels, an invalid ``classes``,
-            label-map values outside ``[0, C)`` that are not ``ignore_index``, ``distributed``
+            (``validate``) ``probs`` with NaN, inf or values outside [0, 1], label-map values
+            outside ``[0, C)`` that are not ``ignore_index``, ``distributed``
             without ``batch=True`` and ``method="histogram"``, or (distributed, ``validate``)
             bad input on any process or processes that disagree on channels, bins or dtype.
     """
@@ -175,6 +191,7 @@ def lovasz_softmax(
     )
     return _class_mean(
         lovasz_probability_class_losses,
+        "probs",
         probs,
         labels,
         valid,
@@ -218,8 +235,9 @@ def lovasz_hinge(
         method, bins: see :func:`lovasz_weights`.
         distributed, process_group: the loss of the union of all processes' batches (see
             :func:`lovasz_class_losses`; needs ``batch=True`` and ``method="histogram"``).
-        validate: check label values (one host synchronisation); distributed, the outcome is
-            shared by every process (see :func:`collective_check`).
+        validate: check label values and that the logits are finite (a few host
+            synchronisations); distributed, the outcome is shared by every process (see
+            :func:`collective_check`).
         per_volume: deprecated spelling of ``not batch`` (warns).
 
     Returns:
@@ -232,8 +250,10 @@ def lovasz_hinge(
         tensor(1.)
 
     Raises:
-        TypeError: ``logits`` or ``labels`` is not a tensor.
-        ValueError: on shape mismatches, tensors without voxels, ``distributed`` without
+        TypeError: ``logits`` or ``labels`` is not a tensor, or ``logits`` is not floating point.
+        ValueError: on shape mismatches, tensors without voxels, (``validate``) NaN or inf
+            logits or labels other than 0/1 (or label-map values outside ``[0, C)``),
+            ``distributed`` without
             ``batch=True`` and ``method="histogram"``, or (distributed, ``validate``) bad input
             on any process or processes that disagree on channels, bins or dtype.
     """
@@ -246,5 +266,13 @@ def lovasz_hinge(
         process_group,
     )
     return _class_mean(
-        lovasz_hinge_class_losses, logits, labels, valid, ignore_index, "all", settings, validate
+        lovasz_hinge_class_losses,
+        "logits",
+        logits,
+        labels,
+        valid,
+        ignore_index,
+        "all",
+        settings,
+        validate,
     )

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import LovaszSettings
+from lovasz_monai.functional.arguments import LovaszSettings, check_binary, check_finite
 
 __all__ = ["lovasz_grad"]
 
@@ -46,8 +46,10 @@ def lovasz_grad(
         tensor([0.5000, 0.1667, 0.3333, 0.0000])
 
     Raises:
-        ValueError: when the shapes of ``fg_sorted`` and ``valid_sorted`` differ.
+        ValueError: when the shapes of ``fg_sorted`` and ``valid_sorted`` differ, or either
+            holds a value other than 0 and 1.
     """
+    check_binary(fg_sorted, "fg_sorted")
     fg = fg_sorted.bool()
     if valid_sorted is not None:
         if valid_sorted.shape != fg_sorted.shape:
@@ -55,6 +57,8 @@ def lovasz_grad(
                 f"valid_sorted must have the shape of fg_sorted {tuple(fg_sorted.shape)}, "
                 f"got {tuple(valid_sorted.shape)}"
             )
+        check_binary(valid_sorted, "valid_sorted")
+        valid_sorted = valid_sorted.bool()
         fg = fg & valid_sorted
     weights, _ = _lovasz_grad(fg, valid_sorted, dtype)
     return weights
@@ -101,8 +105,13 @@ def _lovasz_grad(
 
 
 def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
-    if errors.ndim != 2:
-        raise ValueError(f"errors must be (N, P) rows, got shape {tuple(errors.shape)}")
+    """Shapes and values of the rows of :func:`~lovasz_monai.functional.lovasz_extension`."""
+    if not errors.is_floating_point():
+        raise TypeError(f"errors must be a floating point tensor, got dtype {errors.dtype}")
+    if errors.ndim != 2 or errors.shape[1] == 0:
+        raise ValueError(
+            f"errors must be (N, P) rows with P >= 1 voxels, got shape {tuple(errors.shape)}"
+        )
     if labels.shape != errors.shape:
         raise ValueError(
             f"labels must have the shape of errors {tuple(errors.shape)}, got {tuple(labels.shape)}"
@@ -115,6 +124,17 @@ def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
         raise ValueError(
             f"valid must broadcast to errors {tuple(errors.shape)}, got {tuple(valid.shape)}"
         )
+    if errors.numel():
+        check_finite(errors, "errors")
+        # ignored voxels sort below every valid error with the key -1 (see below)
+        if (errors < 0).any():
+            raise ValueError(
+                "errors must be >= 0 (e.g. 1 - probability of the true class, or a hinge "
+                f"margin), got a minimum of {errors.min().item():g}"
+            )
+    check_binary(labels, "labels")
+    if valid is not None:
+        check_binary(valid, "valid")
 
 
 # Sort keys: the errors, with ignored voxels set to -1, below every valid (non-negative) error.

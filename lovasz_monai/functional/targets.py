@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import _check_nonempty
+from lovasz_monai.functional.arguments import _check_nonempty, check_binary
 
 __all__ = ["decode_target", "label_equals"]
 
@@ -87,8 +87,8 @@ def _mask_to_valid(mask: Tensor, expected: tuple[int, ...], validate: bool) -> T
         )
     if mask.dtype == torch.bool:
         return mask
-    if validate and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be bool or hold only 0 and 1")
+    if validate:
+        check_binary(mask, "mask")
     return mask != 0
 
 
@@ -142,8 +142,7 @@ def _label_map(
 
 
 def _check_one_hot(target: Tensor, valid: Tensor | None, exclusive: bool) -> None:
-    if not ((target == 0) | (target == 1)).all():
-        raise ValueError("one-hot target must contain only 0 and 1")
+    check_binary(target, "one-hot target")
     if exclusive:
         per_voxel = target.sum(1, keepdim=True)
         ok = per_voxel == 1 if valid is None else (per_voxel == 1) | ~valid

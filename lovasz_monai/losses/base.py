@@ -75,10 +75,8 @@ def check_logits(input: Tensor, validate: bool) -> None:
             f"input must be (B, C, *spatial) with at least one spatial dimension, "
             f"got shape {_shape(input)}"
         )
-    # A non-finite sum is cheap to test; only then look for NaN/inf voxel by voxel (a sum can
-    # also overflow for huge finite values).
-    if validate and not torch.isfinite(input.sum()) and not torch.isfinite(input).all():
-        raise ValueError("input contains NaN or inf values")
+    if validate:
+        functional.check_finite(input, "input")
 
 
 class LossInputs(NamedTuple):
