@@ -16,7 +16,6 @@ split by :func:`~lovasz_monai.dataset.split_cases`; the transforms are
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -142,6 +141,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         description: the :class:`~lovasz_monai.dataset.DatasetDescription` read from
             ``dataset.json``; the attributes above come from it (lists instead of tuples), the
             training/validation split from :func:`~lovasz_monai.dataset.split_cases`.
+        pipelines: the :class:`~lovasz_monai.pipelines.SegmentationPipelines`, which check
+            ``roi_size``, ``spacing``, ``intensity``, ``ct_window`` and ``flip_axes``; the
+            attributes of those names are its checked values (tuples).
 
     Raises:
         FileNotFoundError: ``dataset.json`` is missing (and ``synthetic`` is False), or a file it
@@ -190,13 +192,6 @@ class SegmentationDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.roi_size = tuple(int(s) for s in roi_size)
-        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
-            raise ValueError(f"roi_size must be 3 positive sizes, got {tuple(roi_size)}.")
-        if spacing is not None and (
-            len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing)
-        ):
-            raise ValueError(f"spacing must be None or 3 positive sizes, got {tuple(spacing)}.")
         if batch_size < 1 or num_samples < 1 or num_workers < 0:
             raise ValueError(
                 f"need batch_size >= 1, num_samples >= 1, num_workers >= 0, got {batch_size}, "
@@ -206,10 +201,6 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if not 0.0 <= cache_rate <= 1.0:
             raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}.")
-        if intensity not in ("zscore", "ct", "none"):
-            raise ValueError(f"intensity must be 'zscore', 'ct' or 'none', got {intensity!r}.")
-        if len(ct_window) != 2 or ct_window[0] >= ct_window[1]:
-            raise ValueError(f"ct_window must be (min, max) with min < max, got {ct_window}.")
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_samples = num_samples
@@ -217,19 +208,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.cache_rate = cache_rate
         self.val_fraction = val_fraction
         self.seed = seed
-        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
-        self.intensity = intensity
-        self.ct_window = (float(ct_window[0]), float(ct_window[1]))
         self.predict_images = predict_images
         self.augment = augment
-        self.flip_axes = tuple(int(a) for a in flip_axes)
-        if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(
-            self.flip_axes
-        ):
-            raise ValueError(
-                f"flip_axes must be distinct spatial axes in (0, 1, 2) (0: left-right, 1: "
-                f"posterior-anterior, 2: inferior-superior after RAS), got {tuple(flip_axes)}."
-            )
 
         self.dataset_json = self.data_dir / "dataset.json"
         description = _dataset.describe_dataset(
@@ -244,15 +224,6 @@ class SegmentationDataModule(pl.LightningDataModule):
             else {name: list(values) for name, values in description.regions.items()}
         )
         self.multi_label = description.multi_label
-        sided = lateralised_labels(description.label_names)
-        if augment and 0 in self.flip_axes and sided:
-            warnings.warn(
-                f"flip_axes={self.flip_axes} flips left and right, but labels say left or right "
-                f"({', '.join(sided[:4])}{', ...' if len(sided) > 4 else ''}): a flipped left "
-                "structure stays labelled left, so these classes cannot be learned. Leave axis 0 "
-                "out of flip_axes (the default flips nothing).",
-                stacklevel=2,
-            )
         self.class_names: list[str] = list(description.class_names)
         self.num_classes = description.num_classes
         self.in_channels = description.in_channels
@@ -274,15 +245,27 @@ class SegmentationDataModule(pl.LightningDataModule):
             num_label_values=len(self.label_names),
             ignore_index=self.ignore_index,
             regions=self.regions,
-            roi_size=self.roi_size,
+            roi_size=roi_size,
             num_samples=self.num_samples,
-            spacing=self.spacing,
-            intensity=self.intensity,
-            ct_window=self.ct_window,
+            spacing=spacing,
+            intensity=intensity,
+            ct_window=ct_window,
             augment=self.augment,
-            flip_axes=self.flip_axes,
+            flip_axes=flip_axes,
             seed=self.seed,
-        )
+        )  # checks roi_size, spacing, intensity, ct_window and flip_axes
+        self.roi_size, self.spacing = self.pipelines.roi_size, self.pipelines.spacing
+        self.intensity, self.ct_window = self.pipelines.intensity, self.pipelines.ct_window
+        self.flip_axes = self.pipelines.flip_axes
+        sided = lateralised_labels(description.label_names)
+        if augment and 0 in self.flip_axes and sided:
+            warnings.warn(
+                f"flip_axes={self.flip_axes} flips left and right, but labels say left or right "
+                f"({', '.join(sided[:4])}{', ...' if len(sided) > 4 else ''}): a flipped left "
+                "structure stays labelled left, so these classes cannot be learned. Leave axis 0 "
+                "out of flip_axes (the default flips nothing).",
+                stacklevel=2,
+            )
         self.predict_files: list[dict[str, str]] = []  # filled by setup("predict")
         self._checked: set[str] = set()
         self.train_ds: CacheDataset | None = None

@@ -68,6 +68,8 @@ from monai.metrics import (
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch import Tensor
 
+from lovasz_monai.functional import check_finite
+
 __all__ = [
     "CaseMetrics",
     "CaseResults",
@@ -188,8 +190,8 @@ def _check_inputs(
     for name, x in (("pred", pred), ("label", label)):
         if x.numel() == 0:
             continue
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or inf values")
+        if x.is_floating_point():
+            check_finite(x, name)
         if multi_label:
             bad = not bool(((x == 0) | (x == 1)).all())
             expected = "0/1 values"
@@ -385,7 +387,10 @@ class CaseResults:
         ``"m<metric>"`` inf, so each computed surface metric also gets ``"m<metric>_found"``:
         each case's mean over the structures in both (:meth:`case_means` with ``finite_only``),
         averaged over cases; and ``"num_one_sided"`` counts the (case, counted class) pairs
-        that leaves out (:meth:`num_one_sided`).
+        that leaves out (:meth:`num_one_sided` of the first of ``metrics`` computed; HD95 and
+        ASD are one-sided on the same structures). ``"m<metric>_found"`` averages over each
+        case's structures first, ``"m<metric>"`` over each class's cases first: the two differ
+        even when nothing is one-sided.
 
         Example:
             >>> r = CaseResults(["a", "b"], ["", ""], {"Dice": torch.tensor(
@@ -405,7 +410,8 @@ class CaseResults:
             out[f"m{metric}"] = counted.nanmean()
             if metric in SURFACE_METRICS:
                 out[f"m{metric}_found"] = self.case_means(metric, finite_only=True).nanmean()
-                out["num_one_sided"] = torch.tensor(float(self.num_one_sided(metric)))
+                if "num_one_sided" not in out:  # the first surface metric's count
+                    out["num_one_sided"] = torch.tensor(float(self.num_one_sided(metric)))
         return out
 
     def columns(self) -> list[tuple[str, int]]:

@@ -8,6 +8,7 @@ pipelines. Errors raised while loading or transforming a case name the case's fi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -92,6 +93,8 @@ class SegmentationPipelines:
       values (for sliding-window inference and :meth:`invert`);
     * :meth:`predict`: images only, whole volumes, ``MetaTensor`` values.
 
+    The settings are checked, and the sequences stored as tuples, at construction.
+
     Attributes:
         in_channels: image channels.
         num_label_values: label values ``0..L-1`` that are classes (the ignore label aside).
@@ -107,6 +110,10 @@ class SegmentationPipelines:
         flip_axes: spatial axes flipped in training (after RAS: 0 left-right, 1
             posterior-anterior, 2 inferior-superior).
         seed: seed of the training pipeline's random state.
+
+    Raises:
+        ValueError: a ``roi_size``, ``spacing``, ``intensity``, ``ct_window`` or ``flip_axes``
+            other than described above (sizes must be positive, ``spacing`` finite).
 
     Example:
         >>> pipelines = SegmentationPipelines(in_channels=1, num_label_values=3, roi_size=(8, 8, 8))
@@ -133,6 +140,7 @@ class SegmentationPipelines:
     """The ``Spacingd`` of every stage (``None`` without ``spacing``)."""
 
     def __post_init__(self) -> None:
+        self._check_settings()
         orientation = Orientationd(
             keys=CASE_KEYS, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True
         )
@@ -146,6 +154,43 @@ class SegmentationPipelines:
             )
         object.__setattr__(self, "orientation", orientation)
         object.__setattr__(self, "resampling", resampling)
+
+    def _check_settings(self) -> None:
+        """Check the settings and store the sequences as tuples of numbers."""
+        roi_size = tuple(int(s) for s in self.roi_size)
+        if len(roi_size) != 3 or min(roi_size) < 1:
+            raise ValueError(f"roi_size must be 3 positive sizes, got {tuple(self.roi_size)}.")
+        spacing = self.spacing
+        if spacing is not None:
+            spacing = tuple(float(s) for s in spacing)
+            if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+                raise ValueError(
+                    f"spacing must be None or 3 finite positive sizes, got {tuple(self.spacing)}."
+                )
+        if self.intensity not in ("zscore", "ct", "none"):
+            raise ValueError(f"intensity must be 'zscore', 'ct' or 'none', got {self.intensity!r}.")
+        ct_window = tuple(float(v) for v in self.ct_window)
+        if (
+            len(ct_window) != 2
+            or not all(map(math.isfinite, ct_window))
+            or ct_window[0] >= ct_window[1]
+        ):
+            raise ValueError(
+                f"ct_window must be finite (min, max) with min < max, got {tuple(self.ct_window)}."
+            )
+        flip_axes = tuple(int(a) for a in self.flip_axes)
+        if any(a not in (0, 1, 2) for a in flip_axes) or len(set(flip_axes)) != len(flip_axes):
+            raise ValueError(
+                f"flip_axes must be distinct spatial axes in (0, 1, 2) (0: left-right, 1: "
+                f"posterior-anterior, 2: inferior-superior after RAS), got {tuple(self.flip_axes)}."
+            )
+        for name, value in (
+            ("roi_size", roi_size),
+            ("spacing", spacing),
+            ("ct_window", ct_window),
+            ("flip_axes", flip_axes),
+        ):
+            object.__setattr__(self, name, value)
 
     def _common(self, keys: Sequence[str]) -> list[Any]:
         """The deterministic part of every stage."""

@@ -579,12 +579,14 @@ def test_lovasz_softmax_refuses_what_is_not_a_probability(change, match):
     with pytest.raises(ValueError, match=match):
         Fn.lovasz_softmax(probs, labels)
     # validate=False skips the checks (the caller vouches for the input), as in the classes
-    assert torch.isfinite(Fn.lovasz_softmax(probs.nan_to_num(0.5, 0.5), labels, validate=False))
+    value = Fn.lovasz_softmax(probs, labels, validate=False)
+    assert bool(torch.isfinite(value)) == bool(torch.isfinite(probs).all())
 
 
 def test_lovasz_hinge_refuses_non_finite_and_non_float_logits():
-    logits, labels = _case(28, channels=1)
-    labels = labels.clamp_max(1)
+    logits = torch.randn(2, 1, 4, 3, 5, generator=_gen(28))
+    labels = torch.randint(0, 2, (2, 1, 4, 3, 5), generator=_gen(29))
+    assert labels.any() and not labels.all()
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(ValueError, match="logits contains NaN or inf values"):
             Fn.lovasz_hinge(logits.index_fill(2, torch.tensor([0]), bad), labels)
@@ -622,6 +624,24 @@ def test_extension_refuses_errors_outside_its_domain():
         Fn.lovasz_extension(torch.rand(1, 3), labels, torch.tensor([[2, 1, 0]]))
     with pytest.raises(ValueError, match="fg_sorted must be bool or hold only 0 and 1"):
         Fn.lovasz_grad(torch.tensor([2, 0, 1]))
+    with pytest.raises(ValueError, match="valid_sorted must be bool or hold only 0 and 1"):
+        Fn.lovasz_grad(torch.tensor([1, 0, 1]), torch.tensor([1, 3, 1]))
+    # validate=False: no value check (no host synchronisation), any non-zero is 1
+    Fn.lovasz_extension(torch.tensor([[-1.0, 0.5, 0.2]]), labels, validate=False)
+    torch.testing.assert_close(
+        Fn.lovasz_grad(torch.tensor([2, 0, 1]), validate=False),
+        Fn.lovasz_grad(torch.tensor([1, 0, 1])),
+    )
+
+
+@pytest.mark.parametrize("name", ["lovasz_softmax", "lovasz_hinge"])
+def test_functions_name_their_first_argument(name):
+    argument = "probs" if name == "lovasz_softmax" else "logits"
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match=f"{argument} must be a torch.Tensor, got list"):
+        getattr(Fn, name)([[[[0.5]]]], labels)
+    with pytest.raises(ValueError, match=rf"{argument} must be \(B, C, \*spatial\)"):
+        getattr(Fn, name)(torch.rand(1, 2), labels)
 
 
 def test_zero_one_validity_equals_bool_validity():

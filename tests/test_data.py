@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 
 from lovasz_monai.data import SegmentationDataModule
 from lovasz_monai.dataset import DatasetDescription, describe_dataset
+from lovasz_monai.pipelines import SegmentationPipelines
 from lovasz_monai.synthetic import make_synthetic_dataset
 from lovasz_monai.writer import save_prediction
 
@@ -599,9 +600,36 @@ def test_bad_arguments(tiny):
         {"batch_size": 0},
         {"spacing": (1.0, 0.0, 1.0)},
         {"spacing": (float("nan"), 1.0, 1.0)},
+        {"ct_window": (float("nan"), 250.0)},  # nan >= 250 is False: used to pass
+        {"ct_window": (250.0, -175.0)},
+        {"flip_axes": (0, 0)},
+        {"flip_axes": (3,)},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             _dm(tiny, **kwargs)
+
+
+def test_pipelines_check_their_settings_without_a_datamodule():
+    ok = SegmentationPipelines(
+        in_channels=1, num_label_values=3, roi_size=[8, 8, 8], spacing=[1, 2, 3], flip_axes=[1]
+    )
+    assert (ok.roi_size, ok.spacing, ok.ct_window, ok.flip_axes) == (
+        (8, 8, 8),
+        (1.0, 2.0, 3.0),
+        (-175.0, 250.0),
+        (1,),
+    )
+    for kwargs in (
+        {"roi_size": (8, 8)},
+        {"roi_size": (8, 0, 8)},
+        {"spacing": (1.0, float("inf"), 1.0)},
+        {"spacing": (1.0, -1.0, 1.0)},
+        {"intensity": "minmax"},
+        {"ct_window": (0.0, float("nan"))},
+        {"flip_axes": (1, 1)},
+    ):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            SegmentationPipelines(in_channels=1, num_label_values=3, **kwargs)
 
 
 # ------------------------------------------------------------------------ Lightning

@@ -519,4 +519,14 @@ def test_cli_test_csv_equals_monai_on_predicted_files(tmp_path, monkeypatch):
         fg = [means[n] for n in classes[1:]]
         expected = np.nanmean(fg) if not np.isnan(fg).all() else NAN
         assert_same(logged[f"test/m{metric}"], expected)
+        if metric != "Dice":  # each case's mean over the finite values, then over cases
+            case_means = []
+            for r in rows:
+                values = [float(r[f"{metric}/{name}"]) for name in classes[1:]]
+                finite = [v for v in values if math.isfinite(v)]
+                case_means += [np.mean(finite)] if finite else []
+            expected = np.mean(case_means) if case_means else NAN
+            assert_same(logged[f"test/m{metric}_found"], expected)
+    one_sided = sum(math.isinf(float(r[f"HD95/{n}"])) for r in rows for n in classes[1:])
+    assert logged["test/num_one_sided"] == one_sided
     assert "test/mIoU" in logged and "test/IoU/class_1" in logged

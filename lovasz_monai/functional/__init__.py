@@ -30,6 +30,7 @@ from lovasz_monai.functional.arguments import (
     check_class_weight,
     check_finite,
     check_lovasz_arguments,
+    check_probabilities,
     collective_check,
     distributed_world_size,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "check_class_weight",
     "check_finite",
     "check_lovasz_arguments",
+    "check_probabilities",
     "class_weights",
     "collective_check",
     "decode_target",

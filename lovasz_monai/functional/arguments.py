@@ -20,6 +20,7 @@ __all__ = [
     "check_class_weight",
     "check_finite",
     "check_lovasz_arguments",
+    "check_probabilities",
     "collective_check",
     "distributed_world_size",
 ]
@@ -238,9 +239,37 @@ def check_finite(tensor: Tensor, name: str) -> None:
         ValueError: ``tensor`` holds a NaN or inf.
     """
     # A finite sum is cheap to test; only a non-finite one (which can also come from finite
-    # values that overflow) needs the voxel-by-voxel test.
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+    # values that overflow) needs the voxel-by-voxel test. Half precision sums in float32, whose
+    # range holds any sum of fp16 values.
+    total = tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
+    if not torch.isfinite(total) and not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_probabilities(tensor: Tensor, name: str, hint: str = "") -> None:
+    """Refuse values outside [0, 1], NaN and inf (one host synchronisation on good input).
+
+    Args:
+        tensor: a floating point tensor.
+        name: how the error names it.
+        hint: appended to the message: what to do instead.
+
+    Example:
+        >>> check_probabilities(torch.tensor([0.5, 1.5]), "probs")
+        Traceback (most recent call last):
+        ...
+        ValueError: probs must hold probabilities in [0, 1], got values in [0.5, 1.5]
+
+    Raises:
+        ValueError: NaN or inf (named so), or values outside [0, 1] (with their range).
+    """
+    if ((tensor >= 0) & (tensor <= 1)).all():  # also False for NaN and inf
+        return
+    check_finite(tensor, name)
+    raise ValueError(
+        f"{name} must hold probabilities in [0, 1], got values in "
+        f"[{tensor.min().item():g}, {tensor.max().item():g}]{hint}"
+    )
 
 
 def check_binary(tensor: Tensor, name: str) -> None:

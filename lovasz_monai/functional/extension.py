@@ -46,9 +46,10 @@ def _extension_rows(
     method: Method,
     bins: int,
     chunk_elements: int,
+    validate: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(weights (N, P), losses (N,))`` of checked ``(N, P)`` rows, without autograd."""
-    _check_rows(errors, labels, valid)
+    _check_rows(errors, labels, valid, validate)
     if valid is not None:
         valid = valid.bool()
     key, fg = _key_and_foreground(errors, labels, valid)
@@ -65,6 +66,8 @@ def lovasz_weights(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Per-voxel Lovász weights ``w``: the extension of each row is ``(errors * w).sum(-1)``.
 
@@ -81,6 +84,9 @@ def lovasz_weights(
         bins: number of error bins of the histogram method.
         chunk_elements: the sort method processes at most this many elements at once (whole rows,
             at least one row), which bounds its temporaries.
+        validate: check that ``errors`` are finite and non-negative and that ``labels`` and
+            ``valid`` hold only 0 and 1 (a few host synchronisations); ``False`` checks only
+            shapes and dtypes, for a caller that vouches for the values.
 
     Returns:
         ``(N, P)`` weights with the dtype of ``errors``.
@@ -93,10 +99,11 @@ def lovasz_weights(
 
     Raises:
         TypeError: ``errors`` is not floating point.
-        ValueError: on shape mismatches, rows without voxels, negative, NaN or inf errors,
-            labels or ``valid`` other than 0/1, an unknown ``method`` or non-positive ``bins``.
+        ValueError: on shape mismatches, rows without voxels, an unknown ``method`` or
+            non-positive ``bins``, and (``validate``) negative, NaN or inf errors, labels or
+            ``valid`` other than 0/1.
     """
-    weights, _ = _extension_rows(errors, labels, valid, method, bins, chunk_elements)
+    weights, _ = _extension_rows(errors, labels, valid, method, bins, chunk_elements, validate)
     return weights
 
 
@@ -107,6 +114,8 @@ def lovasz_extension(
     method: Method = "sort",
     bins: int = DEFAULT_BINS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Lovász extension of the Jaccard loss of each row, differentiable in ``errors``.
 
@@ -114,7 +123,7 @@ def lovasz_extension(
         errors: ``(N, P)`` finite non-negative errors, ``P >= 1``.
         labels: ``(N, P)`` foreground indicators (bool or 0/1).
         valid: optional mask (bool or 0/1) broadcastable to ``(N, P)``.
-        method, bins, chunk_elements: see :func:`lovasz_weights`.
+        method, bins, chunk_elements, validate: see :func:`lovasz_weights`.
 
     Returns:
         ``(N,)`` losses; the gradient with respect to ``errors`` is the weights.
@@ -131,5 +140,5 @@ def lovasz_extension(
         TypeError: ``errors`` is not floating point.
         ValueError: see :func:`lovasz_weights`.
     """
-    weights, losses = _extension_rows(errors, labels, valid, method, bins, chunk_elements)
+    weights, losses = _extension_rows(errors, labels, valid, method, bins, chunk_elements, validate)
     return known_gradient(errors, losses, weights)

@@ -13,6 +13,7 @@ from lovasz_monai.functional.arguments import (
     LovaszSettings,
     Method,
     check_finite,
+    check_probabilities,
     collective_check,
 )
 from lovasz_monai.functional.class_losses import (
@@ -55,13 +56,10 @@ def _checked_inputs(
             f"{tuple(source.shape)}"
         )
     if validate and source.numel():
-        check_finite(source, name)
-        if name == "probs" and not ((source >= 0) & (source <= 1)).all():
-            raise ValueError(
-                f"probs must hold probabilities in [0, 1], got values in "
-                f"[{source.min().item():g}, {source.max().item():g}]; apply a softmax (or a "
-                "sigmoid) to logits first"
-            )
+        if name == "probs":
+            check_probabilities(source, name, "; apply a softmax (or a sigmoid) to logits first")
+        else:
+            check_finite(source, name)
     label_map = isinstance(labels, Tensor) and labels.ndim >= 2 and labels.shape[1] == 1
     fg, valid, _ = decode_target(
         labels,

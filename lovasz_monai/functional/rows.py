@@ -25,7 +25,11 @@ __all__ = ["lovasz_grad"]
 
 
 def lovasz_grad(
-    fg_sorted: Tensor, valid_sorted: Tensor | None = None, dtype: torch.dtype = torch.float32
+    fg_sorted: Tensor,
+    valid_sorted: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Gradient of the Lovász extension for rows already sorted by decreasing error.
 
@@ -34,8 +38,11 @@ def lovasz_grad(
 
     Args:
         fg_sorted: ``(..., P)`` foreground indicators (bool or 0/1) in decreasing-error order.
-        valid_sorted: optional ``(..., P)`` bool, ``False`` for voxels that take part in nothing.
+        valid_sorted: optional ``(..., P)`` bool or 0/1, ``False`` (0) for voxels that take part
+            in nothing.
         dtype: floating dtype of the result.
+        validate: check that ``fg_sorted`` and ``valid_sorted`` hold only 0 and 1 (a host
+            synchronisation each); ``False`` reads any non-zero value as 1.
 
     Returns:
         ``(..., P)`` weights ``g >= 0`` of ``dtype``. Each row sums to 1 when it has a valid
@@ -46,10 +53,11 @@ def lovasz_grad(
         tensor([0.5000, 0.1667, 0.3333, 0.0000])
 
     Raises:
-        ValueError: when the shapes of ``fg_sorted`` and ``valid_sorted`` differ, or either
-            holds a value other than 0 and 1.
+        ValueError: when the shapes of ``fg_sorted`` and ``valid_sorted`` differ, or
+            (``validate``) either holds a value other than 0 and 1.
     """
-    check_binary(fg_sorted, "fg_sorted")
+    if validate:
+        check_binary(fg_sorted, "fg_sorted")
     fg = fg_sorted.bool()
     if valid_sorted is not None:
         if valid_sorted.shape != fg_sorted.shape:
@@ -57,7 +65,8 @@ def lovasz_grad(
                 f"valid_sorted must have the shape of fg_sorted {tuple(fg_sorted.shape)}, "
                 f"got {tuple(valid_sorted.shape)}"
             )
-        check_binary(valid_sorted, "valid_sorted")
+        if validate:
+            check_binary(valid_sorted, "valid_sorted")
         valid_sorted = valid_sorted.bool()
         fg = fg & valid_sorted
     weights, _ = _lovasz_grad(fg, valid_sorted, dtype)
@@ -104,8 +113,9 @@ def _lovasz_grad(
     return grad.to(dtype), num_fg.to(torch.int64)
 
 
-def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
-    """Shapes and values of the rows of :func:`~lovasz_monai.functional.lovasz_extension`."""
+def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None, validate: bool) -> None:
+    """Shapes (and, with ``validate``, values) of the rows of
+    :func:`~lovasz_monai.functional.lovasz_extension`."""
     if not errors.is_floating_point():
         raise TypeError(f"errors must be a floating point tensor, got dtype {errors.dtype}")
     if errors.ndim != 2 or errors.shape[1] == 0:
@@ -124,14 +134,15 @@ def _check_rows(errors: Tensor, labels: Tensor, valid: Tensor | None) -> None:
         raise ValueError(
             f"valid must broadcast to errors {tuple(errors.shape)}, got {tuple(valid.shape)}"
         )
-    if errors.numel():
+    if not validate:
+        return
+    # ignored voxels sort below every valid error with the key -1 (see below)
+    if errors.numel() and (~torch.isfinite(errors) | (errors < 0)).any():
         check_finite(errors, "errors")
-        # ignored voxels sort below every valid error with the key -1 (see below)
-        if (errors < 0).any():
-            raise ValueError(
-                "errors must be >= 0 (e.g. 1 - probability of the true class, or a hinge "
-                f"margin), got a minimum of {errors.min().item():g}"
-            )
+        raise ValueError(
+            "errors must be >= 0 (e.g. 1 - probability of the true class, or a hinge "
+            f"margin), got a minimum of {errors.min().item():g}"
+        )
     check_binary(labels, "labels")
     if valid is not None:
         check_binary(valid, "valid")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import _check_nonempty, check_binary
+from lovasz_monai.functional.arguments import _check_nonempty, check_binary, check_finite
 
 __all__ = ["decode_target", "label_equals"]
 
@@ -115,8 +115,8 @@ def _label_map(
         valid = ~label_equals(target, ignore_index)
         target = torch.where(valid, target, torch.zeros_like(target))
     if validate:
-        if target.is_floating_point() and not torch.isfinite(target).all():
-            raise ValueError("label map contains NaN or inf values")
+        if target.is_floating_point():
+            check_finite(target, "label map")
         if target.is_floating_point() and not torch.equal(target, target.round()):
             raise ValueError("label map must hold integer class indices, got fractional values")
         if target.dtype == torch.bool:

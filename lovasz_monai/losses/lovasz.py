@@ -150,10 +150,12 @@ class LovaszSoftmaxLoss(LovaszLoss):
                 "output channel pass sigmoid=True, or use LovaszHingeLoss"
             )
         takes_probabilities = not (self.softmax or self.sigmoid or self.other_act is not None)
-        if takes_probabilities and self.validate and not ((input >= 0) & (input <= 1)).all():
-            raise ValueError(
-                "with softmax=False and no other activation the input must hold probabilities "
-                "in [0, 1]; pass softmax=True (or leave it None) for logits"
+        if takes_probabilities and self.validate:
+            functional.check_probabilities(
+                input,
+                "input",
+                "; with softmax=False and no other activation the loss takes probabilities: "
+                "pass softmax=True (or leave it None) for logits",
             )
 
     def compute(self, inputs: LossInputs, probabilities: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -239,10 +240,11 @@ def test_without_deep_supervision_the_loss_is_ours_alone(planned):
     assert isinstance(loss, IgnoreChannelLoss) and loss.loss.sigmoid
 
 
-def test_lovasz_loss_for_refuses_a_negative_weight(planned):
+def test_lovasz_loss_for_refuses_a_negative_or_non_finite_weight(planned):
     trainer = make_trainer(nnUNetTrainerLovaszCE, planned, 1)
-    with pytest.raises(ValueError, match="lambda_ce must be finite and >= 0, got -1"):
-        lovasz_loss_for(trainer.label_manager, -1.0)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"lambda_ce must be finite and >= 0, got {bad}"):
+            lovasz_loss_for(trainer.label_manager, bad)
 
 
 def test_ignore_channel_loss_names_the_shapes():
