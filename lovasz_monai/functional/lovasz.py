@@ -41,11 +41,13 @@ def _checked_inputs(
     ignore_index: int | None,
     classes: str | Sequence[int],
     validate: bool,
+    probabilities: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
     """``(source, fg, valid, present_only)``: the labels (a ``(B, 1, *S)`` label map for ``C > 1``
     channels, or one-hot/multi-hot) decoded by :func:`decode_target` and both restricted to the
-    channels of ``classes``. ``name`` is the argument ``source`` came as: ``"probs"`` must hold
-    probabilities, ``"logits"`` any finite values (both checked only with ``validate``)."""
+    channels of ``classes``. ``name`` is the argument ``source`` came as (for the messages);
+    with ``probabilities`` it must hold values in [0, 1], else any finite values (both checked
+    only with ``validate``)."""
     if not isinstance(source, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(source).__name__}")
     if not source.is_floating_point():
@@ -56,7 +58,7 @@ def _checked_inputs(
             f"{tuple(source.shape)}"
         )
     if validate and source.numel():
-        if name == "probs":
+        if probabilities:
             check_probabilities(source, name, "; apply a softmax (or a sigmoid) to logits first")
         else:
             check_finite(source, name)
@@ -87,13 +89,16 @@ def _class_mean(
     classes: str | Sequence[int],
     settings: LovaszSettings,
     validate: bool,
+    probabilities: bool,
 ) -> Tensor:
     """The inputs checked by :func:`_checked_inputs` (distributed with ``validate``, as a
     :func:`collective_check`: a bad input on one process raises on every process instead of
     leaving them waiting), then ``class_losses`` averaged over the classes and the volumes."""
 
     def checks() -> tuple[Tensor, Tensor, Tensor | None, bool]:
-        return _checked_inputs(name, source, labels, valid, ignore_index, classes, validate)
+        return _checked_inputs(
+            name, source, labels, valid, ignore_index, classes, validate, probabilities
+        )
 
     if validate and settings.world_size > 1:
         checked = collective_check(
@@ -197,6 +202,7 @@ def lovasz_softmax(
         classes,
         settings,
         validate,
+        probabilities=True,
     )
 
 
@@ -273,4 +279,5 @@ def lovasz_hinge(
         "all",
         settings,
         validate,
+        probabilities=False,
     )
