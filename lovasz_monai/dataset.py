@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import nibabel as nib
 import numpy as np
 
+from lovasz_monai.metrics import check_class_names
 from lovasz_monai.synthetic import synthetic_dataset_json
 
 __all__ = [
@@ -106,7 +107,7 @@ def _parse_labels(
             regions = {
                 name: [int(x) for x in (value if isinstance(value, list) else [value])]
                 for name, value in labels.items()
-                if name.strip().lower() != "ignore" and value != 0
+                if name.strip().lower() != "ignore" and value not in (0, [0])  # background
             }
             values = sorted({x for r in regions.values() for x in r} | {0})
             pairs = [(v, str(v)) for v in range(max(values) + 1)]
@@ -125,6 +126,11 @@ def _parse_labels(
         )
     if ignore is not None and 0 <= ignore < len(indices):
         raise ValueError(f"{source}: the ignore label {ignore} is also a class index.")
+    names = [name for _, name in pairs] if regions is None else list(regions)
+    try:
+        check_class_names(names)
+    except ValueError as error:
+        raise ValueError(f"{source}: 'labels': {error}.") from None
     return [name for _, name in pairs], ignore, regions
 
 

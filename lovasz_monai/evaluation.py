@@ -11,7 +11,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex, MultilabelJaccardIndex
 
 from lovasz_monai.labels import IGNORED, LabelSemantics
-from lovasz_monai.metrics import CaseMetrics, CaseResults, batch_cases
+from lovasz_monai.metrics import CaseMetrics, CaseResults, batch_cases, metric_key
 
 __all__ = ["Evaluation", "SegmentationMetrics"]
 
@@ -40,7 +40,7 @@ class Evaluation:
         ..., see :meth:`~lovasz_monai.metrics.CaseResults.summary`) as scalars."""
         values = {"mIoU": self.miou}
         for name, value in zip(self.labels.class_names, self.iou, strict=True):
-            values[f"IoU/{name.replace('/', '_')}"] = value
+            values[f"IoU/{metric_key(name)}"] = value
         values.update(self.cases.summary())
         return values
 
@@ -116,10 +116,11 @@ class SegmentationMetrics(nn.Module):
             ValueError: as :meth:`~lovasz_monai.metrics.CaseMetrics.update`.
         """
         pred = self.labels.discretize(logits)  # one argmax of the volume for both metrics
+        sources, spacing = batch_cases(image) if image is not None else (None, None)
+        # first: it checks the inputs, which the IoU (validate_args=False) does not
+        self.cases.update(pred, label, mask, spacing=spacing, sources=sources)
         target = self.labels.metric_target(label, mask)
         self.iou.update(self.labels.metric_prediction(pred), target)
-        sources, spacing = batch_cases(image) if image is not None else (None, None)
-        self.cases.update(pred, label, mask, spacing=spacing, sources=sources)
 
     def compute(self) -> Evaluation:
         """The :class:`Evaluation` of all processes' updates, then a reset. Under DDP every

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
-from lovasz_monai.metrics import counted_classes
+from lovasz_monai.metrics import check_class_names, counted_classes
 
 if TYPE_CHECKING:
     from lovasz_monai.dataset import DatasetDescription
@@ -78,7 +78,7 @@ class LabelSemantics:
     regions: Mapping[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+        object.__setattr__(self, "class_names", tuple(check_class_names(self.class_names)))
         if not self.class_names:
             raise ValueError("a task needs at least one class name, got none")
         if self.mode not in ("multiclass", "binary", "multilabel"):

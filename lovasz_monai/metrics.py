@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -84,6 +85,41 @@ METRICS = ("Dice", "IoU", "HD95", "ASD")
 SURFACE_METRICS = ("HD95", "ASD")
 
 Spacing = Sequence[float] | Sequence[Sequence[float]] | None
+
+
+def metric_key(class_name: str) -> str:
+    """The class's part of a logged metric name (``"IoU/<key>"``): ``/``, the separator of
+    logger keys, becomes ``_``.
+
+    Example:
+        >>> metric_key("left/caudate")
+        'left_caudate'
+    """
+    return str(class_name).replace("/", "_")
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """``class_names`` as strings, refused when two give the same metric key
+    (:func:`metric_key`): their logged values and CSV columns would overwrite each other.
+
+    Raises:
+        ValueError: a repeated name, or two names that differ only by ``/`` against ``_``.
+
+    Example:
+        >>> check_class_names(["background", "liver"])
+        ['background', 'liver']
+    """
+    names = [str(n) for n in class_names]
+    seen: dict[str, str] = {}
+    for name in names:
+        key = metric_key(name)
+        if key in seen:
+            raise ValueError(
+                f"class names must be distinct (also with '/' read as '_'): {seen[key]!r} and "
+                f"{name!r} in {names}"
+            )
+        seen[key] = name
+    return names
 
 
 def counted_classes(num_classes: int, multi_label: bool, include_background: bool) -> list[int]:
@@ -171,10 +207,15 @@ def _class_masks(pred: Tensor, label: Tensor, mask: Tensor | None, c: int, multi
 def _check_inputs(
     pred: Tensor, label: Tensor, mask: Tensor | None, num_classes: int, multi_label: bool
 ) -> None:
-    channels = num_classes if multi_label else 1
-    what = f"(B, {channels}, *S) " + ("0/1 regions" if multi_label else "label maps")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be an integer, got {num_classes!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    for name, x in (("pred", pred), ("label", label), ("mask", mask)):
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    channels = num_classes if multi_label else 1
+    what = f"(B, {channels}, *S) " + ("0/1 regions" if multi_label else "label maps")
     if pred.ndim < 3 or pred.shape != label.shape or pred.shape[1] != channels:
         raise ValueError(
             f"pred and label must be {what} of the same shape, got {tuple(pred.shape)} and "
@@ -187,6 +228,10 @@ def _check_inputs(
             f"mask must be (B, 1, *S) = {(pred.shape[0], 1, *pred.shape[2:])}, got "
             f"{tuple(mask.shape)}"
         )
+    if pred.shape[0] == 0:
+        raise ValueError(f"pred and label hold no case (batch size 0): shape {tuple(pred.shape)}")
+    if mask is not None and mask.is_floating_point() and mask.numel():
+        check_finite(mask, "mask")  # a NaN is != 0: it would count as a valid voxel
     for name, x in (("pred", pred), ("label", label)):
         if x.numel() == 0:
             continue
@@ -202,6 +247,16 @@ def _check_inputs(
             raise ValueError(
                 f"{name} must hold {expected}, got values in [{float(x.min())}, {float(x.max())}]"
             )
+
+
+def _check_spacing(spacing: Spacing) -> None:
+    """Refuse voxel sizes that are not finite and > 0: MONAI's distances take them as they come
+    (a 0 makes every distance 0, a negative size the same distances as its absolute value)."""
+    if spacing is None:
+        return
+    sizes = [s for row in spacing for s in (row if isinstance(row, Sequence) else [row])]
+    if not all(isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sizes):
+        raise ValueError(f"spacing must hold finite voxel sizes > 0, got {spacing}")
 
 
 def case_metrics(
@@ -236,10 +291,13 @@ def case_metrics(
         ``(B, C)`` when ``surface_classes`` is given (NaN in the other classes' columns).
 
     Raises:
-        ValueError: ``pred``/``label``/``mask`` of the wrong shapes, values outside
-            ``[0, num_classes)`` (label maps) or other than 0/1 (regions), a class of
-            ``surface_classes`` outside ``[0, num_classes)``, or a ``spacing`` that does not fit
-            (from MONAI).
+        ValueError: ``pred``/``label``/``mask`` of the wrong shapes or without a case, values
+            outside ``[0, num_classes)`` (label maps) or other than 0/1 (regions), a NaN or inf
+            in a float ``mask``, a class of ``surface_classes`` outside ``[0, num_classes)``,
+            voxel sizes in ``spacing`` that are not finite and > 0, or a ``spacing`` that does
+            not fit (from MONAI).
+        TypeError: ``pred``, ``label`` or ``mask`` not a tensor, or a ``num_classes`` that is
+            not an integer.
 
     Example:
         >>> import torch
@@ -255,8 +313,11 @@ def case_metrics(
     """
     # bool maps (a thresholded prediction, a binary label) count as 0/1 integer maps; wide
     # unsigned maps (uint16 NIfTI labels) lack the comparison kernels used here
-    pred, label = (x.long() if x.dtype in _FEW_KERNELS else x for x in (pred, label))
+    pred, label = (
+        x.long() if isinstance(x, Tensor) and x.dtype in _FEW_KERNELS else x for x in (pred, label)
+    )
     _check_inputs(pred, label, mask, num_classes, multi_label)
+    _check_spacing(spacing)
     batch = pred.shape[0]
     surface = sorted(set(surface_classes)) if surface_classes is not None else None
     if surface is not None and any(not 0 <= c < num_classes for c in surface):
@@ -298,6 +359,10 @@ class CaseResults:
         values: metric name -> ``(N, C)`` float32 (``NaN``: undefined, see the module docs).
         class_names: ``C`` class names.
         counted: the classes that enter the means over classes.
+
+    Raises:
+        ValueError: ``sources`` or a metric's rows not one per case, a metric's columns not
+            one per class, ``counted`` classes outside ``[0, C)``, or repeated class names.
     """
 
     cases: list[str]
@@ -305,6 +370,20 @@ class CaseResults:
     values: dict[str, Tensor]
     class_names: list[str]
     counted: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.class_names = check_class_names(self.class_names)
+        shape = (len(self.cases), len(self.class_names))
+        if len(self.sources) != shape[0]:
+            raise ValueError(f"need one source per case ({shape[0]}), got {len(self.sources)}")
+        for metric, values in self.values.items():
+            if tuple(values.shape) != shape:
+                raise ValueError(
+                    f"values[{metric!r}] must be (cases, classes) = {shape}, got "
+                    f"{tuple(values.shape)}"
+                )
+        if any(not 0 <= c < shape[1] for c in self.counted):
+            raise ValueError(f"counted must lie in [0, {shape[1]}), got {list(self.counted)}")
 
     def class_means(self, metric: str) -> Tensor:
         """``(C,)`` mean over cases of each class, NaN (undefined cases) left out; a class
@@ -405,7 +484,7 @@ class CaseResults:
             means = self.class_means(metric)
             shown = self.counted if metric in SURFACE_METRICS else range(len(self.class_names))
             for c in shown:
-                out[f"{metric}/{self.class_names[c].replace('/', '_')}"] = means[c]
+                out[f"{metric}/{metric_key(self.class_names[c])}"] = means[c]
             counted = means[self.counted] if self.counted else means
             out[f"m{metric}"] = counted.nanmean()
             if metric in SURFACE_METRICS:
@@ -465,8 +544,6 @@ class CaseResults:
                 f"{path}: every column after case, image must be <metric>/<class> of a class of "
                 f"the Dice columns; got {header[2:]}"
             )
-        if any(not 0 <= c < len(names) for c in counted):
-            raise ValueError(f"counted must lie in [0, {len(names)}), got {list(counted)}")
         values: dict[str, Tensor] = {}
         for metric, _ in columns:
             values.setdefault(metric, torch.full((len(rows) - 1, len(names)), math.nan))
@@ -549,7 +626,7 @@ class CaseMetrics:
         self.class_names = (
             [f"class_{i}" for i in range(num_classes)]
             if class_names is None
-            else [str(n) for n in class_names]
+            else check_class_names(class_names)
         )
         self.multi_label = bool(multi_label)
         self.surface = bool(surface)

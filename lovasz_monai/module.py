@@ -133,14 +133,16 @@ class LovaszSegmentationModule(pl.LightningModule):
 
     Shapes:
         forward: ``(B, in_channels, *S)`` -> ``(B, out_channels, *S)`` logits.
-        predict_step: returns ``(B, 1, *S)`` uint8 label maps, or ``(B, R, *S)`` uint8 0/1 in
-        multi-label mode, on the CPU.
+        predict_step: returns ``(B, 1, *S)`` uint8 (int16 above 256 classes) label maps, or
+            ``(B, R, *S)`` uint8 0/1 in multi-label mode, on the CPU.
 
     Raises:
         ValueError: invalid sizes or counts (``num_classes < 1``, ``out_channels`` other than
             ``num_classes`` or the binary 1, ``class_names`` of the wrong length, negative
             epochs, ``warmup_epochs > 0`` without ``warmup_loss``, overlap outside [0, 1), an
-            unknown ``deep_supervision_weight_mode``); in the steps: a batch whose image
+            unknown ``deep_supervision_weight_mode`` or ``sw_mode``, a ``roi_size`` or
+            ``sw_batch_size`` that is not a positive integer, ``torch.nn.CrossEntropyLoss`` as a
+            loss of sigmoid outputs); in the steps: a batch whose image
             channels or network outputs do not match, a first output head that is not at the
             image's resolution, fewer ``deep_supervision_weights`` than heads.
         TypeError: a network output that is not a tensor or a list/tuple of tensors.
@@ -198,8 +200,14 @@ class LovaszSegmentationModule(pl.LightningModule):
             raise ValueError(f"finetune_lr_scale must be finite and > 0, got {finetune_lr_scale}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
-        if sw_batch_size < 1:
-            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if not (sw_batch_size >= 1 and sw_batch_size == int(sw_batch_size)):  # NaN too
+            raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size}")
+        if sw_mode not in ("gaussian", "constant"):
+            raise ValueError(f"sw_mode must be 'gaussian' or 'constant', got {sw_mode!r}")
+        # MONAI's sliding window reads a size <= 0 as "the whole image": on a CT volume that is
+        # one window of the whole volume, not the patch size asked for
+        if not roi_size or not all(s >= 1 and s == int(s) for s in roi_size):
+            raise ValueError(f"roi_size must be positive integer sizes, got {tuple(roi_size)}")
         head_weights(1, deep_supervision_weight_mode)  # validates the mode
         self.labels = LabelSemantics.from_outputs(
             num_classes, out_channels, multi_label, class_names, metric_include_background
@@ -429,9 +437,11 @@ class LovaszSegmentationModule(pl.LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Discrete prediction of whole volumes: ``(B, 1, *S)`` (or ``(B, R, *S)``) uint8, CPU."""
+        """Discrete prediction of whole volumes: ``(B, 1, *S)`` (or ``(B, R, *S)``) uint8, CPU;
+        int16 label maps above 256 classes, where uint8 would wrap the class indices."""
         logits = self.sliding_window(batch["image"])
-        return self.discretize(logits).to(torch.uint8).cpu()
+        dtype = torch.uint8 if self.num_classes <= 256 else torch.int16
+        return self.discretize(logits).to(dtype).cpu()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Default optimizer when the CLI's ``optimizer`` section is not given:

@@ -32,6 +32,10 @@ def call_loss(
     Returns:
         The loss value.
 
+    Raises:
+        ValueError: ``torch.nn.CrossEntropyLoss`` with ``sigmoid_outputs``
+            (:func:`check_loss_fits_outputs`).
+
     Example:
         >>> import torch
         >>> logits, label = torch.zeros(1, 2, 4), torch.tensor([[[0, 1, 1, 1]]])
@@ -39,13 +43,31 @@ def call_loss(
         >>> call_loss(torch.nn.CrossEntropyLoss(), logits, label, mask)  # 2 voxels count
         tensor(0.6931)
     """
+    check_loss_fits_outputs(loss, sigmoid_outputs)
     logits = logits.float()
     if accepts_mask(loss):
         return loss(logits, label, mask=mask)
-    if isinstance(loss, nn.CrossEntropyLoss) and not sigmoid_outputs:
+    if isinstance(loss, nn.CrossEntropyLoss):
         target = label[:, 0].long().masked_fill(mask[:, 0] == 0, loss.ignore_index)
         return loss(logits, target)
     return loss(logits, label)
+
+
+def check_loss_fits_outputs(loss: nn.Module, sigmoid_outputs: bool) -> None:
+    """Refuse ``torch.nn.CrossEntropyLoss`` (a softmax over the channels) for sigmoid outputs:
+    on one foreground channel its value is always 0 (nothing is learnt), and on several regions
+    it treats overlapping regions as exclusive classes.
+
+    Raises:
+        ValueError: ``loss`` is a ``torch.nn.CrossEntropyLoss`` and ``sigmoid_outputs`` is true.
+    """
+    if sigmoid_outputs and isinstance(loss, nn.CrossEntropyLoss):
+        raise ValueError(
+            "torch.nn.CrossEntropyLoss is a softmax over the channels and does not fit sigmoid "
+            "outputs (one foreground channel or overlapping regions): use "
+            "torch.nn.BCEWithLogitsLoss, or LovaszCELoss(sigmoid=True, lambda_lovasz=0.0) for "
+            "a cross-entropy that leaves the ignored voxels out"
+        )
 
 
 class ScheduledLoss(nn.Module):
@@ -71,7 +93,8 @@ class ScheduledLoss(nn.Module):
         [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
     Raises:
-        ValueError: negative epochs, or epochs > 0 without a ``warmup_loss``.
+        ValueError: negative epochs, epochs > 0 without a ``warmup_loss``, or a
+            ``torch.nn.CrossEntropyLoss`` with ``sigmoid_outputs``.
     """
 
     def __init__(
@@ -91,6 +114,8 @@ class ScheduledLoss(nn.Module):
             raise ValueError(
                 "warmup_epochs/ramp_epochs > 0 need a warmup_loss (e.g. torch.nn.CrossEntropyLoss)"
             )
+        for term in (loss, warmup_loss):
+            check_loss_fits_outputs(term, sigmoid_outputs)
         self.loss = loss
         self.warmup_loss = warmup_loss
         self.warmup_epochs = int(warmup_epochs)

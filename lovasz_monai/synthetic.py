@@ -74,6 +74,7 @@ def _check_arguments(
     spacing: Sequence[float],
     ignore_index: int | None,
     ignore_fraction: float,
+    noise: float,
     **_: Any,
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The checks of :func:`make_synthetic_dataset`; ``size`` and ``spacing`` as tuples."""
@@ -96,6 +97,8 @@ def _check_arguments(
         )
     if not 0.0 <= ignore_fraction < 1.0:
         raise ValueError(f"ignore_fraction must be in [0, 1), got {ignore_fraction}.")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be finite and >= 0, got {noise}.")
 
     return size, spacing
 
@@ -158,7 +161,8 @@ def make_synthetic_dataset(
         ``Path(root)``.
 
     Raises:
-        ValueError: an argument is out of range (size, counts, classes, ignore_index, fraction).
+        ValueError: an argument is out of range (size, counts, classes, ignore_index, fraction,
+            a NaN or negative noise).
 
     Example:
         >>> import json, tempfile
@@ -177,6 +181,7 @@ def make_synthetic_dataset(
         spacing,
         ignore_index,
         ignore_fraction,
+        noise,
     )
 
     root = Path(root)

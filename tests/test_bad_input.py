@@ -657,3 +657,15 @@ def test_zero_one_validity_equals_bool_validity():
     expected[[0, 1, 3]] = Fn.lovasz_grad(fg[[0, 1, 3]])
     for mask in (valid[0], valid[0].bool()):
         torch.testing.assert_close(Fn.lovasz_grad(fg, mask), expected)
+
+
+@pytest.mark.parametrize("ignore_index", [True, 1.5])
+def test_functions_refuse_an_ignore_index_that_is_no_label_value(ignore_index):
+    """``True`` ignored class 1 and ``1.5`` matched no voxel, both silently."""
+    probs = torch.softmax(torch.randn(1, 3, 8), dim=1)
+    labels = torch.randint(0, 3, (1, 1, 8))
+    with pytest.raises(ValueError, match=f"ignore_index must be an integer .*got {ignore_index}"):
+        Fn.lovasz_softmax(probs, labels, ignore_index=ignore_index)
+    # integer types other than int are label values
+    same = Fn.lovasz_softmax(probs, labels, ignore_index=np.int64(2))
+    assert same == Fn.lovasz_softmax(probs, labels, ignore_index=2)

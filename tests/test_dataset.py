@@ -86,6 +86,26 @@ def test_regions(tiny, tmp_path):
         DatasetDescription.from_json(tiny, regions={})
 
 
+def test_background_given_as_a_list_stays_the_background(tiny, tmp_path):
+    """nnU-Net v2 allows ``"background": [0]``: it is not a region."""
+    labels = {"background": [0], "whole": [1, 2], "core": 2}
+    desc = DatasetDescription.from_json(_with_json(tiny, tmp_path, labels=labels))
+    assert desc.class_names == ("whole", "core") and desc.regions == {"whole": (1, 2), "core": (2,)}
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"0": "background", "1": "organ", "2": "organ"},  # MSD
+        {"background": 0, "left/caudate": 1, "left_caudate": 2},  # the same logged key
+        {"background": 0, "a/b": [1, 2], "a_b": 2},  # regions
+    ],
+)
+def test_class_names_that_would_overwrite_each_others_metrics_are_refused(tiny, tmp_path, labels):
+    with pytest.raises(ValueError, match=r"dataset.json: 'labels': class names must be distinct"):
+        DatasetDescription.from_json(_with_json(tiny, tmp_path, labels=labels))
+
+
 def test_labelled_test_cases(tiny, tmp_path):
     case = {
         "image": str(tiny / "imagesTr/case_000.nii.gz"),

@@ -304,6 +304,38 @@ def test_bad_inputs_raise():
         CaseMetrics(3, ["a"])
     with pytest.raises(ValueError, match="sources"):
         CaseMetrics(2).update(x, x, sources=["a", "b"])
+    with pytest.raises(ValueError, match="no case"):
+        case_metrics(x[:0], x[:0], num_classes=2)
+    with pytest.raises(TypeError, match="pred must be a torch.Tensor, got ndarray"):
+        case_metrics(x.numpy(), x, num_classes=2)
+    with pytest.raises(TypeError, match="num_classes must be an integer, got 3.0"):
+        case_metrics(x, x, num_classes=3.0)
+    # a NaN in a mask is not "non-zero, so counted"
+    nan_mask = torch.ones(1, 1, 4, 4, 4)
+    nan_mask[..., 0] = math.nan
+    with pytest.raises(ValueError, match="mask contains NaN or inf"):
+        case_metrics(x, x, nan_mask, num_classes=2)
+    # MONAI takes voxel sizes as they come: 0 gave every distance 0, -1 the distances of 1
+    for spacing in [
+        (0.0, 1.0, 1.0),
+        (-1.0, 1.0, 1.0),
+        (math.nan, 1.0, 1.0),
+        [(1, 1, 1), (1, 0, 1)],
+    ]:
+        with pytest.raises(ValueError, match="spacing must hold finite voxel sizes > 0"):
+            case_metrics(x, x, num_classes=2, spacing=spacing, surface_classes=[1])
+    # repeated class names (or the same logged key) would overwrite each other's columns
+    with pytest.raises(ValueError, match="class names must be distinct"):
+        CaseMetrics(3, ["bg", "organ", "organ"])
+    with pytest.raises(ValueError, match="class names must be distinct"):
+        CaseMetrics(3, ["bg", "left/caudate", "left_caudate"])
+    values = {"Dice": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=r"values\['Dice'\] must be \(cases, classes\) = \(1, 2\)"):
+        CaseResults(["a"], [""], values, ["bg", "a"])
+    with pytest.raises(ValueError, match="one source per case"):
+        CaseResults(["a", "b"], [""], values, ["bg", "a"])
+    with pytest.raises(ValueError, match=r"counted must lie in \[0, 2\), got \[5\]"):
+        CaseResults(["a", "b"], ["", ""], values, ["bg", "a"], counted=[5])
 
 
 # -- DDP gathering ----------------------------------------------------------------------------

@@ -131,6 +131,25 @@ def test_schedule_needs_a_warmup_loss():
         tiny_model(warmup_epochs=2)
 
 
+@pytest.mark.parametrize("term", ["loss", "warmup_loss"])
+@pytest.mark.parametrize("outputs", [{"num_classes": 2, "out_channels": 1}, {"multi_label": True}])
+def test_softmax_cross_entropy_is_refused_for_sigmoid_outputs(term, outputs):
+    """On one sigmoid channel ``nn.CrossEntropyLoss`` is 0 for any logits (a warm-up that learns
+    nothing); on regions it would make overlapping regions exclusive."""
+    logits = torch.randn(2, 1, 8, requires_grad=True)
+    assert nn.CrossEntropyLoss()(logits, torch.rand(2, 1, 8)).item() == 0.0  # why it is refused
+    schedule = {"warmup_epochs": 1} if term == "warmup_loss" else {}
+    with pytest.raises(ValueError, match="BCEWithLogitsLoss"):
+        tiny_model(**outputs, **{term: nn.CrossEntropyLoss()}, **schedule)
+    with pytest.raises(ValueError, match="softmax over the channels"):
+        call_loss(nn.CrossEntropyLoss(), logits, torch.ones(2, 1, 8), torch.ones(2, 1, 8), True)
+    # the suggested replacement learns: a non-zero loss with a gradient
+    model = tiny_model(**outputs, warmup_loss=nn.BCEWithLogitsLoss(), warmup_epochs=1)
+    batch = make_batch(regions=3 if "multi_label" in outputs else None, num_classes=2)
+    loss = model.training_step(batch, 0)
+    assert loss.item() > 0.1
+
+
 # -- mask handling ------------------------------------------------------------------------------
 
 
@@ -235,6 +254,18 @@ def test_multi_label_path():
     assert out.shape == (2, 3, *S) and out.dtype == torch.uint8
 
 
+@pytest.mark.parametrize(("num_classes", "dtype"), [(256, torch.uint8), (301, torch.int16)])
+def test_predicted_class_indices_never_wrap(num_classes, dtype):
+    """The last class, 255 or 300, comes out as itself (a uint8 300 would read 44)."""
+    network = nn.Conv3d(1, num_classes, 1)
+    with torch.no_grad():
+        network.weight.zero_()
+        network.bias.copy_(torch.arange(num_classes, dtype=torch.float32))  # the last one wins
+    model = tiny_model(num_classes=num_classes, network=network, roi_size=(8, 8, 8))
+    out = model.predict_step({"image": torch.randn(1, 1, 8, 8, 8)}, 0)
+    assert out.dtype == dtype and out.unique().tolist() == [num_classes - 1]
+
+
 def test_binary_one_channel_with_hinge():
     model = tiny_model(num_classes=2, out_channels=1, loss=LovaszHingeLoss())
     assert model.binary and model.network(torch.zeros(1, 1, *S)).shape[1] == 1
@@ -262,6 +293,14 @@ def test_bad_configuration_and_batches_raise():
         tiny_model(num_classes=3, class_names=["a", "b"])
     with pytest.raises(ValueError, match="overlap"):
         tiny_model(overlap=1.0)
+    for roi_size in [(0, 0, 0), (-4, 4, 4), (8, 8, 8.5), ()]:
+        with pytest.raises(ValueError, match="roi_size must be positive integer sizes"):
+            tiny_model(roi_size=roi_size)
+    for sw_batch_size in [0, float("nan"), 1.5]:
+        with pytest.raises(ValueError, match="sw_batch_size must be an integer >= 1"):
+            tiny_model(sw_batch_size=sw_batch_size)
+    with pytest.raises(ValueError, match="sw_mode must be 'gaussian' or 'constant', got 'linear'"):
+        tiny_model(sw_mode="linear")
     model = tiny_model()
     batch = make_batch()
     batch["image"] = torch.randn(2, 2, *S)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal, TypeVar
@@ -135,11 +136,46 @@ def check_lovasz_arguments(
         if classes not in ("present", "all"):
             raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
     else:
-        classes = [int(c) for c in classes]
-        if not classes or min(classes) < 0:
-            raise ValueError(f"classes must be a non-empty list of class indices, got {classes}")
+        given = list(classes)
+        classes = [c for c in map(_integer_or_none, given) if c is not None]
+        if len(classes) != len(given) or not classes or min(classes) < 0:
+            raise ValueError(
+                f"classes must be a non-empty list of integer class indices >= 0, got {given}"
+            )
     LovaszSettings(batch, method, bins, chunk_elements, distributed)  # type: ignore[arg-type]
     return classes
+
+
+def _integer_or_none(value: object) -> int | None:
+    """``value`` as an ``int`` if it is an integer (Python, numpy or 0-d integer tensor) other
+    than a bool, else ``None`` (a float such as 1.7, or ``True``, is no class index)."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_ignore_index(ignore_index: int | None) -> int | None:
+    """``ignore_index`` as an ``int``, or ``None``.
+
+    Example:
+        >>> check_ignore_index(255), check_ignore_index(None)
+        (255, None)
+
+    Raises:
+        ValueError: a value that is not ``None`` or an integer (``True`` would ignore class 1,
+            ``1.5`` would match no label).
+    """
+    if ignore_index is None:
+        return None
+    index = _integer_or_none(ignore_index)
+    if index is None:
+        raise ValueError(
+            f"ignore_index must be an integer label value or None, got {ignore_index!r}"
+        )
+    return index
 
 
 def distributed_world_size(distributed: bool, process_group: object | None = None) -> int:

@@ -13,7 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lovasz_monai.functional.arguments import _check_nonempty, check_binary, check_finite
+from lovasz_monai.functional.arguments import (
+    _check_nonempty,
+    check_binary,
+    check_finite,
+    check_ignore_index,
+)
 
 __all__ = ["decode_target", "label_equals"]
 
@@ -200,12 +205,14 @@ def decode_target(
     Raises:
         TypeError: ``target`` or ``mask`` is not a tensor.
         ValueError: shapes that do not fit ``input_shape``, or an ``input_shape`` with a zero
-            size (no volume, channel or voxel); ``target`` or ``mask`` not on ``device``; a
+            size (no volume, channel or voxel); an ``ignore_index`` that is not an integer;
+            ``target`` or ``mask`` not on ``device``; a
             label map for ``C > 1`` channels without ``to_onehot_y``; ``to_onehot_y`` or
             ``ignore_index`` with a one-hot target;
             with ``validate``: labels outside ``[0, max(C, 2))`` that are not ``ignore_index``,
             fractional labels, non-0/1 targets or masks, non-exclusive one-hot targets.
     """
+    ignore_index = check_ignore_index(ignore_index)
     input_shape = tuple(int(n) for n in input_shape)
     num_batch, num_channels = input_shape[:2]
     _check_target_shape(target, input_shape)

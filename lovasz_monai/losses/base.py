@@ -124,7 +124,7 @@ class LovaszLoss(_Loss):
         self.register_buffer("class_weight", class_weight)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
-        self.ignore_index = ignore_index
+        self.ignore_index = functional.check_ignore_index(ignore_index)
         self.classes = classes
         self.validate = validate
         self.settings = settings

@@ -336,7 +336,7 @@ class MaskedDiceCELoss(nn.Module):
             )
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
-        self.ignore_index = ignore_index
+        self.ignore_index = functional.check_ignore_index(ignore_index)
         self.validate = validate
         self.dice = MaskedDiceLoss(softmax=True)
         self.register_buffer("ce_weight", checked_ce_weight(ce_weight))

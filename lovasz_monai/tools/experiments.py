@@ -68,6 +68,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -112,6 +113,20 @@ def run_order(losses: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, st
         shift = k % len(losses) if losses else 0
         order += [(seed, loss) for loss in [*losses[shift:], *losses[:shift]]]
     return order
+
+
+def _repeated(**values: Sequence[object]) -> str:
+    """The values given more than once, per keyword (``""`` when none is), e.g.
+    ``_repeated(seeds=[0, 0])`` is ``"repeated seeds [0]: every (loss, seed) run is trained
+    once"``."""
+    found = {
+        name: [v for v, n in Counter(given).items() if n > 1] for name, given in values.items()
+    }
+    return "; ".join(
+        f"repeated {name} {twice}: every (loss, seed) run is trained once"
+        for name, twice in found.items()
+        if twice
+    )
 
 
 def compare(
@@ -163,8 +178,9 @@ def compare(
 
     Raises:
         KeyError: an unknown loss.
-        ValueError: no losses or seeds, ``max_epochs < 1``, a bad config (see
-            :func:`run_one`), or ``finished_only`` without any finished run.
+        ValueError: no losses or seeds, a loss or seed given twice (its runs would be
+            counted twice), ``max_epochs < 1``, a bad config (see :func:`run_one`), or
+            ``finished_only`` without any finished run.
 
     Example:
         >>> result = compare(
@@ -180,6 +196,9 @@ def compare(
         raise KeyError(f"unknown loss(es) {unknown}; choose from {sorted(LOSSES)}")
     if not losses or not seeds:
         raise ValueError("compare needs at least one loss and one seed")
+    repeated = _repeated(losses=losses, seeds=seeds)
+    if repeated:
+        raise ValueError(repeated)
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     config = str(config)
@@ -373,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
             parser.error("merging several JSON files needs --output")
         command = "python -m lovasz_monai.experiments " + shlex.join(argv)
         return report(args.json, args.output, command=command)
+    repeated = _repeated(**{"--losses": args.losses, "--seeds": args.seeds})
+    if repeated:
+        parser.error(repeated)
     if not args.verbose:
         for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)

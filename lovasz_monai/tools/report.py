@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import reprlib
 import shlex
 import statistics
+import types
+import typing
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,10 +56,12 @@ def yaml_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def aggregate(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``ddof=1``) of the finite values.
+    """Mean and sample standard deviation (``ddof=1``) of the values that are not NaN.
 
     NaN values (e.g. the IoU of a class absent from labels and predictions) are left out. One
-    value has standard deviation 0; none gives ``(nan, nan)``.
+    value has standard deviation 0; none gives ``(nan, nan)``. With an infinite value (e.g. the
+    HD95 of a missed structure) the mean is that infinity (NaN when both ``inf`` and ``-inf``
+    are there) and the standard deviation of several values NaN: it is not defined.
 
     Args:
         values: numbers, one per seed.
@@ -67,37 +74,54 @@ def aggregate(values: Sequence[float]) -> tuple[float, float]:
         (0.7, 0.2)
         >>> aggregate([0.4, float("nan")])
         (0.4, 0.0)
+        >>> aggregate([float("inf"), 2.0])
+        (inf, nan)
 
     Raises:
         ValueError: a value ``float()`` cannot parse (e.g. the string ``"a"``).
         TypeError: a value ``float()`` does not accept (e.g. ``None``).
     """
-    finite = [float(v) for v in values if not math.isnan(float(v))]
-    if not finite:
+    kept = [v for v in map(float, values) if not math.isnan(v)]
+    if not kept:
         return math.nan, math.nan
-    mean = statistics.fmean(finite)
-    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    infinite = {v for v in kept if math.isinf(v)}
+    if infinite:  # statistics.fmean/stdev fail on them
+        mean = infinite.pop() if len(infinite) == 1 else math.nan
+        return mean, 0.0 if len(kept) == 1 else math.nan
+    mean = statistics.fmean(kept)
+    std = statistics.stdev(kept) if len(kept) > 1 else 0.0
     return round(mean, 12), round(std, 12)
 
 
+def _mean_std_text(mean: float, std: float, spec: str) -> str:
+    """``"mean ± std"`` in the format ``spec``: ``"n/a"`` for an undefined mean, ``"inf ± n/a"``
+    for an infinite one with an undefined standard deviation."""
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:{spec}} ± {'n/a' if math.isnan(std) else format(std, spec.lstrip('+'))}"
+
+
 def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """``"mean ± std"`` of :func:`aggregate`, or ``"n/a"`` without finite values.
+    """``"mean ± std"`` of :func:`aggregate`: ``"n/a"`` when the mean is undefined (no value
+    but NaN, or both ``inf`` and ``-inf``), ``"n/a"`` for the standard deviation when it is
+    undefined (an infinite value among several).
 
     Example:
         >>> format_mean_std([0.5, 0.7, 0.9])
         '0.700 ± 0.200'
         >>> format_mean_std([float("nan")])
         'n/a'
+        >>> format_mean_std([float("inf"), 2.0])
+        'inf ± n/a'
 
     Raises:
         ValueError: a negative ``digits``, or a value ``float()`` cannot parse (see
             :func:`aggregate`).
         TypeError: a value ``float()`` does not accept (see :func:`aggregate`).
     """
-    mean, std = aggregate(values)
-    if math.isnan(mean):
-        return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if digits < 0:
+        raise ValueError(f"digits must be >= 0, got {digits}")
+    return _mean_std_text(*aggregate(values), f".{digits}f")
 
 
 @dataclass
@@ -237,46 +261,127 @@ class ComparisonResult:
         return sorted((r for r in self.runs if r.loss == loss), key=lambda r: r.seed)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (NaN written as null, ``inf`` as Python's ``Infinity``)."""
-        data = asdict(self)
-        return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
+        """A JSON-serialisable dict: every NaN float (in lists and dicts too) as ``None``, which
+        JSON writes as null; ``inf`` and ``-inf`` stay floats (JSON files hold them as Python's
+        ``Infinity``, which :func:`json.loads` reads back); strings are kept as they are."""
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ComparisonResult:
-        """Rebuild a result from :meth:`to_json` output (null read back as NaN).
-
-        Raises:
-            TypeError: a key that is not a field.
-        """
-
-        def nan(value: Any) -> Any:
-            if value is None:
-                return math.nan
-            if isinstance(value, list):
-                return [nan(v) for v in value]
+        def null_nan(value: Any) -> Any:
+            if isinstance(value, np.generic):  # NumPy scalars as Python numbers
+                value = value.item()
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            if isinstance(value, dict):
+                return {key: null_nan(v) for key, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [null_nan(v) for v in value]
             return value
 
-        keys_added = (
-            "case_miou",
-            "case_iou",
-            "case_dice",
-            "case_hd95",
-            "case_hd95_found",
-            "hd95_one_sided",
-        )
-        fields = dict(data)
-        runs = []
-        for run in fields.pop("runs", []):
-            run = dict(run)
-            for key in ("miou", "dice", "iou", "dice_per_class", "val_miou_curve"):
-                run[key] = nan(run.get(key))
-            # absent from results before they existed
-            for key in keys_added:
-                if key in run:
-                    run[key] = nan(run[key])
-            run["logged_val_miou"] = nan(run.get("logged_val_miou"))
-            runs.append(RunResult(**run))
-        return cls(**fields, runs=runs)
+        return json.loads(json.dumps(null_nan(asdict(self)), default=str))
+
+    @classmethod
+    def from_json(cls, data: Any) -> ComparisonResult:
+        """Rebuild a result from :meth:`to_json` output (null read back as NaN), checking it.
+
+        Every field must have its annotated type (an integer is a float, a boolean is not a
+        number; float fields may be null). Fields added after a file was written may be
+        missing (their defaults, see :class:`RunResult`). The losses must be keys of
+        :data:`LOSSES`, ``counted_classes`` (of the comparison and of its runs) indices of
+        ``class_names``, and the per-class lists of every run (``iou``, ``dice_per_class``,
+        ``case_iou`` and ``class_voxels``, the last two may be empty) one value per class.
+
+        Raises:
+            ValueError: ``data`` that is not such a result; the message names the field (e.g.
+                ``runs[2].miou``), what it should be and what it is.
+        """
+        result = _from_json(data, cls, "")
+        n = len(result.class_names)
+        problems = [] if result.losses else [("losses", "at least one loss", "[]")]
+        losses = [(f"losses[{i}]", loss) for i, loss in enumerate(result.losses)]
+        losses += [(f"runs[{i}].loss", run.loss) for i, run in enumerate(result.runs)]
+        problems += [
+            (where, f"a key of LOSSES {sorted(LOSSES)}", repr(loss))
+            for where, loss in losses
+            if loss not in LOSSES
+        ]
+        owners = [("", result), *((f"runs[{i}].", run) for i, run in enumerate(result.runs))]
+        for prefix, owner in owners:
+            wrong = [c for c in owner.counted_classes if not 0 <= c < n]
+            if wrong:
+                expected = f"indices 0 to {n - 1} of class_names"
+                problems.append((f"{prefix}counted_classes", expected, f"{wrong}"))
+        for i, run in enumerate(result.runs):
+            for key in ("iou", "dice_per_class", "case_iou", "class_voxels"):
+                values = getattr(run, key)  # the last two empty in results without them
+                if len(values) != n and (values or key in ("iou", "dice_per_class")):
+                    expected = f"{n} values (one per class of class_names)"
+                    problems.append((f"runs[{i}].{key}", expected, f"{len(values)}"))
+        if problems:
+            where, expected, got = problems[0]
+            raise ValueError(f"{where}: expected {expected}, got {got}")
+        return result
+
+
+def _from_json(value: Any, hint: Any, where: str) -> Any:
+    """``value`` read from JSON as type ``hint``: a dataclass from a dict of its fields (those
+    with defaults may be missing), ``list[...]``, ``dict[...]``, unions, ``None``, ``str``,
+    ``bool``, ``int`` (not a bool) and ``float`` (an int too; null read as NaN).
+
+    Raises:
+        ValueError: ``value`` is not of that type; names ``where`` (the field; empty: the
+            whole), the type and what ``value`` is.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    at = f"{where}: expected" if where else "expected"
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hints = typing.get_type_hints(hint)
+        required = {
+            f.name
+            for f in dataclasses.fields(hint)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing, unknown = sorted(required - set(value)), sorted(set(value) - set(hints))
+        if missing or unknown:
+            raise ValueError(
+                f"{at} the fields of {hint.__name__}"
+                + (f", missing {missing}" if missing else "")
+                + (f", unknown {unknown}" if unknown else "")
+            )
+        prefix = f"{where}." if where else ""
+        return hint(**{k: _from_json(v, hints[k], prefix + k) for k, v in value.items()})
+    if origin is list and isinstance(value, list):
+        return [_from_json(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {k: _from_json(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            with contextlib.suppress(ValueError):
+                return _from_json(value, arg, where)
+    elif origin is None:  # float, int, str, bool, None
+        if hint is float and value is None:
+            return math.nan
+        if hint in (int, float):
+            number = (int, float) if hint is float else int
+            ok = isinstance(value, number) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, hint)
+        if ok:
+            return value
+    if dataclasses.is_dataclass(hint):
+        expected = f"a JSON object of {hint.__name__} fields"
+    else:
+        expected = _type_name(hint)
+    raise ValueError(f"{at} {expected}, got {type(value).__name__} {reprlib.repr(value)}")
+
+
+def _type_name(hint: Any) -> str:
+    """``hint`` as written in the annotations, e.g. ``list[RunResult]`` or ``int | None``."""
+    args = [_type_name(arg) for arg in typing.get_args(hint)]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(args)}]"
+    return "None" if hint is type(None) else hint.__name__
 
 
 #: the settings of :class:`ComparisonResult` that every merged comparison must share: they
@@ -587,10 +692,8 @@ def markdown_table(result: ComparisonResult) -> str:
     def difference(runs: list[RunResult], score: Callable[[RunResult], float]) -> str:
         base = {r.seed: score(r) for r in result.by_loss(base_loss)}
         values = [score(r) - base[r.seed] for r in runs if r.seed in base]
-        mean, std = aggregate(values)
-        if math.isnan(mean):
-            return "n/a"
-        return f"{mean:+.3f} ± {std:.3f} ({len(values)})"
+        text = _mean_std_text(*aggregate(values), "+.3f")
+        return text if text == "n/a" else f"{text} ({len(values)})"
 
     for loss in result.losses:
         runs = result.by_loss(loss)
@@ -800,9 +903,8 @@ def read_results(path: str | os.PathLike) -> ComparisonResult:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is not JSON (``json.JSONDecodeError``).
-        KeyError: ``max_epochs`` is missing.
-        TypeError: the JSON holds keys that are not fields of :class:`ComparisonResult`.
+        ValueError: ``path`` is not JSON, or not a comparison (see
+            :meth:`ComparisonResult.from_json`); the message starts with ``path``.
 
     Example:
         >>> import pathlib, tempfile
@@ -814,15 +916,20 @@ def read_results(path: str | os.PathLike) -> ComparisonResult:
         >>> read_results(path) == result
         True
     """
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if "config_max_epochs" not in data and Path(data.get("config", "")).is_file():
-        trainer_config = yaml_config(data["config"]).get("trainer") or {}
-        data["config_max_epochs"] = trainer_config.get("max_epochs")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        result = ComparisonResult.from_json(data)
+    except ValueError as error:  # json.JSONDecodeError too
+        raise ValueError(f"{path}: {error}") from error
+    if "config_max_epochs" not in data and Path(result.config).is_file():
+        trainer_config = yaml_config(result.config).get("trainer") or {}
+        result.config_max_epochs = trainer_config.get("max_epochs")
     if "scaled_down" not in data:
-        data["scaled_down"] = scaled_down_run(
-            data["max_epochs"], data.get("config_max_epochs"), data.get("overrides", [])
+        result.scaled_down = scaled_down_run(
+            result.max_epochs, result.config_max_epochs, result.overrides
         )
-    return ComparisonResult.from_json(data)
+    return result
 
 
 def report(
@@ -847,10 +954,9 @@ def report(
 
     Raises:
         FileNotFoundError: a path does not exist.
-        TypeError: a JSON holds keys that are not fields of :class:`ComparisonResult`.
-        ValueError: no file, several files without ``output`` or with an ``output`` that
-            would overwrite one of them, or comparisons that cannot be merged (see
-            :func:`merge_results`).
+        ValueError: no file, a file that is not a comparison (see :func:`read_results`),
+            several files without ``output`` or with an ``output`` that would overwrite one of
+            them, or comparisons that cannot be merged (see :func:`merge_results`).
 
     Example:
         >>> import pathlib, tempfile

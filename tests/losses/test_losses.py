@@ -1113,6 +1113,13 @@ BAD_INIT = [
     pytest.param(lambda: LovaszCELoss(label_smoothing=1.0), r"label_smoothing"),
     pytest.param(lambda: LovaszCELoss(ce_weight=[[1.0, 2.0]]), r"ce_weight"),
     pytest.param(lambda: LovaszCELoss(ce_weight=[1.0, -2.0]), r"ce_weight"),
+    # read as class 1 before: a float index is no class, True is no label value
+    pytest.param(lambda: LovaszSoftmaxLoss(classes=[1.7]), r"integer class indices >= 0"),
+    pytest.param(lambda: LovaszSoftmaxLoss(classes=[True]), r"integer class indices >= 0"),
+    pytest.param(lambda: LovaszSoftmaxLoss(ignore_index=True), r"ignore_index must be an integer"),
+    pytest.param(lambda: LovaszCELoss(ignore_index=1.5), r"ignore_index must be an integer"),
+    pytest.param(lambda: LovaszHingeLoss(ignore_index=True), r"ignore_index must be an integer"),
+    pytest.param(lambda: MaskedDiceCELoss(ignore_index=2.5), r"ignore_index must be an integer"),
 ]
 
 

@@ -23,7 +23,7 @@ from monai.losses import DiceCELoss
 from lovasz_monai.losses import MaskedDiceCELoss
 from lovasz_monai.module import LovaszSegmentationModule
 from lovasz_monai.tools import runs
-from lovasz_monai.tools.experiments import main, run_order
+from lovasz_monai.tools.experiments import compare, main, run_order
 from lovasz_monai.tools.recipes import LOSSES, schedule_epochs
 from lovasz_monai.tools.report import (
     ComparisonResult,
@@ -76,12 +76,43 @@ def test_format_mean_std():
     assert format_mean_std([math.nan, math.nan]) == "n/a"
 
 
+def test_aggregate_infinite_values():
+    """An infinite value (HD95 of a missed structure) gives an infinite mean and, among
+    several values, an undefined std; ``inf`` with ``-inf`` an undefined mean."""
+    inf = math.inf
+    mean, std = aggregate([inf, 1.0])
+    assert mean == inf and math.isnan(std)
+    assert aggregate([-inf, 2.0, math.nan])[0] == -inf
+    assert all(math.isnan(v) for v in aggregate([inf, -inf]))
+    assert aggregate([inf]) == (inf, 0.0)  # one value: std 0, as for finite ones
+    assert format_mean_std([inf, 1.0]) == "inf ± n/a"
+    assert format_mean_std([inf, inf]) == "inf ± n/a"
+    assert format_mean_std([inf, -inf]) == "n/a"
+    assert format_mean_std([inf], digits=1) == "inf ± 0.0"
+    with pytest.raises(ValueError, match="digits must be >= 0"):
+        format_mean_std([0.5], digits=-1)
+
+
 def test_run_order_rotates_losses_per_seed():
     order = run_order(["a", "b", "c"], [0, 1, 2, 3])
     assert order[:3] == [(0, "a"), (0, "b"), (0, "c")]
     assert order[3:6] == [(1, "b"), (1, "c"), (1, "a")]
     assert order[6:9] == [(2, "c"), (2, "a"), (2, "b")]
     assert sorted(order) == sorted((s, loss) for s in range(4) for loss in "abc")
+
+
+def test_compare_refuses_repeated_losses_and_seeds(capsys):
+    """A loss or seed given twice would train the same run twice and count it as two seeds:
+    refused before anything is trained."""
+    with pytest.raises(ValueError, match=r"repeated seeds \[0\]: every \(loss, seed\) run"):
+        compare(DEMO, losses=["ce"], seeds=[0, 1, 0], output=None)
+    with pytest.raises(ValueError, match=r"repeated losses \['ce'\]"):
+        compare(DEMO, losses=["ce", "lovasz", "ce"], seeds=[0], output=None)
+    with pytest.raises(SystemExit):
+        main(["compare", "--config", str(DEMO), "--losses", "ce", "ce", "--seeds", "2", "2"])
+    error = capsys.readouterr().err
+    assert "repeated --losses ['ce']: every (loss, seed) run is trained once" in error
+    assert "; repeated --seeds [2]: every" in error
 
 
 def test_schedule_epochs_defaults_and_overrides():
@@ -731,6 +762,110 @@ def test_json_round_trip_and_report(tmp_path):
     assert js.read_text() == written and result.command in md.read_text()
     with pytest.raises(SystemExit):
         main(["report", str(js), "--data.num_samples", "1"])
+
+
+def test_json_replaces_only_non_finite_floats(tmp_path):
+    """NaN becomes null wherever it is (lists, dicts), ``inf`` stays a float (``Infinity`` in
+    the file); strings holding "NaN" are kept as they are."""
+    result = _fake_result()
+    result.class_names[1], result.command = "NaNo", "cmd NaN --x Infinity"
+    result.runs[0].run_dir = "runs/NaN"
+    result.runs[0].case_hd95, result.runs[1].case_hd95 = math.inf, -math.inf
+    result.bench_times = {"ce": [0.1, math.nan]}
+    data = result.to_json()
+    assert data["class_names"][1] == "NaNo" and data["command"] == "cmd NaN --x Infinity"
+    assert data["bench_times"]["ce"][1] is None and data["runs"][0]["iou"][2] is None
+    assert data["runs"][0]["case_hd95"] == math.inf and data["runs"][1]["case_hd95"] == -math.inf
+    back = ComparisonResult.from_json(data)
+    assert back.class_names == result.class_names and back.runs[0].run_dir == "runs/NaN"
+    assert math.isnan(back.bench_times["ce"][1]) and back.runs[0].case_hd95 == math.inf
+    js = write_results(back, tmp_path / "cmp")[1]
+    assert '"case_hd95": Infinity' in js.read_text() and "nullo" not in js.read_text()
+    assert report(js).command == "cmd NaN --x Infinity"
+
+
+def _write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+#: changes of a valid comparison's JSON (in place, or the new JSON), and the start of the message
+#: that names the problem
+MALFORMED = [
+    (lambda d: [d], "expected a JSON object of ComparisonResult fields, got list [{"),
+    (lambda d: {}, "expected the fields of ComparisonResult, missing ['class_names', 'command'"),
+    (lambda d: {**d, "x": 1}, "expected the fields of ComparisonResult, unknown ['x']"),
+    (lambda d: d["runs"][1].update(loss="foo"), "runs[1].loss: expected a key of LOSSES ["),
+    (lambda d: d.update(losses=["ce", "foo"]), "losses[1]: expected a key of LOSSES ["),
+    (lambda d: d.update(losses=[]), "losses: expected at least one loss, got []"),
+    (
+        lambda d: d["runs"][0].update(iou=[0.5, 0.5]),
+        "runs[0].iou: expected 3 values (one per class of class_names), got 2",
+    ),
+    (lambda d: d["runs"][2].update(case_iou=[0.5]), "runs[2].case_iou: expected 3 values"),
+    (
+        lambda d: d.update(counted_classes=[1, 3, -1]),
+        "counted_classes: expected indices 0 to 2 of class_names, got [3, -1]",
+    ),
+    (
+        lambda d: d["runs"][0].update(counted_classes=[5]),
+        "runs[0].counted_classes: expected indices 0 to 2 of class_names, got [5]",
+    ),
+    (
+        lambda d: d["runs"][3].__delitem__("seed"),
+        "runs[3]: expected the fields of RunResult, missing ['seed']",
+    ),
+    (lambda d: d["runs"][0].update(miou="0.5"), "runs[0].miou: expected float, got str '0.5'"),
+    (lambda d: d["runs"][0]["iou"].insert(1, "x"), "runs[0].iou[1]: expected float, got str 'x'"),
+    (lambda d: d["runs"][0].update(seed=True), "runs[0].seed: expected int, got bool True"),
+    (lambda d: d.update(max_epochs=2.5), "max_epochs: expected int, got float 2.5"),
+    (
+        lambda d: d.update(config_max_epochs="4"),
+        "config_max_epochs: expected int | None, got str '4'",
+    ),
+    (lambda d: d.update(bench_times={"ce": [0.1, "a"]}), "bench_times['ce'][1]: expected float"),
+    (lambda d: d.update(runs={"ce": []}), "runs: expected list[RunResult], got dict {'ce': []}"),
+    (
+        lambda d: d.update(runs=[1]),
+        "runs[0]: expected a JSON object of RunResult fields, got int 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), MALFORMED, ids=[m for _, m in MALFORMED])
+def test_report_refuses_a_malformed_json_naming_file_and_field(tmp_path, change, message):
+    """``report`` of a JSON that is not a comparison: a ``ValueError`` naming the file, the
+    field, what it should be and what it is (not a KeyError, IndexError or TypeError deep in
+    the table), and no table written."""
+    data = _fake_result().to_json()
+    changed = change(data)
+    path = _write_json(tmp_path / "bad.json", data if changed is None else changed)
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        main(["report", str(path)])
+    assert str(raised.value).startswith(f"{path}: {message}")
+    assert not (tmp_path / "bad.md").exists()
+
+
+def test_report_reads_older_files_and_names_a_file_that_is_not_json(tmp_path):
+    """Files written before the later fields existed still load (defaults, and the HD95 over
+    found structures from a finite per-case HD95); null is NaN in any float field."""
+    data = _fake_result().to_json()
+    for key in ("sources", "processes", "config_max_epochs", "scaled_down"):
+        del data[key]
+    for run in data["runs"]:
+        for key in ("case_iou", "case_dice", "case_hd95_found", "hd95_one_sided", "eval_split",
+                    "class_voxels", "resumed_at_steps", "case_miou"):  # fmt: skip
+            del run[key]
+    data["runs"][0]["case_hd95"], data["total_time"], data["config"] = 4.0, None, str(DEMO)
+    result = report(_write_json(tmp_path / "old.json", data))
+    assert (result.runs[0].case_hd95_found, result.runs[0].hd95_one_sided) == (4.0, 0)
+    assert result.config_max_epochs is not None  # from the config
+    assert math.isnan(result.total_time) and result.sources == [] and result.processes == 1
+    assert (tmp_path / "old.md").is_file()
+    path = tmp_path / "broken.json"
+    path.write_text("{")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: Expecting property name"):
+        report(path)
 
 
 def _split_by_seed(result: ComparisonResult) -> tuple[ComparisonResult, ComparisonResult]:
