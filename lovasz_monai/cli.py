@@ -26,7 +26,9 @@ What the CLI adds to a plain ``LightningCLI(LovaszSegmentationModule, Segmentati
   ``best.ckpt`` plus ``last.ckpt``, in ``<trainer.default_root_dir>/checkpoints`` unless
   ``--checkpoint.dirpath`` is given; a fixed folder, so ``--ckpt_path last`` resumes;
 * ``prediction_writer`` (a :class:`~lovasz_monai.writer.NiftiPredictionWriter`, always present):
-  ``predict`` writes one NIfTI file per input image;
+  ``predict`` writes one NIfTI file per input image, named after it; images of the same file
+  name in different folders keep their folders (``--prediction_writer.data_root_dir`` sets the
+  root explicitly);
 * loggers: with ``trainer.logger`` left at its default, a ``CSVLogger``
   (``<default_root_dir>/csv/version_N/metrics.csv``) and, when ``tensorboard`` is importable, a
   ``TensorBoardLogger`` (``<default_root_dir>/tensorboard/version_N``). Loggers listed in a

@@ -32,7 +32,7 @@ from lovasz_monai import synthetic as _synthetic
 from lovasz_monai import writer as _writer
 from lovasz_monai.dataset import check_case_headers, find_images, lateralised_labels, split_cases
 from lovasz_monai.labels import LabelSemantics
-from lovasz_monai.pipelines import SegmentationPipelines
+from lovasz_monai.pipelines import SegmentationPipelines, _check_count
 
 __all__ = ["SegmentationDataModule"]
 
@@ -150,8 +150,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             lists does not exist (all missing files are named).
         ValueError: ``dataset.json`` is not valid JSON, lacks ``"labels"`` or has malformed labels
             or entries (the message names ``dataset.json``); a region uses an unknown label value;
-            an argument is out of range. In :meth:`setup`: an unreadable NIfTI file or an
-            image/label/mask shape mismatch (naming the files).
+            an argument is out of range (``batch_size`` and ``num_samples`` must be positive
+            integers, ``num_workers`` a non-negative integer). In :meth:`setup`: an unreadable
+            NIfTI file or an image/label/mask shape mismatch (naming the files).
 
     Example:
         >>> import tempfile
@@ -192,11 +193,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if batch_size < 1 or num_samples < 1 or num_workers < 0:
-            raise ValueError(
-                f"need batch_size >= 1, num_samples >= 1, num_workers >= 0, got {batch_size}, "
-                f"{num_samples}, {num_workers}."
-            )
+        batch_size = _check_count("batch_size", batch_size)
+        num_samples = _check_count("num_samples", num_samples)
+        num_workers = _check_count("num_workers", num_workers, minimum=0)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if not 0.0 <= cache_rate <= 1.0:

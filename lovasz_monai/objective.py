@@ -34,7 +34,7 @@ def call_loss(
 
     Raises:
         ValueError: ``torch.nn.CrossEntropyLoss`` with ``sigmoid_outputs``
-            (:func:`check_loss_fits_outputs`).
+            (see ``check_loss_fits_outputs``).
 
     Example:
         >>> import torch

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.transforms import (
@@ -38,6 +39,37 @@ from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegion
 __all__ = ["SegmentationPipelines"]
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def _is_integer(value: Any) -> bool:
+    """A Python or numpy integer (not a bool, a float or a string)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= minimum``.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value given.
+        minimum: the smallest value allowed (1: a positive integer, 0: a non-negative one).
+
+    Raises:
+        ValueError: ``value`` is not an integer (floats such as ``1.5`` and bools included) or
+            is below ``minimum``; the message names the argument, the expectation and the value.
+
+    Example:
+        >>> _check_count("batch_size", 2)
+        2
+        >>> _check_count("num_workers", 0.5, minimum=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: num_workers must be an integer >= 0, got 0.5.
+    """
+    if not _is_integer(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+    return int(value)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -96,12 +128,14 @@ class SegmentationPipelines:
     The settings are checked, and the sequences stored as tuples, at construction.
 
     Attributes:
-        in_channels: image channels.
-        num_label_values: label values ``0..L-1`` that are classes (the ignore label aside).
-        ignore_index: the label value to ignore, or ``None``.
-        regions: multi-label mode: region name -> label values; ``None``: label maps.
-        roi_size: training patch size.
-        num_samples: patches per volume.
+        in_channels: image channels (a positive integer).
+        num_label_values: label values ``0..L-1`` that are classes (the ignore label aside; a
+            positive integer).
+        ignore_index: the label value to ignore (an integer outside ``0..L-1``), or ``None``.
+        regions: multi-label mode: region name -> label values in ``0..L-1`` (stored as
+            tuples); ``None``: label maps.
+        roi_size: training patch size (3 positive integers).
+        num_samples: patches per volume (a positive integer).
         spacing: target voxel size in mm; ``None`` keeps each volume's own.
         intensity: ``"zscore"`` (per channel, non-zero voxels), ``"ct"`` (clip to ``ct_window``,
             scale to [0, 1]) or ``"none"``.
@@ -112,8 +146,13 @@ class SegmentationPipelines:
         seed: seed of the training pipeline's random state.
 
     Raises:
-        ValueError: a ``roi_size``, ``spacing``, ``intensity``, ``ct_window`` or ``flip_axes``
-            other than described above (sizes must be positive, ``spacing`` finite).
+        ValueError: ``in_channels``, ``num_label_values`` or ``num_samples`` is not a positive
+            integer; ``ignore_index`` is not ``None`` or an integer outside
+            ``[0, num_label_values)``; ``regions`` is empty, or a region lists no value or a value
+            that is not an integer in ``[0, num_label_values)``; a ``roi_size``, ``spacing``,
+            ``intensity``, ``ct_window`` or ``flip_axes`` other than described above (sizes must
+            be positive integers, ``spacing`` finite and positive). Each message names the
+            argument and the value.
 
     Example:
         >>> pipelines = SegmentationPipelines(in_channels=1, num_label_values=3, roi_size=(8, 8, 8))
@@ -157,9 +196,22 @@ class SegmentationPipelines:
 
     def _check_settings(self) -> None:
         """Check the settings and store the sequences as tuples of numbers."""
-        roi_size = tuple(int(s) for s in self.roi_size)
-        if len(roi_size) != 3 or min(roi_size) < 1:
-            raise ValueError(f"roi_size must be 3 positive sizes, got {tuple(self.roi_size)}.")
+        in_channels = _check_count("in_channels", self.in_channels)
+        num_label_values = _check_count("num_label_values", self.num_label_values)
+        num_samples = _check_count("num_samples", self.num_samples)
+        ignore_index = self.ignore_index
+        if ignore_index is not None:
+            if not _is_integer(ignore_index) or 0 <= ignore_index < num_label_values:
+                raise ValueError(
+                    f"ignore_index must be None or an integer outside the class values "
+                    f"[0, {num_label_values}), got {ignore_index!r}."
+                )
+            ignore_index = int(ignore_index)
+        regions = None if self.regions is None else self._checked_regions(num_label_values)
+        roi_size = tuple(self.roi_size)
+        if len(roi_size) != 3 or not all(_is_integer(s) and s >= 1 for s in roi_size):
+            raise ValueError(f"roi_size must be 3 positive integers, got {roi_size}.")
+        roi_size = tuple(int(s) for s in roi_size)
         spacing = self.spacing
         if spacing is not None:
             spacing = tuple(float(s) for s in spacing)
@@ -185,12 +237,43 @@ class SegmentationPipelines:
                 f"posterior-anterior, 2: inferior-superior after RAS), got {tuple(self.flip_axes)}."
             )
         for name, value in (
+            ("in_channels", in_channels),
+            ("num_label_values", num_label_values),
+            ("num_samples", num_samples),
+            ("ignore_index", ignore_index),
+            ("regions", regions),
             ("roi_size", roi_size),
             ("spacing", spacing),
             ("ct_window", ct_window),
             ("flip_axes", flip_axes),
         ):
             object.__setattr__(self, name, value)
+
+    def _checked_regions(self, num_label_values: int) -> dict[str, tuple[int, ...]]:
+        """``regions`` as name -> tuple of label values, each an integer in the class range."""
+        regions = self.regions
+        if not isinstance(regions, Mapping) or not regions:
+            raise ValueError(
+                f"regions must be None or a non-empty mapping of region name -> label values, "
+                f"got {regions!r}."
+            )
+        checked: dict[str, tuple[int, ...]] = {}
+        for name, values in regions.items():
+            listed = [values] if _is_integer(values) else values
+            if isinstance(listed, np.ndarray) and listed.ndim == 1:
+                listed = listed.tolist()
+            if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence) or not listed:
+                raise ValueError(
+                    f"regions['{name}'] must be a non-empty list of label values, got {values!r}."
+                )
+            bad = [v for v in listed if not _is_integer(v) or not 0 <= v < num_label_values]
+            if bad:
+                raise ValueError(
+                    f"regions['{name}'] must list integer label values in "
+                    f"[0, {num_label_values}), got {bad!r} in {list(listed)!r}."
+                )
+            checked[str(name)] = tuple(int(v) for v in listed)
+        return checked
 
     def _common(self, keys: Sequence[str]) -> list[Any]:
         """The deterministic part of every stage."""

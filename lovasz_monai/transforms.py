@@ -50,6 +50,44 @@ def _name(x: Any, key: Hashable) -> str:
     return f"key '{key}'"
 
 
+#: unsigned dtypes PyTorch cannot compare with ``>=`` or ``isin`` -> a signed dtype that holds them
+_WIDER = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
+
+
+def _comparable(lab: torch.Tensor, label: Any, key: Hashable) -> torch.Tensor:
+    """``lab`` in a dtype every comparison works on: uint16 labels (numpy data of many NIfTI
+    files) become int32, uint32 and uint64 labels int64 (PyTorch has no ``>=``/``isin`` for
+    them); other dtypes are returned as they are.
+
+    Raises:
+        ValueError: a uint64 label holds a value above ``2**63 - 1``.
+    """
+    wider = _WIDER.get(lab.dtype)
+    if wider is None:
+        return lab
+    out = lab.to(wider)
+    if lab.dtype == torch.uint64 and bool((out < 0).any()):
+        raise ValueError(
+            f"label {_name(label, key)} (uint64) holds values above {torch.iinfo(torch.int64).max}"
+        )
+    return out
+
+
+def _is_integer(value: Any) -> bool:
+    """A Python or numpy integer (not a bool, not a float, not a string)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _holds(dtype: torch.dtype, value: int) -> bool:
+    """Whether ``dtype`` represents ``value`` exactly."""
+    if dtype == torch.bool:
+        return value in (0, 1)
+    if dtype.is_floating_point:
+        return float(torch.tensor(value, dtype=torch.float64).to(dtype)) == value
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
+
+
 def _check_channel_first(x: torch.Tensor, key: Hashable, what: str) -> None:
     if x.ndim < 2:
         raise ValueError(
@@ -83,13 +121,21 @@ class IgnoreMaskd(MapTransform):
         roi_mask_key: optional key of a region-of-interest image already in the data, shape
             ``(C_roi, *spatial)``; non-zero (in any channel) = counts. It may equal ``mask_key``:
             the ROI image is then replaced by the combined mask.
-        fill_value: valid class written into label voxels equal to ``ignore_index``.
+        fill_value: valid class written into label voxels equal to ``ignore_index``; the
+            label's dtype must hold it (e.g. not 300 for a ``uint8`` label).
         allow_missing_keys: do not raise when a label key or ``roi_mask_key`` is missing.
+
+    Label values are compared as numbers, whatever the label's dtype: ``ignore_index=-1`` does
+    not match the value 255 of a ``uint8`` label, and ``uint16``/``uint32`` labels (the numpy
+    data of many NIfTI files) work.
 
     Raises:
         KeyError: a label key or ``roi_mask_key`` is missing and ``allow_missing_keys`` is False.
-        ValueError: a label or the ROI mask is not channel-first (fewer than 2 dims), or the ROI
-            mask's spatial shape differs from the label's (the message names both files).
+        ValueError: ``ignore_index`` or ``fill_value`` is not an integer; a label or the ROI mask
+            is not channel-first (fewer than 2 dims); the ROI mask's spatial shape differs from
+            the label's (the message names both files); or, with an ``ignore_index``, a label's
+            dtype cannot hold ``fill_value`` (the message names the value, the dtype and the
+            file).
 
     Example:
         >>> import torch
@@ -116,6 +162,10 @@ class IgnoreMaskd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if ignore_index is not None and not _is_integer(ignore_index):
+            raise ValueError(f"ignore_index must be an integer or None, got {ignore_index!r}.")
+        if not _is_integer(fill_value):
+            raise ValueError(f"fill_value must be an integer (a class), got {fill_value!r}.")
         self.ignore_index = ignore_index
         self.mask_key = mask_key
         self.roi_mask_key = roi_mask_key
@@ -145,11 +195,18 @@ class IgnoreMaskd(MapTransform):
             # 2a. Voxels equal to ignore_index (in any channel) do not count; the label gets
             # fill_value there, so it stays a valid class map.
             if self.ignore_index is not None:
-                ignored = label_equals(lab, self.ignore_index)
+                if not _holds(lab.dtype, int(self.fill_value)):
+                    raise ValueError(
+                        f"fill_value {self.fill_value} does not fit the dtype "
+                        f"{str(lab.dtype).removeprefix('torch.')} of label {_name(label, key)}; "
+                        "choose a fill_value that this dtype holds (a class, e.g. 0)."
+                    )
+                cmp = _comparable(lab, label, key)
+                ignored = label_equals(cmp, int(self.ignore_index))
                 if bool(ignored.any()):
                     key_valid &= ~ignored.any(dim=0, keepdim=True)
-                    fill = torch.as_tensor(self.fill_value, dtype=lab.dtype, device=lab.device)
-                    d[key], *_ = convert_to_dst_type(torch.where(ignored, fill, lab), label)
+                    fill = torch.as_tensor(int(self.fill_value), dtype=cmp.dtype, device=cmp.device)
+                    d[key], *_ = convert_to_dst_type(torch.where(ignored, fill, cmp), label)
             # 2b. Voxels outside the ROI (zero in every ROI channel) do not count.
             if roi is not None:
                 roi_t = _as_tensor(roi).to(lab.device)
@@ -192,15 +249,20 @@ class LabelToRegionsd(MapTransform):
 
     Args:
         keys: label key(s); each label has shape ``(1, *spatial)`` with integer values.
-        regions: region name -> label values that belong to it, e.g. ``{"WT": [1, 2, 3]}``.
+        regions: region name -> label values that belong to it, e.g. ``{"WT": [1, 2, 3]}``;
+            a single integer is a one-value region. Values must be integers (not strings, floats
+            or bools).
         dtype: output dtype (default float32, the dtype sigmoid losses expect).
         allow_missing_keys: do not raise when a key is missing.
 
-    Output shape: ``(R, *spatial)`` with ``R = len(regions)``, values 0/1.
+    Output shape: ``(R, *spatial)`` with ``R = len(regions)``, values 0/1. Label values are
+    compared as numbers, whatever the label's dtype (integer of any width, bool or float): a
+    value the label's dtype cannot hold (``-1`` or ``256`` for a ``uint8`` label) matches no
+    voxel instead of wrapping around.
 
     Raises:
-        ValueError: ``regions`` is empty, a region has no label values, or a label does not have
-            exactly one channel.
+        ValueError: ``regions`` is empty, a region has no label values or a value that is not an
+            integer, or a label does not have exactly one channel.
         KeyError: a key is missing and ``allow_missing_keys`` is False.
 
     Example:
@@ -226,9 +288,23 @@ class LabelToRegionsd(MapTransform):
             raise ValueError("regions must name at least one region, got an empty mapping.")
         self.regions: dict[str, list[int]] = {}
         for name, values in regions.items():
-            values = [int(values)] if isinstance(values, (int, np.integer)) else list(values)
+            if _is_integer(values):
+                values = [values]
+            elif isinstance(values, np.ndarray) and values.ndim == 1:
+                values = values.tolist()
+            elif isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise ValueError(
+                    f"region '{name}' must be an integer or a list of integers (label values), "
+                    f"got {values!r}."
+                )
+            values = list(values)
             if not values:
                 raise ValueError(f"region '{name}' lists no label values.")
+            bad = [v for v in values if not _is_integer(v)]
+            if bad:
+                raise ValueError(
+                    f"region values must be integers: region '{name}' has {bad!r} in {values!r}."
+                )
             self.regions[str(name)] = [int(v) for v in values]
         self.dtype = dtype
 
@@ -242,10 +318,13 @@ class LabelToRegionsd(MapTransform):
                     f"LabelToRegionsd expects a label map of shape (1, *spatial) for "
                     f"{_name(label, key)}, got shape {tuple(lab.shape)}."
                 )
-            channels = [
-                torch.isin(lab[0], torch.as_tensor(values, dtype=lab.dtype, device=lab.device))
-                for values in self.regions.values()
-            ]
+            cmp = _comparable(lab, label, key)[0]
+            channels = []
+            for values in self.regions.values():
+                channel = label_equals(cmp, values[0])
+                for value in values[1:]:
+                    channel |= label_equals(cmp, value)
+                channels.append(channel)
             out = torch.stack(channels).to(self.dtype)
             d[key], *_ = convert_to_dst_type(out, label, dtype=self.dtype)
         return d
@@ -331,7 +410,7 @@ class CheckImageLabeld(MapTransform):
                 )
         if self.num_classes is not None and self.label_key is not None and self.label_key in d:
             label = d[self.label_key]
-            lab = _as_tensor(label)
+            lab = _comparable(_as_tensor(label), label, self.label_key)
             ok = (lab >= 0) & (lab < self.num_classes)
             if lab.is_floating_point():
                 ok &= lab == torch.round(lab)

@@ -142,6 +142,8 @@ def test_synthetic_options(tmp_path):
         {"num_cases": 0},
         {"spacing": (1.0, float("nan"), 1.0)},
         {"spacing": (1.0, 1.0, float("inf"))},
+        {"noise": float("nan")},  # wrote images that were NaN everywhere
+        {"noise": -0.1},
     ],
 )
 def test_synthetic_bad_arguments(tmp_path, kwargs):
@@ -180,6 +182,18 @@ def test_nnunet_region_labels(tiny_copy):
     dm = _dm(tiny_copy)
     assert dm.multi_label and dm.class_names == ["whole", "core"] and dm.num_classes == 2
     assert dm.regions == {"whole": [1, 2], "core": [2]} and dm.ignore_index == IGNORE
+
+
+@pytest.mark.parametrize("background", [0, [0]])
+def test_nnunet_region_labels_with_background_as_a_list(tiny_copy, background):
+    """nnU-Net v2 writes the background of region datasets as [0] as well as 0: it stays the
+    background, not a region (it used to become a 'background' region, channel 0)."""
+    info = _read_json(tiny_copy)
+    info["labels"] = {"background": background, "a": [1, 2], "b": 2, "ignore": IGNORE}
+    _write_json(tiny_copy, info)
+    dm = _dm(tiny_copy)
+    assert dm.class_names == ["a", "b"] and dm.num_classes == 2
+    assert dm.regions == {"a": [1, 2], "b": [2]} and dm.ignore_index == IGNORE
 
 
 @pytest.mark.parametrize(
@@ -607,6 +621,64 @@ def test_bad_arguments(tiny):
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             _dm(tiny, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 1.5}, r"batch_size must be a positive integer, got 1\.5"),
+        ({"batch_size": True}, r"batch_size must be a positive integer, got True"),
+        ({"num_samples": 0}, r"num_samples must be a positive integer, got 0"),
+        ({"num_samples": 2.0}, r"num_samples must be a positive integer, got 2\.0"),
+        ({"num_workers": 0.5}, r"num_workers must be an integer >= 0, got 0\.5"),
+        ({"num_workers": -1}, r"num_workers must be an integer >= 0, got -1"),
+        ({"roi_size": (16, 16.5, 16)}, r"roi_size must be 3 positive integers"),
+    ],
+)
+def test_counts_must_be_integers(tiny, kwargs, match):
+    """batch_size=1.5 and num_workers=0.5 used to be accepted and fail later in the DataLoader
+    (roi_size 16.5 was truncated to 16)."""
+    with pytest.raises(ValueError, match=match):
+        _dm(tiny, **kwargs)
+    dm = _dm(tiny, batch_size=np.int64(3), num_workers=0, num_samples=1)
+    assert (dm.batch_size, dm.num_workers, dm.num_samples) == (3, 0, 1)
+    assert type(dm.batch_size) is int
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"in_channels": 0}, r"in_channels must be a positive integer, got 0"),
+        ({"in_channels": 1.5}, r"in_channels must be a positive integer, got 1\.5"),
+        ({"num_label_values": 0}, r"num_label_values must be a positive integer, got 0"),
+        ({"num_samples": 0}, r"num_samples must be a positive integer, got 0"),
+        ({"ignore_index": 2}, r"ignore_index .*outside .*\[0, 3\), got 2"),
+        ({"ignore_index": 0}, r"ignore_index .*outside .*\[0, 3\), got 0"),
+        ({"ignore_index": 255.5}, r"ignore_index .*got 255\.5"),
+        ({"regions": {}}, r"regions must be None or a non-empty mapping"),
+        ({"regions": {"a": []}}, r"regions\['a'\] must be a non-empty list"),
+        ({"regions": {"a": "12"}}, r"regions\['a'\] must be a non-empty list .*'12'"),
+        ({"regions": {"a": [1, 3]}}, r"regions\['a'\] .*\[0, 3\), got \[3\]"),
+        ({"regions": {"a": [-1]}}, r"regions\['a'\] .*\[0, 3\), got \[-1\]"),
+        ({"regions": {"a": [2.5]}}, r"regions\['a'\] .*got \[2\.5\]"),
+    ],
+)
+def test_pipelines_check_counts_ignore_index_and_regions(kwargs, match):
+    """in_channels=0, num_label_values=0, num_samples=0, an ignore_index among the classes and
+    region values out of range used to be accepted."""
+    settings = {"in_channels": 1, "num_label_values": 3, "roi_size": (8, 8, 8), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SegmentationPipelines(**settings)
+
+
+def test_pipelines_store_checked_regions_and_ignore_index():
+    ok = SegmentationPipelines(
+        in_channels=np.int64(2), num_label_values=3, ignore_index=-1,
+        regions={"a": [1, np.int64(2)], "b": 2}, roi_size=(8, 8, 8),
+    )  # fmt: skip
+    assert ok.regions == {"a": (1, 2), "b": (2,)} and ok.ignore_index == -1
+    assert type(ok.in_channels) is int and ok.in_channels == 2
+    assert SegmentationPipelines(1, 3, ignore_index=255, roi_size=(8, 8, 8)).ignore_index == 255
 
 
 def test_pipelines_check_their_settings_without_a_datamodule():

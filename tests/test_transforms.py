@@ -168,6 +168,35 @@ def test_ignore_mask_errors():
     assert "mask" not in IgnoreMaskd("label", allow_missing_keys=True)({"image": label})
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_ignore_mask_wide_unsigned_labels(dtype):
+    """uint16 labels (numpy data of many NIfTI files) used to fail with 'not implemented for
+    UInt16'; the label keeps its dtype."""
+    label = np.array([[[0, 1], [300, 2]]], dtype=dtype)  # 300: the ignore label
+    out = IgnoreMaskd("label", ignore_index=300, fill_value=0)({"label": label})
+    assert out["label"].dtype == dtype
+    np.testing.assert_array_equal(out["label"], [[[0, 1], [0, 2]]])
+    np.testing.assert_array_equal(out["mask"], [[[1.0, 1.0], [0.0, 1.0]]])
+    tensor = IgnoreMaskd("label", ignore_index=300)({"label": torch.from_numpy(label)})
+    assert tensor["label"].dtype == torch.from_numpy(label).dtype
+    assert tensor["label"].to(torch.int64).tolist() == [[[0, 1], [0, 2]]]
+
+
+def test_ignore_mask_fill_value_the_label_dtype_cannot_hold():
+    """fill_value=300 on a uint8 label used to fail with PyTorch's 'value cannot be converted
+    to type uint8 without overflow'; the message now names the value, the dtype and the file."""
+    label = MetaTensor(torch.tensor([[[0, 1], [255, 2]]], dtype=torch.uint8))
+    label.meta["filename_or_obj"] = "lab.nii.gz"
+    with pytest.raises(ValueError, match=r"fill_value 300 .*uint8 .*lab\.nii\.gz"):
+        IgnoreMaskd("label", ignore_index=255, fill_value=300)({"label": label})
+    # a wider label holds it
+    out = IgnoreMaskd("label", ignore_index=255, fill_value=300)({"label": label.long()})
+    assert out["label"].as_tensor().tolist() == [[[0, 1], [300, 2]]]
+    for bad in ({"fill_value": 1.5}, {"fill_value": "0"}, {"ignore_index": 2.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            IgnoreMaskd("label", **{"ignore_index": 255, **bad})
+
+
 # ------------------------------------------------------------------------------ LabelToRegionsd
 
 
@@ -208,6 +237,55 @@ def test_label_to_regions_errors():
         LabelToRegionsd("label", {"WT": [1]})({"image": torch.zeros(1, 3, 3)})
 
 
+def test_label_to_regions_compares_numbers_not_wrapped_values():
+    """A uint8 label compared with -1 or 256 used to match 255 (wrap-around) or fail with
+    'value cannot be converted to type uint8 without overflow': no voxel holds them."""
+    label = np.array([[[0, 1, 255]]], dtype=np.uint8)
+    out = LabelToRegionsd("label", {"neg": [-1], "big": [256], "top": 255, "one": [1, 256]})(
+        {"label": label}
+    )["label"]
+    np.testing.assert_array_equal(out, [[[0, 0, 0]], [[0, 0, 0]], [[0, 0, 1]], [[0, 1, 0]]])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: torch.tensor(v, dtype=torch.bool),
+        lambda v: np.array(v, dtype=np.uint16),
+        lambda v: np.array(v, dtype=np.uint32),
+        lambda v: torch.from_numpy(np.array(v, dtype=np.uint16)),
+        lambda v: MetaTensor(torch.tensor(v, dtype=torch.uint32)),
+    ],
+    ids=["bool", "np-uint16", "np-uint32", "torch-uint16", "meta-uint32"],
+)
+def test_label_to_regions_bool_and_wide_unsigned_labels(make):
+    """bool labels used to fail in isin(); uint16/uint32 with 'not implemented for UInt16'."""
+    out = LabelToRegionsd("label", {"fg": [1], "bg": 0})({"label": make([[[0, 1, 1, 0]]])})
+    out = out["label"]
+    assert tuple(out.shape) == (2, 1, 4) and out.dtype in (np.float32, torch.float32)
+    assert np.asarray(out).tolist() == [[[0.0, 1.0, 1.0, 0.0]], [[1.0, 0.0, 0.0, 1.0]]]
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ("12", "integer or a list of integers"),  # was read as [1, 2] (dataset.json: 12)
+        ([2.5], "region values must be integers"),  # was truncated to 2
+        ([1, 2.0], "region values must be integers"),
+        (["1"], "region values must be integers"),
+        ([True], "region values must be integers"),
+        (1.0, "integer or a list of integers"),
+        (None, "integer or a list of integers"),
+    ],
+)
+def test_label_to_regions_refuses_values_that_are_not_integers(values, match):
+    with pytest.raises(ValueError, match=match) as err:
+        LabelToRegionsd("label", {"a": values})
+    assert "'a'" in str(err.value)
+    regions = {"a": np.int64(3), "b": (1, np.uint8(2)), "c": np.array([4, 5])}
+    assert LabelToRegionsd("label", regions).regions == {"a": [3], "b": [1, 2], "c": [4, 5]}
+
+
 # ------------------------------------------------------------------------------ CheckImageLabeld
 
 
@@ -244,3 +322,16 @@ def test_check_image_label_values():
             check({"image": image, "label": bad})
     with pytest.raises(ValueError, match="outside"):
         CheckImageLabeld(num_classes=3)({"image": image, "label": label})
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64, np.bool_])
+def test_check_image_label_values_of_wide_unsigned_and_bool_labels(dtype):
+    """uint16 labels used to fail with '"ge_cpu" not implemented for 'UInt16''."""
+    image = torch.zeros(1, 2, 2)
+    label = np.array([[[0, 1], [1, 0]]], dtype=dtype)
+    CheckImageLabeld(num_classes=2)({"image": image, "label": label})
+    if dtype is not np.bool_:
+        label[0, 0, 0] = 300
+        with pytest.raises(ValueError, match=r"\[300\]"):
+            CheckImageLabeld(num_classes=2)({"image": image, "label": label})
+        CheckImageLabeld(num_classes=2, ignore_index=300)({"image": image, "label": label})

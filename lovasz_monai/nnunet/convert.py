@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +13,7 @@ import numpy as np
 
 from lovasz_monai.dataset import DatasetDescription, nifti_stem
 
-__all__ = ["to_nnunet_raw"]
+__all__ = ["case_identifiers", "to_nnunet_raw"]
 
 
 def _case_name(path: str) -> str:
@@ -20,6 +21,58 @@ def _case_name(path: str) -> str:
     if name == Path(path).name:
         raise ValueError(f"expected a NIfTI file (.nii or .nii.gz), got {path}")
     return name
+
+
+def case_identifiers(paths: Sequence[str], what: str = "files") -> list[str]:
+    """Unique nnU-Net case identifiers for NIfTI files, one per path, in order.
+
+    The file name without ``.nii.gz``/``.nii`` when those are all different (the usual MSD
+    layout: ``labelsTr/case_000.nii.gz`` -> ``case_000``). When file names repeat in different
+    folders (KiTS: ``case_00000/segmentation.nii.gz``, ``case_00001/segmentation.nii.gz``), the
+    folders below the deepest folder common to all paths, joined with ``"_"`` (``case_00000``),
+    if those are unique; else those folders and the file name (``a_b_seg``).
+
+    Args:
+        paths: the files (labels of the training cases, or test images).
+        what: what the files are, for the error message.
+
+    Returns:
+        One identifier per path.
+
+    Raises:
+        ValueError: a file is not NIfTI, or two paths get the same identifier even with their
+            folders (e.g. ``x/seg.nii`` and ``x/seg.nii.gz``, or one file listed twice); the
+            message names the colliding paths.
+
+    Example:
+        >>> case_identifiers(["labelsTr/case_0.nii.gz", "labelsTr/case_1.nii.gz"])
+        ['case_0', 'case_1']
+        >>> case_identifiers(["k/case_0/segmentation.nii.gz", "k/case_1/segmentation.nii.gz"])
+        ['case_0', 'case_1']
+        >>> case_identifiers(["k/a/seg.nii.gz", "k/a/ct.nii.gz", "k/b/seg.nii.gz"])
+        ['a_seg', 'a_ct', 'b_seg']
+    """
+    stems = [_case_name(p) for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    common = os.path.commonpath(folders)
+    parts = [Path(os.path.relpath(f, common)).parts if f != common else () for f in folders]
+    by_folder = ["_".join(ps) for ps in parts]
+    if all(by_folder) and len(set(by_folder)) == len(by_folder):
+        return by_folder
+    identifiers = ["_".join((*ps, stem)) for ps, stem in zip(parts, stems, strict=True)]
+    owners: dict[str, list[str]] = {}
+    for identifier, path in zip(identifiers, paths, strict=True):
+        owners.setdefault(identifier, []).append(str(path))
+    clashes = {i: ps for i, ps in owners.items() if len(ps) > 1}
+    if clashes:
+        shown = "; ".join(f"'{i}': {', '.join(ps)}" for i, ps in list(clashes.items())[:5])
+        raise ValueError(
+            f"the {what} do not give unique nnU-Net case identifiers, even with their folders "
+            f"({shown}); rename the files or list each file once in dataset.json"
+        )
+    return identifiers
 
 
 def _write_channels(image_path: str, folder: Path, case: str, channels: int) -> None:
@@ -66,6 +119,9 @@ def to_nnunet_raw(
     Images become ``imagesTr/<case>_<channel>.nii.gz`` (4D images split by channel), labels
     ``labelsTr/<case>.nii.gz`` (``<case>`` is the label's file name); the ``"test"`` images go to
     ``imagesTs`` (named after the image), their labels, where there are any, to ``labelsTs``.
+    Where file names repeat in different folders (KiTS: ``case_00000/segmentation.nii.gz``, ...),
+    ``<case>`` is made of the folders instead (``case_00000``; :func:`case_identifiers`), so that
+    every case is written.
     nnU-Net wants its ignore label right after the classes, so the dataset's ignore label (e.g.
     255) and voxels outside a case's ``"mask"`` become label ``C`` (the number of classes),
     named ``"ignore"`` in ``dataset.json`` (v2 format). Headers and affines are kept.
@@ -93,7 +149,9 @@ def to_nnunet_raw(
     Raises:
         ValueError: ``dataset_id`` outside 1..999, a multi-label (regions) dataset (write
             nnU-Net's ``regions_class_order`` by hand), an image whose channels differ from
-            ``dataset.json``, a mask of another shape, or a file that is not NIfTI.
+            ``dataset.json``, a mask of another shape, a file that is not NIfTI, or training
+            labels (or test images) that give no unique case identifiers even with their folders
+            (:func:`case_identifiers`; checked before anything is written).
         FileExistsError: ``nnunet_raw`` holds a dataset with this id already.
         FileNotFoundError: as :meth:`~lovasz_monai.dataset.DatasetDescription.from_json`.
     """
@@ -110,24 +168,26 @@ def to_nnunet_raw(
     taken = sorted(Path(nnunet_raw).glob(f"Dataset{int(dataset_id):03d}_*"))
     if taken:  # nnU-Net refuses two names for one id
         raise FileExistsError(f"{taken[0]} exists; remove it or choose another dataset id")
+    # every case its own identifier (checked before anything is written)
+    train_ids = case_identifiers([c["label"] for c in description.training], "training labels")
+    test_ids = case_identifiers(description.predict_images, "test images")
+    test_id = dict(zip(description.predict_images, test_ids, strict=True))
     ignore_out = description.num_classes
     any_ignored = False
     for folder in ("imagesTr", "labelsTr"):
         (target / folder).mkdir(parents=True)
-    for case in description.training:
-        stem = _case_name(case["label"])
+    for case, stem in zip(description.training, train_ids, strict=True):
         _write_channels(case["image"], target / "imagesTr", stem, description.in_channels)
         path = target / "labelsTr" / f"{stem}.nii.gz"
         any_ignored |= _write_label(case, path, description.ignore_index, ignore_out)
     if description.predict_images:
         (target / "imagesTs").mkdir()
-    for image in description.predict_images:
-        stem = _case_name(image)
+    for image, stem in zip(description.predict_images, test_ids, strict=True):
         _write_channels(image, target / "imagesTs", stem, description.in_channels)
     if description.test:
         (target / "labelsTs").mkdir()
     for case in description.test:
-        path = target / "labelsTs" / f"{_case_name(case['image'])}.nii.gz"
+        path = target / "labelsTs" / f"{test_id[case['image']]}.nii.gz"
         any_ignored |= _write_label(case, path, description.ignore_index, ignore_out)
     raw = json.loads((description.root / "dataset.json").read_text())
     modality = raw.get("modality", raw.get("channel_names")) or {"0": "image"}

@@ -263,7 +263,7 @@ class ComparisonResult:
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict: every NaN float (in lists and dicts too) as ``None``, which
         JSON writes as null; ``inf`` and ``-inf`` stay floats (JSON files hold them as Python's
-        ``Infinity``, which :func:`json.loads` reads back); strings are kept as they are."""
+        ``Infinity``, which ``json.loads`` reads back); strings are kept as they are."""
 
         def null_nan(value: Any) -> Any:
             if isinstance(value, np.generic):  # NumPy scalars as Python numbers

@@ -481,3 +481,81 @@ def test_convert_command_writes_under_nnunet_raw(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         convert_main([str(msd), "--id", "6"])
     assert "set nnUNet_raw or pass --raw" in capsys.readouterr().err
+
+
+def _kits_like(root: Path, cases: int, tests: int) -> Path:
+    """An MSD-layout dataset.json over the KiTS layout: one folder per case, the same file
+    names in every folder (``case_0000i/imaging.nii.gz``, ``case_0000i/segmentation.nii.gz``);
+    case ``i`` is labelled ``i % 3`` with a corner of the ignore label 255."""
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    training, test = [], []
+    for i in range(cases + tests):
+        folder = root / f"case_{i:05d}"
+        folder.mkdir(parents=True)
+        image = np.full((6, 5, 4), float(i), dtype=np.float32)
+        label = np.full((6, 5, 4), i % 3, dtype=np.uint8)
+        label[:2, :2, :2] = 255
+        nib.save(nib.Nifti1Image(image, affine), folder / "imaging.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / "segmentation.nii.gz")
+        case = {
+            "image": f"case_{i:05d}/imaging.nii.gz",
+            "label": f"case_{i:05d}/segmentation.nii.gz",
+        }
+        (training if i < cases else test).append(case)
+    info = {
+        "name": "kits", "modality": {"0": "CT"}, "training": training, "test": test,
+        "labels": {"0": "background", "1": "kidney", "2": "tumor", "255": "ignore"},
+    }  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+def test_conversion_keeps_every_case_when_file_names_repeat_in_case_folders(tmp_path):
+    """KiTS layout: every label is ``segmentation.nii.gz``; the cases used to overwrite each
+    other (one file written, ``numTraining`` 3). The case folders are the identifiers now."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    from lovasz_monai.nnunet.convert import to_nnunet_raw
+
+    msd = _kits_like(tmp_path / "kits", cases=3, tests=2)
+    out = to_nnunet_raw(msd, tmp_path / "raw", 64)
+    info = json.loads((out / "dataset.json").read_text())
+    names = [f"case_{i:05d}" for i in range(3)]
+    assert info["numTraining"] == 3
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"{n}.nii.gz" for n in names]
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [
+        f"{n}_0000.nii.gz" for n in names
+    ]
+    for i, name in enumerate(names):  # each file holds its own case
+        image = np.asarray(nib.load(out / "imagesTr" / f"{name}_0000.nii.gz").dataobj)
+        assert (image == i).all()
+        label = np.asarray(nib.load(out / "labelsTr" / f"{name}.nii.gz").dataobj)
+        assert (label[2:] == i % 3).all() and (label[:2, :2, :2] == 3).all()
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [
+        "case_00003_0000.nii.gz", "case_00004_0000.nii.gz"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == [
+        "case_00003.nii.gz", "case_00004.nii.gz"
+    ]  # fmt: skip
+    test_label = np.asarray(nib.load(out / "labelsTs" / "case_00004.nii.gz").dataobj)
+    assert (test_label[2:] == 4 % 3).all()
+    verify_dataset_integrity(str(out), num_processes=1)
+
+
+def test_case_identifiers_are_unique_or_refused(tmp_path):
+    from lovasz_monai.nnunet.convert import case_identifiers, to_nnunet_raw
+
+    unique = ["l/case_1.nii.gz", "m/case_2.nii.gz"]
+    assert case_identifiers(unique) == ["case_1", "case_2"]  # file names kept when unique
+    nested = ["k/a/x/seg.nii.gz", "k/b/x/seg.nii.gz", "k/b/x/ct.nii"]
+    assert case_identifiers(nested) == ["a_x_seg", "b_x_seg", "b_x_ct"]
+    with pytest.raises(ValueError, match=r"'x_seg': .*x/seg\.nii\.gz, .*x/seg\.nii"):
+        case_identifiers(["k/x/seg.nii.gz", "k/x/seg.nii", "k/y/ct.nii.gz"], "training labels")
+    # a label listed twice: refused before anything is written
+    msd = _kits_like(tmp_path / "kits", cases=2, tests=0)
+    info = json.loads((msd / "dataset.json").read_text())
+    info["training"].append(info["training"][0])
+    (msd / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"training labels .*case_00000_segmentation"):
+        to_nnunet_raw(msd, tmp_path / "raw", 65)
+    assert not (tmp_path / "raw").exists()
