@@ -75,6 +75,10 @@ def _is_index_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(_is_index(x) for x in value)
 
 
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
 def _parse_labels(
     labels: Any, source: Path
 ) -> tuple[list[str], int | None, dict[str, list[int]] | None]:
@@ -105,9 +109,10 @@ def _parse_labels(
                 pairs.append((int(value), name))
         if any(isinstance(v, list) for v in labels.values()):
             regions = {
-                name: [int(x) for x in (value if isinstance(value, list) else [value])]
+                name: [int(x) for x in _as_list(value)]
                 for name, value in labels.items()
-                if name.strip().lower() != "ignore" and value not in (0, [0])  # background
+                # the background may come as 0, [0] or [0, 0] (nnU-Net reads all as background)
+                if name.strip().lower() != "ignore" and set(_as_list(value)) != {0}
             }
             values = sorted({x for r in regions.values() for x in r} | {0})
             pairs = [(v, str(v)) for v in range(max(values) + 1)]

@@ -86,9 +86,10 @@ def test_regions(tiny, tmp_path):
         DatasetDescription.from_json(tiny, regions={})
 
 
-def test_background_given_as_a_list_stays_the_background(tiny, tmp_path):
+@pytest.mark.parametrize("background", [[0], [0, 0]])
+def test_background_given_as_a_list_stays_the_background(tiny, tmp_path, background):
     """nnU-Net v2 allows ``"background": [0]``: it is not a region."""
-    labels = {"background": [0], "whole": [1, 2], "core": 2}
+    labels = {"background": background, "whole": [1, 2], "core": 2}
     desc = DatasetDescription.from_json(_with_json(tiny, tmp_path, labels=labels))
     assert desc.class_names == ("whole", "core") and desc.regions == {"whole": (1, 2), "core": (2,)}
 
