@@ -32,6 +32,7 @@ from torchmetrics import Metric
 from lovasz_monai import hparams as _hparams
 from lovasz_monai.deep_supervision import deep_supervision_loss, head_weights, split_heads
 from lovasz_monai.evaluation import SegmentationMetrics
+from lovasz_monai.functional import integer_or_none
 from lovasz_monai.labels import IGNORED, LabelSemantics
 from lovasz_monai.losses import default_loss
 from lovasz_monai.objective import ScheduledLoss
@@ -200,13 +201,13 @@ class LovaszSegmentationModule(pl.LightningModule):
             raise ValueError(f"finetune_lr_scale must be finite and > 0, got {finetune_lr_scale}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
-        if not (sw_batch_size >= 1 and sw_batch_size == int(sw_batch_size)):  # NaN too
+        if integer_or_none(sw_batch_size) is None or sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size}")
         if sw_mode not in ("gaussian", "constant"):
             raise ValueError(f"sw_mode must be 'gaussian' or 'constant', got {sw_mode!r}")
         # MONAI's sliding window reads a size <= 0 as "the whole image": on a CT volume that is
         # one window of the whole volume, not the patch size asked for
-        if not roi_size or not all(s >= 1 and s == int(s) for s in roi_size):
+        if not roi_size or any(integer_or_none(s) is None or s < 1 for s in roi_size):
             raise ValueError(f"roi_size must be positive integer sizes, got {tuple(roi_size)}")
         head_weights(1, deep_supervision_weight_mode)  # validates the mode
         self.labels = LabelSemantics.from_outputs(

@@ -34,16 +34,12 @@ from monai.transforms import (
 )
 
 from lovasz_monai.dataset import CASE_KEYS
+from lovasz_monai.functional import integer_or_none
 from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
 
 __all__ = ["SegmentationPipelines"]
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def _is_integer(value: Any) -> bool:
-    """A Python or numpy integer (not a bool, a float or a string)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_count(name: str, value: Any, minimum: int = 1) -> int:
@@ -66,7 +62,7 @@ def _check_count(name: str, value: Any, minimum: int = 1) -> int:
             ...
         ValueError: num_workers must be an integer >= 0, got 0.5.
     """
-    if not _is_integer(value) or value < minimum:
+    if integer_or_none(value) is None or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}.")
     return int(value)
@@ -201,17 +197,16 @@ class SegmentationPipelines:
         num_samples = _check_count("num_samples", self.num_samples)
         ignore_index = self.ignore_index
         if ignore_index is not None:
-            if not _is_integer(ignore_index) or 0 <= ignore_index < num_label_values:
+            if integer_or_none(ignore_index) is None or 0 <= ignore_index < num_label_values:
                 raise ValueError(
                     f"ignore_index must be None or an integer outside the class values "
                     f"[0, {num_label_values}), got {ignore_index!r}."
                 )
             ignore_index = int(ignore_index)
         regions = None if self.regions is None else self._checked_regions(num_label_values)
-        roi_size = tuple(self.roi_size)
-        if len(roi_size) != 3 or not all(_is_integer(s) and s >= 1 for s in roi_size):
-            raise ValueError(f"roi_size must be 3 positive integers, got {roi_size}.")
-        roi_size = tuple(int(s) for s in roi_size)
+        roi_size = tuple(map(integer_or_none, self.roi_size))
+        if len(roi_size) != 3 or None in roi_size or min(roi_size) < 1:
+            raise ValueError(f"roi_size must be 3 positive integers, got {tuple(self.roi_size)}.")
         spacing = self.spacing
         if spacing is not None:
             spacing = tuple(float(s) for s in spacing)
@@ -259,14 +254,14 @@ class SegmentationPipelines:
             )
         checked: dict[str, tuple[int, ...]] = {}
         for name, values in regions.items():
-            listed = [values] if _is_integer(values) else values
+            listed = [values] if integer_or_none(values) is not None else values
             if isinstance(listed, np.ndarray) and listed.ndim == 1:
                 listed = listed.tolist()
             if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence) or not listed:
                 raise ValueError(
                     f"regions['{name}'] must be a non-empty list of label values, got {values!r}."
                 )
-            bad = [v for v in listed if not _is_integer(v) or not 0 <= v < num_label_values]
+            bad = [v for v in listed if integer_or_none(v) is None or not 0 <= v < num_label_values]
             if bad:
                 raise ValueError(
                     f"regions['{name}'] must list integer label values in "

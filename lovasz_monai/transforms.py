@@ -27,7 +27,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
-from lovasz_monai.functional import label_equals
+from lovasz_monai.functional import dtype_holds, integer_or_none, label_equals
 
 __all__ = ["CheckImageLabeld", "IgnoreMaskd", "LabelToRegionsd"]
 
@@ -71,21 +71,6 @@ def _comparable(lab: torch.Tensor, label: Any, key: Hashable) -> torch.Tensor:
             f"label {_name(label, key)} (uint64) holds values above {torch.iinfo(torch.int64).max}"
         )
     return out
-
-
-def _is_integer(value: Any) -> bool:
-    """A Python or numpy integer (not a bool, not a float, not a string)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _holds(dtype: torch.dtype, value: int) -> bool:
-    """Whether ``dtype`` represents ``value`` exactly."""
-    if dtype == torch.bool:
-        return value in (0, 1)
-    if dtype.is_floating_point:
-        return float(torch.tensor(value, dtype=torch.float64).to(dtype)) == value
-    info = torch.iinfo(dtype)
-    return info.min <= value <= info.max
 
 
 def _check_channel_first(x: torch.Tensor, key: Hashable, what: str) -> None:
@@ -162,9 +147,9 @@ class IgnoreMaskd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if ignore_index is not None and not _is_integer(ignore_index):
+        if ignore_index is not None and integer_or_none(ignore_index) is None:
             raise ValueError(f"ignore_index must be an integer or None, got {ignore_index!r}.")
-        if not _is_integer(fill_value):
+        if integer_or_none(fill_value) is None:
             raise ValueError(f"fill_value must be an integer (a class), got {fill_value!r}.")
         self.ignore_index = ignore_index
         self.mask_key = mask_key
@@ -195,7 +180,7 @@ class IgnoreMaskd(MapTransform):
             # 2a. Voxels equal to ignore_index (in any channel) do not count; the label gets
             # fill_value there, so it stays a valid class map.
             if self.ignore_index is not None:
-                if not _holds(lab.dtype, int(self.fill_value)):
+                if not dtype_holds(lab.dtype, int(self.fill_value)):
                     raise ValueError(
                         f"fill_value {self.fill_value} does not fit the dtype "
                         f"{str(lab.dtype).removeprefix('torch.')} of label {_name(label, key)}; "
@@ -288,7 +273,7 @@ class LabelToRegionsd(MapTransform):
             raise ValueError("regions must name at least one region, got an empty mapping.")
         self.regions: dict[str, list[int]] = {}
         for name, values in regions.items():
-            if _is_integer(values):
+            if integer_or_none(values) is not None:
                 values = [values]
             elif isinstance(values, np.ndarray) and values.ndim == 1:
                 values = values.tolist()
@@ -300,7 +285,7 @@ class LabelToRegionsd(MapTransform):
             values = list(values)
             if not values:
                 raise ValueError(f"region '{name}' lists no label values.")
-            bad = [v for v in values if not _is_integer(v)]
+            bad = [v for v in values if integer_or_none(v) is None]
             if bad:
                 raise ValueError(
                     f"region values must be integers: region '{name}' has {bad!r} in {values!r}."

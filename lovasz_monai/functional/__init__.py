@@ -34,6 +34,7 @@ from lovasz_monai.functional.arguments import (
     check_probabilities,
     collective_check,
     distributed_world_size,
+    integer_or_none,
 )
 from lovasz_monai.functional.class_losses import (
     ClassSelection,
@@ -47,7 +48,7 @@ from lovasz_monai.functional.class_losses import (
 from lovasz_monai.functional.extension import lovasz_extension, lovasz_weights
 from lovasz_monai.functional.lovasz import lovasz_hinge, lovasz_softmax
 from lovasz_monai.functional.rows import lovasz_grad
-from lovasz_monai.functional.targets import decode_target, label_equals
+from lovasz_monai.functional.targets import decode_target, dtype_holds, label_equals
 
 __all__ = [
     "DEFAULT_BINS",
@@ -66,6 +67,8 @@ __all__ = [
     "collective_check",
     "decode_target",
     "distributed_world_size",
+    "dtype_holds",
+    "integer_or_none",
     "label_equals",
     "lovasz_class_losses",
     "lovasz_extension",

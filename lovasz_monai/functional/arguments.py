@@ -137,7 +137,7 @@ def check_lovasz_arguments(
             raise ValueError(f"classes must be 'present', 'all' or a list, got {classes!r}")
     else:
         given = list(classes)
-        classes = [c for c in map(_integer_or_none, given) if c is not None]
+        classes = [c for c in map(integer_or_none, given) if c is not None]
         if len(classes) != len(given) or not classes or min(classes) < 0:
             raise ValueError(
                 f"classes must be a non-empty list of integer class indices >= 0, got {given}"
@@ -146,9 +146,14 @@ def check_lovasz_arguments(
     return classes
 
 
-def _integer_or_none(value: object) -> int | None:
+def integer_or_none(value: object) -> int | None:
     """``value`` as an ``int`` if it is an integer (Python, numpy or 0-d integer tensor) other
-    than a bool, else ``None`` (a float such as 1.7, or ``True``, is no class index)."""
+    than a bool, else ``None`` (a float such as 1.7, a string, or ``True`` is no label value).
+
+    Example:
+        >>> integer_or_none(3), integer_or_none(1.7), integer_or_none(True), integer_or_none("1")
+        (3, None, None, None)
+    """
     if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         return None
     try:
@@ -170,7 +175,7 @@ def check_ignore_index(ignore_index: int | None) -> int | None:
     """
     if ignore_index is None:
         return None
-    index = _integer_or_none(ignore_index)
+    index = integer_or_none(ignore_index)
     if index is None:
         raise ValueError(
             f"ignore_index must be an integer label value or None, got {ignore_index!r}"

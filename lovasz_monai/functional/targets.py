@@ -20,7 +20,7 @@ from lovasz_monai.functional.arguments import (
     check_ignore_index,
 )
 
-__all__ = ["decode_target", "label_equals"]
+__all__ = ["decode_target", "dtype_holds", "label_equals"]
 
 
 def label_equals(labels: Tensor, value: int) -> Tensor:
@@ -42,12 +42,18 @@ def label_equals(labels: Tensor, value: int) -> Tensor:
         >>> label_equals(labels, -1), labels == -1
         (tensor([False, False, False]), tensor([False, False,  True]))
     """
-    if not _dtype_holds(labels.dtype, value):
+    if not dtype_holds(labels.dtype, value):
         return torch.zeros_like(labels, dtype=torch.bool)
     return labels == value
 
 
-def _dtype_holds(dtype: torch.dtype, value: int) -> bool:
+def dtype_holds(dtype: torch.dtype, value: int) -> bool:
+    """Whether ``dtype`` represents the integer ``value`` exactly.
+
+    Example:
+        >>> dtype_holds(torch.uint8, 255), dtype_holds(torch.uint8, -1), dtype_holds(torch.bool, 2)
+        (True, False, False)
+    """
     if dtype == torch.bool:
         return value in (0, 1)
     if dtype.is_floating_point:
@@ -129,7 +135,7 @@ def _label_map(
         low, high = target.min().item(), target.max().item()
         if low < 0 or high >= num_labels:
             ignored = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-            if ignore_index is not None and not _dtype_holds(target.dtype, ignore_index):
+            if ignore_index is not None and not dtype_holds(target.dtype, ignore_index):
                 ignored += (
                     f" (a {str(target.dtype).replace('torch.', '')} label map cannot hold it)"
                 )
