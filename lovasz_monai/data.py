@@ -31,8 +31,9 @@ from lovasz_monai import dataset as _dataset
 from lovasz_monai import synthetic as _synthetic
 from lovasz_monai import writer as _writer
 from lovasz_monai.dataset import check_case_headers, find_images, lateralised_labels, split_cases
+from lovasz_monai.functional import check_count
 from lovasz_monai.labels import LabelSemantics
-from lovasz_monai.pipelines import SegmentationPipelines, _check_count
+from lovasz_monai.pipelines import SegmentationPipelines
 
 __all__ = ["SegmentationDataModule"]
 
@@ -193,9 +194,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        batch_size = _check_count("batch_size", batch_size)
-        num_samples = _check_count("num_samples", num_samples)
-        num_workers = _check_count("num_workers", num_workers, minimum=0)
+        batch_size = check_count("batch_size", batch_size)
+        num_samples = check_count("num_samples", num_samples)
+        num_workers = check_count("num_workers", num_workers, minimum=0)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if not 0.0 <= cache_rate <= 1.0:

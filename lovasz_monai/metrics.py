@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import csv
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
@@ -69,7 +69,7 @@ from monai.metrics import (
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch import Tensor
 
-from lovasz_monai.functional import check_finite
+from lovasz_monai.functional import check_finite, integer_or_none
 
 __all__ = [
     "CaseMetrics",
@@ -207,7 +207,7 @@ def _class_masks(pred: Tensor, label: Tensor, mask: Tensor | None, c: int, multi
 def _check_inputs(
     pred: Tensor, label: Tensor, mask: Tensor | None, num_classes: int, multi_label: bool
 ) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+    if integer_or_none(num_classes) is None:
         raise TypeError(f"num_classes must be an integer, got {num_classes!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -251,11 +251,15 @@ def _check_inputs(
 
 def _check_spacing(spacing: Spacing) -> None:
     """Refuse voxel sizes that are not finite and > 0: MONAI's distances take them as they come
-    (a 0 makes every distance 0, a negative size the same distances as its absolute value)."""
+    (a 0 makes every distance 0, a negative size the same distances as its absolute value).
+    ``spacing`` is one number, one size per axis, or one such row per case (numpy included)."""
     if spacing is None:
         return
-    sizes = [s for row in spacing for s in (row if isinstance(row, Sequence) else [row])]
-    if not all(isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sizes):
+    try:
+        sizes = np.asarray(spacing, dtype=np.float64)
+    except (TypeError, ValueError):  # not numbers, or rows of different lengths
+        sizes = np.array(math.nan)
+    if sizes.size == 0 or not bool(np.all(np.isfinite(sizes) & (sizes > 0))):
         raise ValueError(f"spacing must hold finite voxel sizes > 0, got {spacing}")
 
 
@@ -317,11 +321,12 @@ def case_metrics(
         x.long() if isinstance(x, Tensor) and x.dtype in _FEW_KERNELS else x for x in (pred, label)
     )
     _check_inputs(pred, label, mask, num_classes, multi_label)
-    _check_spacing(spacing)
     batch = pred.shape[0]
     surface = sorted(set(surface_classes)) if surface_classes is not None else None
     if surface is not None and any(not 0 <= c < num_classes for c in surface):
         raise ValueError(f"surface_classes must lie in [0, {num_classes}), got {surface}")
+    if surface:
+        _check_spacing(spacing)  # only the surface metrics use it
     keys = METRICS if surface is not None else METRICS[:2]
     out = {k: torch.full((batch, num_classes), math.nan, dtype=torch.float32) for k in keys}
     for c in range(num_classes):

@@ -34,38 +34,12 @@ from monai.transforms import (
 )
 
 from lovasz_monai.dataset import CASE_KEYS
-from lovasz_monai.functional import integer_or_none
+from lovasz_monai.functional import check_count, integer_or_none
 from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
 
 __all__ = ["SegmentationPipelines"]
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def _check_count(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an ``int`` if it is an integer ``>= minimum``.
-
-    Args:
-        name: the argument's name, for the message.
-        value: the value given.
-        minimum: the smallest value allowed (1: a positive integer, 0: a non-negative one).
-
-    Raises:
-        ValueError: ``value`` is not an integer (floats such as ``1.5`` and bools included) or
-            is below ``minimum``; the message names the argument, the expectation and the value.
-
-    Example:
-        >>> _check_count("batch_size", 2)
-        2
-        >>> _check_count("num_workers", 0.5, minimum=0)
-        Traceback (most recent call last):
-            ...
-        ValueError: num_workers must be an integer >= 0, got 0.5.
-    """
-    if integer_or_none(value) is None or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {what}, got {value!r}.")
-    return int(value)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -192,9 +166,9 @@ class SegmentationPipelines:
 
     def _check_settings(self) -> None:
         """Check the settings and store the sequences as tuples of numbers."""
-        in_channels = _check_count("in_channels", self.in_channels)
-        num_label_values = _check_count("num_label_values", self.num_label_values)
-        num_samples = _check_count("num_samples", self.num_samples)
+        in_channels = check_count("in_channels", self.in_channels)
+        num_label_values = check_count("num_label_values", self.num_label_values)
+        num_samples = check_count("num_samples", self.num_samples)
         ignore_index = self.ignore_index
         if ignore_index is not None:
             if integer_or_none(ignore_index) is None or 0 <= ignore_index < num_label_values:

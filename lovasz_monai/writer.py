@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from monai.data import MetaTensor, decollate_batch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
-from lovasz_monai.dataset import nifti_stem
+from lovasz_monai.dataset import nifti_stem, repeated_names_root
 
 __all__ = ["NiftiPredictionWriter", "prediction_dtype", "prediction_path", "save_prediction"]
 
@@ -126,26 +125,6 @@ def prediction_path(
     return path / f"{nifti_stem(source)}{postfix}.nii.gz"
 
 
-def _distinguishing_root(sources: Iterable[str | os.PathLike]) -> str | None:
-    """``None`` when the images' base names (file names without ``.nii``/``.nii.gz``) differ,
-    else the deepest folder that holds them all: the ``data_root_dir`` that keeps the folders
-    that tell images of one base name apart (KiTS: ``case_00000/imaging.nii.gz``, ...).
-
-    Example:
-        >>> _distinguishing_root(["a/ct_1.nii.gz", "a/ct_2.nii.gz"]) is None
-        True
-        >>> import os
-        >>> root = _distinguishing_root(["k/case_0/imaging.nii.gz", "k/case_1/imaging.nii.gz"])
-        >>> os.path.relpath(root)
-        'k'
-    """
-    sources = [os.fspath(s) for s in sources]
-    stems = [nifti_stem(s) for s in sources]
-    if len(set(stems)) == len(stems):
-        return None
-    return os.path.commonpath([os.path.dirname(os.path.abspath(s)) for s in sources])
-
-
 def save_prediction(
     pred: torch.Tensor,
     output_dir: str | os.PathLike,
@@ -200,7 +179,10 @@ def save_prediction(
     else:
         affine = np.eye(4)
     path = prediction_path(source, output_dir, postfix, data_root_dir)
-    data = _cast_exactly(array, prediction_dtype(array) if dtype is None else dtype, source)
+    if dtype is None:  # exact by construction
+        data = array.astype(prediction_dtype(array), copy=False)
+    else:
+        data = _cast_exactly(array, dtype, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(data, affine, dtype=data.dtype)
     image.set_qform(affine, code=1)
@@ -234,8 +216,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
     writer looks at the datamodule's ``predict_files`` when prediction starts: when base names
     repeat there, their common folder is used as ``data_root_dir``; when they are all different
     the files go flat into ``output_dir`` (the nnU-Net convention). Should two images of a run
-    still map to one file (e.g. ``a.nii`` and ``a.nii.gz`` in one folder, or a datamodule without
-    ``predict_files``), the writer raises instead of overwriting.
+    still map to one file (e.g. ``a.nii`` and ``a.nii.gz`` in one folder, images without a file
+    name, or a datamodule without ``predict_files``), the writer raises instead of overwriting.
+    Under DDP each process sees only its own share while it writes, so only the check of
+    ``predict_files`` at the start covers images of different processes.
 
     ``LovaszCLI`` always adds this callback (options ``--prediction_writer.output_dir``,
     ``--prediction_writer.postfix`` and ``--prediction_writer.data_root_dir``); it acts in
@@ -286,15 +270,18 @@ class NiftiPredictionWriter(BasePredictionWriter):
         return Path(trainer.default_root_dir) / "predictions"
 
     def _claim(self, path: Path, source: str) -> None:
-        """Record that ``source`` goes to ``path``; raise if another image went there."""
+        """Record that ``source`` goes to ``path``; raise if an image of this run went there
+        (another one, one without a file name, or the same image listed twice)."""
         key = Path(os.path.abspath(path))
-        other = self._sources.setdefault(key, source)
-        if os.path.abspath(other) != os.path.abspath(source):
+        other = self._sources.get(key)
+        if other is not None:
             raise ValueError(
                 f"NiftiPredictionWriter: {source} and {other} would both be written to {path}; "
                 "set data_root_dir (--prediction_writer.data_root_dir) to a folder above both "
-                "to keep their folders in the output paths, or give them different file names."
+                "to keep their folders in the output paths, give them different file names, or "
+                "list each image once."
             )
+        self._sources[key] = source
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.written = []
@@ -304,7 +291,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         sources = [f.get("image") if isinstance(f, dict) else f for f in files]
         sources = [os.fspath(s) for s in sources if isinstance(s, (str, os.PathLike))]
         if self._root is None and sources:
-            self._root = _distinguishing_root(sources)
+            self._root = repeated_names_root(sources)
         # fail before predicting when two images of the run would share a file
         output_dir = self.resolve_output_dir(trainer)
         for source in sources:

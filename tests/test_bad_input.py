@@ -662,10 +662,12 @@ def test_zero_one_validity_equals_bool_validity():
 @pytest.mark.parametrize("ignore_index", [True, 1.5])
 def test_functions_refuse_an_ignore_index_that_is_no_label_value(ignore_index):
     """``True`` ignored class 1 and ``1.5`` matched no voxel, both silently."""
-    probs = torch.softmax(torch.randn(1, 3, 8), dim=1)
-    labels = torch.randint(0, 3, (1, 1, 8))
+    probs = torch.softmax(torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.tensor([[[0, 1, 2, 2, 1, 0, 2, 1]]])
     with pytest.raises(ValueError, match=f"ignore_index must be an integer .*got {ignore_index}"):
         Fn.lovasz_softmax(probs, labels, ignore_index=ignore_index)
-    # integer types other than int are label values
-    same = Fn.lovasz_softmax(probs, labels, ignore_index=np.int64(2))
-    assert same == Fn.lovasz_softmax(probs, labels, ignore_index=2)
+    # a numpy integer is a label value: its voxels leave out as under a mask (labels 2 -> 0)
+    ignored = Fn.lovasz_softmax(probs, labels, ignore_index=np.int64(2))
+    masked = Fn.lovasz_softmax(probs, labels.masked_fill(labels == 2, 0), valid=labels != 2)
+    torch.testing.assert_close(ignored, masked)
+    assert (labels == 2).any() and ignored != Fn.lovasz_softmax(probs, labels)

@@ -324,6 +324,14 @@ def test_bad_inputs_raise():
     ]:
         with pytest.raises(ValueError, match="spacing must hold finite voxel sizes > 0"):
             case_metrics(x, x, num_classes=2, spacing=spacing, surface_classes=[1])
+    # the forms MONAI takes still work: one number, per-case numpy rows; unused without surface
+    cube = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    cube[..., 1:3, 1:3, 1:3] = 1
+    shifted = cube.roll(1, dims=2)
+    for spacing, expected in [(2.0, 2.0), ([np.array([3.0, 1.0, 1.0])], 3.0)]:
+        hd95 = case_metrics(shifted, cube, num_classes=2, spacing=spacing, surface_classes=[1])
+        assert hd95["HD95"][0, 1].item() == pytest.approx(expected)
+    assert case_metrics(cube, cube, num_classes=2, spacing=(0.0, 0.0, 0.0))["IoU"][0, 1] == 1
     # repeated class names (or the same logged key) would overwrite each other's columns
     with pytest.raises(ValueError, match="class names must be distinct"):
         CaseMetrics(3, ["bg", "organ", "organ"])

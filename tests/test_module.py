@@ -137,7 +137,6 @@ def test_softmax_cross_entropy_is_refused_for_sigmoid_outputs(term, outputs):
     """On one sigmoid channel ``nn.CrossEntropyLoss`` is 0 for any logits (a warm-up that learns
     nothing); on regions it would make overlapping regions exclusive."""
     logits = torch.randn(2, 1, 8, requires_grad=True)
-    assert nn.CrossEntropyLoss()(logits, torch.rand(2, 1, 8)).item() == 0.0  # why it is refused
     schedule = {"warmup_epochs": 1} if term == "warmup_loss" else {}
     with pytest.raises(ValueError, match="BCEWithLogitsLoss"):
         tiny_model(**outputs, **{term: nn.CrossEntropyLoss()}, **schedule)

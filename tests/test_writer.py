@@ -161,3 +161,15 @@ def test_two_images_to_one_file_are_refused_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match=r"a\.nii\.gz and .*a\.nii would both be written"):
         writer.on_predict_start(_trainer(tmp_path, same), None)
     assert not (tmp_path / "out3").exists()
+
+
+def test_images_without_a_file_name_or_listed_twice_are_refused(tmp_path):
+    """Both used to go silently to one file (images without a name are all "prediction")."""
+    writer = NiftiPredictionWriter(str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"prediction and prediction would both be written"):
+        _predict(writer, _trainer(tmp_path), ["", ""])
+    assert writer.written == [tmp_path / "out" / "prediction.nii.gz"]
+    twice = _kits_sources(tmp_path, 1) * 2
+    writer = NiftiPredictionWriter(str(tmp_path / "out2"))
+    with pytest.raises(ValueError, match=r"list each image once"):
+        writer.on_predict_start(_trainer(tmp_path, twice), None)

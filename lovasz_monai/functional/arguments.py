@@ -154,12 +154,40 @@ def integer_or_none(value: object) -> int | None:
         >>> integer_or_none(3), integer_or_none(1.7), integer_or_none(True), integer_or_none("1")
         (3, None, None, None)
     """
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+    if isinstance(value, bool) or (
+        isinstance(value, Tensor) and (value.ndim != 0 or value.dtype == torch.bool)
+    ):
         return None
     try:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= minimum``.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value given.
+        minimum: the smallest value allowed (1: a positive integer, 0: a non-negative one).
+
+    Raises:
+        ValueError: ``value`` is not an integer (floats such as ``1.5`` and bools included) or
+            is below ``minimum``; the message names the argument, the expectation and the value.
+
+    Example:
+        >>> check_count("batch_size", 2)
+        2
+        >>> check_count("num_workers", 0.5, minimum=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: num_workers must be an integer >= 0, got 0.5.
+    """
+    if integer_or_none(value) is None or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+    return int(value)
 
 
 def check_ignore_index(ignore_index: int | None) -> int | None:

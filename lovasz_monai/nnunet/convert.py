@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lovasz_monai.dataset import DatasetDescription, nifti_stem
+from lovasz_monai.dataset import DatasetDescription, nifti_stem, repeated_names_root
 
 __all__ = ["case_identifiers", "to_nnunet_raw"]
 
@@ -53,10 +53,10 @@ def case_identifiers(paths: Sequence[str], what: str = "files") -> list[str]:
         ['a_seg', 'a_ct', 'b_seg']
     """
     stems = [_case_name(p) for p in paths]
-    if len(set(stems)) == len(stems):
+    common = repeated_names_root(paths)
+    if common is None:
         return stems
     folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
-    common = os.path.commonpath(folders)
     parts = [Path(os.path.relpath(f, common)).parts if f != common else () for f in folders]
     by_folder = ["_".join(ps) for ps in parts]
     if all(by_folder) and len(set(by_folder)) == len(by_folder):

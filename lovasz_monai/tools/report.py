@@ -284,8 +284,9 @@ class ComparisonResult:
 
         Every field must have its annotated type (an integer is a float, a boolean is not a
         number; float fields may be null). Fields added after a file was written may be
-        missing (their defaults, see :class:`RunResult`). The losses must be keys of
-        :data:`LOSSES`, ``counted_classes`` (of the comparison and of its runs) indices of
+        missing (their defaults, see :class:`RunResult`). Each run's loss must be one of
+        ``losses`` (a loss that is not a key of :data:`LOSSES`, a recipe renamed or removed
+        since, only warns), ``counted_classes`` (of the comparison and of its runs) indices of
         ``class_names``, and the per-class lists of every run (``iou``, ``dice_per_class``,
         ``case_iou`` and ``class_voxels``, the last two may be empty) one value per class.
 
@@ -296,12 +297,17 @@ class ComparisonResult:
         result = _from_json(data, cls, "")
         n = len(result.class_names)
         problems = [] if result.losses else [("losses", "at least one loss", "[]")]
-        losses = [(f"losses[{i}]", loss) for i, loss in enumerate(result.losses)]
-        losses += [(f"runs[{i}].loss", run.loss) for i, run in enumerate(result.runs)]
+        unknown = sorted({loss for loss in result.losses if loss not in LOSSES})
+        if unknown:  # a recipe renamed or removed since: its results still count
+            warnings.warn(
+                f"losses {unknown} are not recipes of this version (LOSSES); they are reported "
+                "without their description",
+                stacklevel=2,
+            )
         problems += [
-            (where, f"a key of LOSSES {sorted(LOSSES)}", repr(loss))
-            for where, loss in losses
-            if loss not in LOSSES
+            (f"runs[{i}].loss", f"one of losses {result.losses}", repr(run.loss))
+            for i, run in enumerate(result.runs)
+            if run.loss not in result.losses
         ]
         owners = [("", result), *((f"runs[{i}].", run) for i, run in enumerate(result.runs))]
         for prefix, owner in owners:
@@ -724,7 +730,11 @@ def markdown_table(result: ComparisonResult) -> str:
         cells.append("n/a" if timed is None or not base else f"{timed / base:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Losses:", ""]
-    lines += [f"- `{loss}`: {LOSSES[loss].description}" for loss in result.losses]
+    lines += [
+        f"- `{loss}`: "
+        + (LOSSES[loss].description if loss in LOSSES else "(not a recipe of this version)")
+        for loss in result.losses
+    ]
     continued = [r for r in result.runs if r.resumed_at_steps]
     if continued:
         lines += [
