@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.transforms import (
@@ -35,7 +34,12 @@ from monai.transforms import (
 
 from lovasz_monai.dataset import CASE_KEYS
 from lovasz_monai.functional import check_count, integer_or_none
-from lovasz_monai.transforms import CheckImageLabeld, IgnoreMaskd, LabelToRegionsd
+from lovasz_monai.transforms import (
+    CheckImageLabeld,
+    IgnoreMaskd,
+    LabelToRegionsd,
+    region_values,
+)
 
 __all__ = ["SegmentationPipelines"]
 
@@ -228,14 +232,8 @@ class SegmentationPipelines:
             )
         checked: dict[str, tuple[int, ...]] = {}
         for name, values in regions.items():
-            listed = [values] if integer_or_none(values) is not None else values
-            if isinstance(listed, np.ndarray) and listed.ndim == 1:
-                listed = listed.tolist()
-            if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence) or not listed:
-                raise ValueError(
-                    f"regions['{name}'] must be a non-empty list of label values, got {values!r}."
-                )
-            bad = [v for v in listed if integer_or_none(v) is None or not 0 <= v < num_label_values]
+            listed = region_values(name, values)
+            bad = [v for v in listed if not 0 <= v < num_label_values]
             if bad:
                 raise ValueError(
                     f"regions['{name}'] must list integer label values in "

@@ -29,7 +29,7 @@ from monai.utils import convert_to_dst_type
 
 from lovasz_monai.functional import dtype_holds, integer_or_none, label_equals
 
-__all__ = ["CheckImageLabeld", "IgnoreMaskd", "LabelToRegionsd"]
+__all__ = ["CheckImageLabeld", "IgnoreMaskd", "LabelToRegionsd", "region_values"]
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -79,6 +79,38 @@ def _check_channel_first(x: torch.Tensor, key: Hashable, what: str) -> None:
             f"{what} '{key}' must be channel-first (C, *spatial) with at least one spatial dim, "
             f"got shape {tuple(x.shape)}."
         )
+
+
+def region_values(name: str, values: Any) -> list[int]:
+    """The label values of region ``name``: one integer, or a non-empty list (or 1-D numpy
+    array) of integers.
+
+    Example:
+        >>> region_values("WT", [1, 2, 3]), region_values("ET", 3)
+        ([1, 2, 3], [3])
+
+    Raises:
+        ValueError: a string (``"12"`` is not ``[1, 2]``), an empty list, or a value that is not
+            an integer (``2.5``, ``True``).
+    """
+    if integer_or_none(values) is not None:
+        values = [values]
+    elif isinstance(values, np.ndarray) and values.ndim == 1:
+        values = values.tolist()
+    elif isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(
+            f"region '{name}' must be an integer or a list of integers (label values), "
+            f"got {values!r}."
+        )
+    values = list(values)
+    if not values:
+        raise ValueError(f"region '{name}' lists no label values.")
+    bad = [v for v in values if integer_or_none(v) is None]
+    if bad:
+        raise ValueError(
+            f"region values must be integers: region '{name}' has {bad!r} in {values!r}."
+        )
+    return [int(v) for v in values]
 
 
 class IgnoreMaskd(MapTransform):
@@ -271,26 +303,7 @@ class LabelToRegionsd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if not regions:
             raise ValueError("regions must name at least one region, got an empty mapping.")
-        self.regions: dict[str, list[int]] = {}
-        for name, values in regions.items():
-            if integer_or_none(values) is not None:
-                values = [values]
-            elif isinstance(values, np.ndarray) and values.ndim == 1:
-                values = values.tolist()
-            elif isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-                raise ValueError(
-                    f"region '{name}' must be an integer or a list of integers (label values), "
-                    f"got {values!r}."
-                )
-            values = list(values)
-            if not values:
-                raise ValueError(f"region '{name}' lists no label values.")
-            bad = [v for v in values if integer_or_none(v) is None]
-            if bad:
-                raise ValueError(
-                    f"region values must be integers: region '{name}' has {bad!r} in {values!r}."
-                )
-            self.regions[str(name)] = [int(v) for v in values]
+        self.regions = {str(name): region_values(name, values) for name, values in regions.items()}
         self.dtype = dtype
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

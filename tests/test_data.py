@@ -656,11 +656,11 @@ def test_counts_must_be_integers(tiny, kwargs, match):
         ({"ignore_index": 0}, r"ignore_index .*outside .*\[0, 3\), got 0"),
         ({"ignore_index": 255.5}, r"ignore_index .*got 255\.5"),
         ({"regions": {}}, r"regions must be None or a non-empty mapping"),
-        ({"regions": {"a": []}}, r"regions\['a'\] must be a non-empty list"),
-        ({"regions": {"a": "12"}}, r"regions\['a'\] must be a non-empty list .*'12'"),
+        ({"regions": {"a": []}}, r"region 'a' lists no label values"),
+        ({"regions": {"a": "12"}}, r"region 'a' must be an integer or a list .*got '12'"),
         ({"regions": {"a": [1, 3]}}, r"regions\['a'\] .*\[0, 3\), got \[3\]"),
         ({"regions": {"a": [-1]}}, r"regions\['a'\] .*\[0, 3\), got \[-1\]"),
-        ({"regions": {"a": [2.5]}}, r"regions\['a'\] .*got \[2\.5\]"),
+        ({"regions": {"a": [2.5]}}, r"region values must be integers: region 'a' has \[2\.5\]"),
     ],
 )
 def test_pipelines_check_counts_ignore_index_and_regions(kwargs, match):
