@@ -23,7 +23,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,6 @@ __all__ = [
     "describe_dataset",
     "find_images",
     "lateralised_labels",
-    "nifti_stem",
     "split_cases",
 ]
 
@@ -397,39 +396,6 @@ def split_cases(
 
 
 _SIDE = re.compile(r"(?:^|[^a-z])(left|right|lh|rh|l|r)(?:$|[^a-z])", re.IGNORECASE)
-
-
-def nifti_stem(path: str | os.PathLike) -> str:
-    """The file name without its NIfTI suffix (``.nii.gz`` or ``.nii``; other names unchanged).
-
-    Example:
-        >>> nifti_stem("a/ct_1.nii.gz"), nifti_stem("b.nii"), nifti_stem("c.png")
-        ('ct_1', 'b', 'c.png')
-    """
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def repeated_names_root(paths: Iterable[str | os.PathLike]) -> str | None:
-    """``None`` when the files' base names (:func:`nifti_stem`) all differ, else the deepest
-    folder that holds them all: the folders below it tell files of one name apart (KiTS:
-    ``case_00000/imaging.nii.gz``, ``case_00001/imaging.nii.gz``).
-
-    Example:
-        >>> repeated_names_root(["a/ct_1.nii.gz", "a/ct_2.nii.gz"]) is None
-        True
-        >>> root = repeated_names_root(["k/case_0/imaging.nii.gz", "k/case_1/imaging.nii.gz"])
-        >>> os.path.relpath(root)
-        'k'
-    """
-    paths = [os.fspath(p) for p in paths]
-    stems = [nifti_stem(p) for p in paths]
-    if len(set(stems)) == len(stems):
-        return None
-    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
 
 
 def lateralised_labels(label_names: Sequence[str]) -> list[str]:

@@ -69,6 +69,7 @@ from monai.metrics import (
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch import Tensor
 
+from lovasz_monai.case_names import case_id, unique_case_names
 from lovasz_monai.functional import check_finite, integer_or_none
 
 __all__ = [
@@ -135,20 +136,6 @@ def counted_classes(num_classes: int, multi_label: bool, include_background: boo
     """
     first = 0 if (multi_label or include_background or num_classes == 1) else 1
     return list(range(first, num_classes))
-
-
-def case_id(source: str | os.PathLike) -> str:
-    """Case id of an image file: its name without folder and extension (``.nii.gz`` counts as
-    one extension).
-
-    Example:
-        >>> case_id("/data/imagesTr/liver_007.nii.gz"), case_id("scan.v2.mha")
-        ('liver_007', 'scan.v2')
-    """
-    name = Path(source).name
-    for compression in (".gz", ".bz2", ".xz"):
-        name = name.removesuffix(compression)
-    return Path(name).stem if "." in name.strip(".") else name
 
 
 def batch_cases(image: Tensor) -> tuple[list[str] | None, list[tuple[float, ...]] | None]:
@@ -691,6 +678,10 @@ class CaseMetrics:
         a source are all kept). Without an initialised ``torch.distributed`` group: this
         process's cases. Under DDP every process must call it (collective).
 
+        Cases are named after their files (:func:`~lovasz_monai.case_names.unique_case_names`:
+        the file name, or the case folders where file names repeat, as in KiTS), cases without
+        a source ``case_<n>``.
+
         Raises:
             RuntimeError: the gathered names and values do not match (inconsistent updates).
         """
@@ -711,7 +702,14 @@ class CaseMetrics:
         values = values[keep].float().cpu()
         names = [names[i] for i in keep]
         sources = ["" if n.startswith("\t") else n for n in names]
-        cases = [case_id(s) if s else f"case_{i:03d}" for i, s in enumerate(sources)]
+        named = [i for i, s in enumerate(sources) if s]
+        try:
+            source_names = unique_case_names([sources[i] for i in named])
+        except ValueError:  # same folder and name, other suffix: the CSV keeps the source too
+            source_names = [case_id(sources[i]) for i in named]
+        cases = [f"case_{i:03d}" for i in range(len(sources))]
+        for i, name in zip(named, source_names, strict=True):
+            cases[i] = name
         return CaseResults(
             cases=cases,
             sources=sources,

@@ -16,7 +16,7 @@ from monai.data import MetaTensor, decollate_batch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
-from lovasz_monai.dataset import nifti_stem, repeated_names_root
+from lovasz_monai.case_names import nifti_stem, repeated_names_root
 
 __all__ = ["NiftiPredictionWriter", "prediction_dtype", "prediction_path", "save_prediction"]
 

@@ -241,6 +241,27 @@ def test_case_id_and_batch_metadata():
     assert batch_cases(torch.zeros(2, 1, 3, 3, 3)) == (None, None)
 
 
+def test_cases_in_folders_are_named_after_their_folders():
+    """KiTS layout: every image is ``imaging.nii.gz``; the case folders tell them apart, a case
+    without a source keeps its placeholder, and a file seen twice counts once."""
+    x = torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)
+    m = CaseMetrics(2)
+    for source in ("k/case_00007/imaging.nii.gz", None, "k/case_00002/imaging.nii.gz"):
+        m.update(x, x, sources=[source] if source else None)
+    m.update(x, x, sources=["k/case_00007/imaging.nii.gz"])
+    r = m.gather()
+    assert r.cases == ["case_00007", "case_001", "case_00002"]
+    assert r.sources == ["k/case_00007/imaging.nii.gz", "", "k/case_00002/imaging.nii.gz"]
+    # names that even their folders cannot tell apart keep the file name; the image column differs
+    m = CaseMetrics(2)
+    m.update(
+        torch.zeros(2, 1, 2, 2, dtype=torch.long),
+        torch.zeros(2, 1, 2, 2, dtype=torch.long),
+        sources=["k/a/ct.nii", "k/a/ct.nii.gz"],
+    )
+    assert m.gather().cases == ["ct", "ct"]
+
+
 def test_csv_table(tmp_path):
     r = CaseResults(
         cases=["a", "b"],

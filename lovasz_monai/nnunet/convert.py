@@ -11,7 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lovasz_monai.dataset import DatasetDescription, nifti_stem, repeated_names_root
+from lovasz_monai.case_names import nifti_stem, unique_case_names
+from lovasz_monai.dataset import DatasetDescription
 
 __all__ = ["case_identifiers", "to_nnunet_raw"]
 
@@ -24,7 +25,8 @@ def _case_name(path: str) -> str:
 
 
 def case_identifiers(paths: Sequence[str], what: str = "files") -> list[str]:
-    """Unique nnU-Net case identifiers for NIfTI files, one per path, in order.
+    """Unique nnU-Net case identifiers for NIfTI files, one per path, in order
+    (:func:`~lovasz_monai.case_names.unique_case_names` with NIfTI suffixes removed).
 
     The file name without ``.nii.gz``/``.nii`` when those are all different (the usual MSD
     layout: ``labelsTr/case_000.nii.gz`` -> ``case_000``). When file names repeat in different
@@ -52,27 +54,14 @@ def case_identifiers(paths: Sequence[str], what: str = "files") -> list[str]:
         >>> case_identifiers(["k/a/seg.nii.gz", "k/a/ct.nii.gz", "k/b/seg.nii.gz"])
         ['a_seg', 'a_ct', 'b_seg']
     """
-    stems = [_case_name(p) for p in paths]
-    common = repeated_names_root(paths)
-    if common is None:
-        return stems
-    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
-    parts = [Path(os.path.relpath(f, common)).parts if f != common else () for f in folders]
-    by_folder = ["_".join(ps) for ps in parts]
-    if all(by_folder) and len(set(by_folder)) == len(by_folder):
-        return by_folder
-    identifiers = ["_".join((*ps, stem)) for ps, stem in zip(parts, stems, strict=True)]
-    owners: dict[str, list[str]] = {}
-    for identifier, path in zip(identifiers, paths, strict=True):
-        owners.setdefault(identifier, []).append(str(path))
-    clashes = {i: ps for i, ps in owners.items() if len(ps) > 1}
-    if clashes:
-        shown = "; ".join(f"'{i}': {', '.join(ps)}" for i, ps in list(clashes.items())[:5])
+    for path in paths:
+        _case_name(path)
+    try:
+        return unique_case_names(paths, nifti_stem, what)
+    except ValueError as err:
         raise ValueError(
-            f"the {what} do not give unique nnU-Net case identifiers, even with their folders "
-            f"({shown}); rename the files or list each file once in dataset.json"
-        )
-    return identifiers
+            f"{err}; rename the files or list each file once in dataset.json"
+        ) from None
 
 
 def _write_channels(image_path: str, folder: Path, case: str, channels: int) -> None:
