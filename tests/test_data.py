@@ -640,6 +640,9 @@ def test_counts_must_be_integers(tiny, kwargs, match):
     (roi_size 16.5 was truncated to 16)."""
     with pytest.raises(ValueError, match=match):
         _dm(tiny, **kwargs)
+
+
+def test_integer_counts_are_plain_ints(tiny):
     dm = _dm(tiny, batch_size=np.int64(3), num_workers=0, num_samples=1)
     assert (dm.batch_size, dm.num_workers, dm.num_samples) == (3, 0, 1)
     assert type(dm.batch_size) is int
