@@ -84,6 +84,8 @@ __all__ = [
 #: the metrics of a case; HD95 and ASD only with surface metrics on
 METRICS = ("Dice", "IoU", "HD95", "ASD")
 SURFACE_METRICS = ("HD95", "ASD")
+#: the label voxels of a case and class (ignored voxels left out), stored beside the metrics
+LABEL_VOXELS = "LabelVoxels"
 
 Spacing = Sequence[float] | Sequence[Sequence[float]] | None
 
@@ -278,8 +280,10 @@ def case_metrics(
             metrics.
 
     Returns:
-        ``{"Dice": (B, C), "IoU": (B, C)}`` float32 on the CPU, plus ``"HD95"`` and ``"ASD"``
-        ``(B, C)`` when ``surface_classes`` is given (NaN in the other classes' columns).
+        ``{"Dice": (B, C), "IoU": (B, C), "LabelVoxels": (B, C)}`` float32 on the CPU (the
+        label's voxels of each class, ignored voxels left out; exact up to 2^24), plus
+        ``"HD95"`` and ``"ASD"`` ``(B, C)`` when ``surface_classes`` is given (NaN in the other
+        classes' columns).
 
     Raises:
         ValueError: ``pred``/``label``/``mask`` of the wrong shapes or without a case, values
@@ -314,11 +318,12 @@ def case_metrics(
         raise ValueError(f"surface_classes must lie in [0, {num_classes}), got {surface}")
     if surface:
         _check_spacing(spacing)  # only the surface metrics use it
-    keys = METRICS if surface is not None else METRICS[:2]
+    keys = (*(METRICS if surface is not None else METRICS[:2]), LABEL_VOXELS)
     out = {k: torch.full((batch, num_classes), math.nan, dtype=torch.float32) for k in keys}
     for c in range(num_classes):
         p, y = _class_masks(pred, label, mask, c, multi_label)
         p_any, y_any = p.flatten(1).any(1).cpu(), y.flatten(1).any(1).cpu()
+        out[LABEL_VOXELS][:, c] = y.flatten(1).sum(1, dtype=torch.float64).float().cpu()
         empty, one_sided = ~(p_any | y_any), p_any ^ y_any
         values = {
             "Dice": compute_dice(p, y, include_background=True, ignore_empty=False),
@@ -448,6 +453,33 @@ class CaseResults:
         values = self._counted_values(metric)
         return int(values.isinf().sum())
 
+    def num_missed(self, metric: str = "HD95") -> int | None:
+        """How many of the one-sided structures (:meth:`num_one_sided`) are in the label only:
+        missed; the rest were predicted where the label has none. Needs the label voxels
+        (``values["LabelVoxels"]``, as :class:`CaseMetrics` stores them).
+
+        Returns:
+            The count, or ``None`` without label voxels (a table written before they were
+            stored).
+
+        Raises:
+            KeyError: a metric that was not computed.
+
+        Example:
+            >>> inf = float("inf")
+            >>> r = CaseResults(["a", "b"], ["", ""], {
+            ...     "HD95": torch.tensor([[inf, 2.0, inf], [float("nan"), inf, 3.0]]),
+            ...     "LabelVoxels": torch.tensor([[9.0, 4.0, 0.0], [9.0, 5.0, 6.0]]),
+            ... }, ["bg", "x", "y"], [1, 2])
+            >>> r.num_one_sided(), r.num_missed()  # a: y predicted, not in the label; b: x missed
+            (2, 1)
+        """
+        values = self._counted_values(metric)
+        if LABEL_VOXELS not in self.values:
+            return None
+        in_label = self._counted_values(LABEL_VOXELS) > 0
+        return int((values.isinf() & in_label).sum())
+
     def summary(self, metrics: Sequence[str] = ("Dice", "HD95", "ASD")) -> dict[str, Tensor]:
         """Logged values: ``"<metric>/<class>"`` (mean over cases) for every class (surface
         metrics: the counted classes) and ``"m<metric>"`` (mean over the counted classes, NaN
@@ -459,7 +491,9 @@ class CaseResults:
         each case's mean over the structures in both (:meth:`case_means` with ``finite_only``),
         averaged over cases; and ``"num_one_sided"`` counts the (case, counted class) pairs
         that leaves out (:meth:`num_one_sided` of the first of ``metrics`` computed; HD95 and
-        ASD are one-sided on the same structures). ``"m<metric>_found"`` averages over each
+        ASD are one-sided on the same structures), split into ``"num_missed"`` (in the label
+        only) and ``"num_spurious"`` (in the prediction only) where the label voxels are
+        known. ``"m<metric>_found"`` averages over each
         case's structures first, ``"m<metric>"`` over each class's cases first: the two differ
         even when nothing is one-sided.
 
@@ -482,7 +516,11 @@ class CaseResults:
             if metric in SURFACE_METRICS:
                 out[f"m{metric}_found"] = self.case_means(metric, finite_only=True).nanmean()
                 if "num_one_sided" not in out:  # the first surface metric's count
-                    out["num_one_sided"] = torch.tensor(float(self.num_one_sided(metric)))
+                    one_sided, missed = self.num_one_sided(metric), self.num_missed(metric)
+                    out["num_one_sided"] = torch.tensor(float(one_sided))
+                    if missed is not None:
+                        out["num_missed"] = torch.tensor(float(missed))
+                        out["num_spurious"] = torch.tensor(float(one_sided - missed))
         return out
 
     def columns(self) -> list[tuple[str, int]]:
@@ -547,7 +585,8 @@ class CaseResults:
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write one row per case: ``case``, ``image``, then ``<metric>/<class>`` columns
-        (``Dice`` and ``IoU`` of every class, ``HD95``/``ASD`` of the counted classes), values
+        (``Dice`` and ``IoU`` of every class, ``HD95``/``ASD`` of the counted classes,
+        ``LabelVoxels`` of every class: the label's voxels, ignored voxels left out), values
         at full float precision (``nan``, ``inf`` as Python writes them). Creates the folder.
 
         Returns:
@@ -583,7 +622,8 @@ class CaseMetrics:
 
     Attributes:
         counted: the classes that enter the means (and get surface metrics).
-        metrics: the metric names computed: ``("Dice", "IoU")`` plus ``("HD95", "ASD")``.
+        metrics: the metric names computed: ``("Dice", "IoU")`` plus ``("HD95", "ASD")``,
+            then ``"LabelVoxels"`` (the label's voxels of each case and class).
 
     Raises:
         ValueError: ``num_classes < 1`` or ``class_names`` of the wrong length; in
@@ -623,7 +663,7 @@ class CaseMetrics:
         self.multi_label = bool(multi_label)
         self.surface = bool(surface)
         self.counted = counted_classes(self.num_classes, multi_label, include_background)
-        self.metrics = METRICS if self.surface else METRICS[:2]
+        self.metrics = (*(METRICS if self.surface else METRICS[:2]), LABEL_VOXELS)
         self.reset()
 
     def reset(self) -> None:

@@ -69,7 +69,8 @@ def test_dice_iou_hand_computed():
     # background: L = 16-6 = 10, P = 16-5 = 11, P&L = 10 - 1 (pred 1 at (1,0)) = 9
     assert_same(out["Dice"], [[18 / 21, 6 / 8, 2 / 3]])
     assert_same(out["IoU"], [[9 / 12, 3 / 5, 1 / 2]])
-    assert set(out) == {"Dice", "IoU"}  # no surface metrics unless asked
+    assert_same(out["LabelVoxels"], [[10, 4, 2]])
+    assert set(out) == {"Dice", "IoU", "LabelVoxels"}  # no surface metrics unless asked
 
 
 def test_masked_voxels_are_left_out():
@@ -85,6 +86,7 @@ def test_masked_voxels_are_left_out():
         for c in range(3):
             dropped = compute_dice((p == c).float(), (y == c).float(), ignore_empty=False)
             assert float(out["Dice"][b, c]) == pytest.approx(float(dropped))
+            assert float(out["LabelVoxels"][b, c]) == int((y == c).sum())
     # anything under the mask changes nothing
     other_pred, other_label = pred.clone(), label.clone()
     hidden = mask == 0
@@ -121,9 +123,13 @@ def test_absent_class_is_nan_and_left_out_of_means():
     assert float(s["HD95/b"]) == INF and "HD95/bg" not in s and "Dice/bg" in s
     assert set(s) == {"Dice/bg", "Dice/a", "Dice/b", "mDice"} | {
         f"{m}/{c}" for m in ("HD95", "ASD") for c in ("a", "b")
-    } | {"mHD95", "mASD", "mHD95_found", "mASD_found", "num_one_sided"}
+    } | {"mHD95", "mASD", "mHD95_found", "mASD_found", "num_one_sided", "num_missed"} | {
+        "num_spurious"
+    }
     # x3 predicts b where the label has none: one-sided, left out of the found-only mean
     assert float(s["mHD95"]) == INF and float(s["num_one_sided"]) == 1.0
+    assert float(s["num_missed"]) == 0.0 and float(s["num_spurious"]) == 1.0
+    assert_same(r.values["LabelVoxels"], [[24, 32, 8], [32, 32, 0], [32, 32, 0]])
     found = [(hd[0, 1] + hd[0, 2]) / 2, hd[1, 1], hd[2, 1]]
     assert float(s["mHD95_found"]) == pytest.approx(float(sum(found)) / 3)
     # include_background counts class 0; a class NaN in every case stays NaN
@@ -133,6 +139,25 @@ def test_absent_class_is_nan_and_left_out_of_means():
     assert math.isnan(s["Dice/class_2"]) and float(s["mDice"]) == pytest.approx(
         (float(s["Dice/class_0"]) + float(s["Dice/class_1"])) / 2
     )
+
+
+def test_one_sided_structures_split_into_missed_and_spurious():
+    """Case 1 misses b and predicts c where its label has none; case 2 misses a and b; the
+    background is not counted. A table without label voxels (written before they were
+    stored) gives the total only."""
+    shape = (4, 4, 4)
+    label1 = volume(shape, [(1, (slice(0, 2),)), (2, (3, 3, 3))])
+    pred1 = volume(shape, [(1, (slice(0, 2),)), (3, (0, 0, 0))])
+    label2 = volume(shape, [(1, (0, 0, 0)), (2, (1, 1, 1)), (3, (slice(3, 4),))])
+    pred2 = volume(shape, [(3, (slice(3, 4),))])
+    m = CaseMetrics(4, ["bg", "a", "b", "c"], surface=True)
+    m.update(torch.cat([pred1, pred2]), torch.cat([label1, label2]))
+    r = m.gather()
+    assert (r.num_one_sided(), r.num_missed()) == (4, 3)
+    s = r.summary()
+    assert [float(s[k]) for k in ("num_one_sided", "num_missed", "num_spurious")] == [4, 3, 1]
+    del r.values["LabelVoxels"]
+    assert r.num_missed() is None and "num_missed" not in r.summary()
 
 
 def test_multi_label_regions_all_counted():
