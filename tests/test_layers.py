@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lovasz_monai"
 # layers (the package root re-exports the losses and counts as the losses layer)
 LAYERS = {
     "functional": 0,
+    "case_names": 0,
     "losses": 1,
     "transforms": 1,
     "dataset": 1,
