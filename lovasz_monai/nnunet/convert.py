@@ -17,22 +17,17 @@ from lovasz_monai.dataset import DatasetDescription
 __all__ = ["case_identifiers", "to_nnunet_raw"]
 
 
-def _case_name(path: str) -> str:
-    name = nifti_stem(path)
-    if name == Path(path).name:
+def _check_nifti(path: str) -> None:
+    if nifti_stem(path) == Path(path).name:
         raise ValueError(f"expected a NIfTI file (.nii or .nii.gz), got {path}")
-    return name
 
 
 def case_identifiers(paths: Sequence[str], what: str = "files") -> list[str]:
     """Unique nnU-Net case identifiers for NIfTI files, one per path, in order
     (:func:`~lovasz_monai.case_names.unique_case_names` with NIfTI suffixes removed).
 
-    The file name without ``.nii.gz``/``.nii`` when those are all different (the usual MSD
-    layout: ``labelsTr/case_000.nii.gz`` -> ``case_000``). When file names repeat in different
-    folders (KiTS: ``case_00000/segmentation.nii.gz``, ``case_00001/segmentation.nii.gz``), the
-    folders below the deepest folder common to all paths, joined with ``"_"`` (``case_00000``),
-    if those are unique; else those folders and the file name (``a_b_seg``).
+    The file name without ``.nii.gz``/``.nii`` only (``scan.v2.nii`` -> ``scan.v2``), or the
+    case folders where file names repeat (KiTS).
 
     Args:
         paths: the files (labels of the training cases, or test images).
@@ -47,15 +42,13 @@ def case_identifiers(paths: Sequence[str], what: str = "files") -> list[str]:
             message names the colliding paths.
 
     Example:
-        >>> case_identifiers(["labelsTr/case_0.nii.gz", "labelsTr/case_1.nii.gz"])
-        ['case_0', 'case_1']
+        >>> case_identifiers(["labelsTr/case_0.nii.gz", "labelsTr/scan.v2.nii"])
+        ['case_0', 'scan.v2']
         >>> case_identifiers(["k/case_0/segmentation.nii.gz", "k/case_1/segmentation.nii.gz"])
         ['case_0', 'case_1']
-        >>> case_identifiers(["k/a/seg.nii.gz", "k/a/ct.nii.gz", "k/b/seg.nii.gz"])
-        ['a_seg', 'a_ct', 'b_seg']
     """
     for path in paths:
-        _case_name(path)
+        _check_nifti(path)
     try:
         return unique_case_names(paths, nifti_stem, what)
     except ValueError as err:
