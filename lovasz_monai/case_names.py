@@ -71,6 +71,7 @@ def unique_case_names(
     paths: Sequence[str | os.PathLike],
     stem: Callable[[str], str] = case_id,
     what: str = "files",
+    strict: bool = True,
 ) -> list[str]:
     """One name per path, in order, unique over the paths.
 
@@ -84,13 +85,17 @@ def unique_case_names(
         stem: the file name without its extension (:func:`case_id`, or :func:`nifti_stem` where
             only NIfTI suffixes are to go).
         what: what the files are, for the error message.
+        strict: refuse names that stay the same even with their folders; ``False``: keep them
+            (only those repeat), for tables that list the paths beside the names.
 
     Returns:
-        ``len(paths)`` names.
+        ``len(paths)`` names. They depend on the other paths: one KiTS case alone is named
+        ``imaging``, two ``case_00000`` and ``case_00001``.
 
     Raises:
-        ValueError: two paths get the same name even with their folders (``x/seg.nii`` and
-            ``x/seg.nii.gz``, or one file listed twice); the message names the colliding paths.
+        ValueError: with ``strict``, two paths get the same name even with their folders
+            (``x/seg.nii`` and ``x/seg.nii.gz``, or one file listed twice); the message names
+            the colliding paths.
 
     Example:
         >>> unique_case_names(["labelsTr/case_0.nii.gz", "labelsTr/case_1.nii.gz"])
@@ -115,7 +120,7 @@ def unique_case_names(
     for name, path in zip(names, paths, strict=True):
         owners.setdefault(name, []).append(path)
     clashes = {n: ps for n, ps in owners.items() if len(ps) > 1}
-    if clashes:
+    if clashes and strict:
         shown = "; ".join(f"'{n}': {', '.join(ps)}" for n, ps in list(clashes.items())[:5])
         raise ValueError(
             f"the {what} do not get unique case names, even with their folders ({shown})"

@@ -281,7 +281,8 @@ def case_metrics(
 
     Returns:
         ``{"Dice": (B, C), "IoU": (B, C), "LabelVoxels": (B, C)}`` float32 on the CPU (the
-        label's voxels of each class, ignored voxels left out; exact up to 2^24), plus
+        label's voxels of each class, ignored voxels left out; float32, so counts above
+        2^24 = 16.8 M voxels are rounded, by at most 1 voxel in 2^24), plus
         ``"HD95"`` and ``"ASD"`` ``(B, C)`` when ``surface_classes`` is given (NaN in the other
         classes' columns).
 
@@ -351,7 +352,8 @@ class CaseResults:
     """Per-case metrics of a whole evaluation (all processes), with the class means.
 
     Attributes:
-        cases: ``N`` case ids (image file stems; ``case_000``, ... when unknown).
+        cases: ``N`` case names (image file stems, or case folders where file names repeat;
+            ``case_000``, ... when unknown).
         sources: ``N`` image paths (``""`` when unknown).
         values: metric name -> ``(N, C)`` float32 (``NaN``: undefined, see the module docs).
         class_names: ``C`` class names.
@@ -719,8 +721,8 @@ class CaseMetrics:
         process's cases. Under DDP every process must call it (collective).
 
         Cases are named after their files (:func:`~lovasz_monai.case_names.unique_case_names`:
-        the file name, or the case folders where file names repeat, as in KiTS), cases without
-        a source ``case_<n>``.
+        the file name, or the case folders where the evaluated cases' file names repeat, as in
+        KiTS), cases without a source ``case_<n>``.
 
         Raises:
             RuntimeError: the gathered names and values do not match (inconsistent updates).
@@ -743,10 +745,9 @@ class CaseMetrics:
         names = [names[i] for i in keep]
         sources = ["" if n.startswith("\t") else n for n in names]
         named = [i for i, s in enumerate(sources) if s]
-        try:
-            source_names = unique_case_names([sources[i] for i in named])
-        except ValueError:  # same folder and name, other suffix: the CSV keeps the source too
-            source_names = [case_id(sources[i]) for i in named]
+        # strict=False: a name that even its folders cannot tell apart repeats; the table's
+        # image column still does
+        source_names = unique_case_names([sources[i] for i in named], strict=False)
         cases = [f"case_{i:03d}" for i in range(len(sources))]
         for i, name in zip(named, source_names, strict=True):
             cases[i] = name

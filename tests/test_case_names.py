@@ -42,3 +42,12 @@ def test_names_that_stay_ambiguous_are_refused():
         unique_case_names(["k/x/seg.nii.gz", "k/x/seg.nii", "k/y/ct.nii.gz"], what="test images")
     with pytest.raises(ValueError, match="'a_ct'"):
         unique_case_names(["k/a/ct.nii.gz", "k/a/ct.nii.gz", "k/b/ct.nii.gz"])
+    # strict=False: only the names that clash repeat
+    paths = ["k/c0/imaging.nii.gz", "k/c1/imaging.nii.gz", "k/c1/imaging.nii"]
+    assert unique_case_names(paths, strict=False) == ["c0_imaging", "c1_imaging", "c1_imaging"]
+
+
+def test_names_depend_on_the_other_paths():
+    assert unique_case_names(["k/case_0/imaging.nii.gz"]) == ["imaging"]
+    two = ["k/case_0/imaging.nii.gz", "k/case_1/imaging.nii.gz"]
+    assert unique_case_names(two) == ["case_0", "case_1"]

@@ -141,7 +141,7 @@ def test_absent_class_is_nan_and_left_out_of_means():
     )
 
 
-def test_one_sided_structures_split_into_missed_and_spurious():
+def test_one_sided_structures_split_into_missed_and_spurious(tmp_path):
     """Case 1 misses b and predicts c where its label has none; case 2 misses a and b; the
     background is not counted. A table without label voxels (written before they were
     stored) gives the total only."""
@@ -156,8 +156,16 @@ def test_one_sided_structures_split_into_missed_and_spurious():
     assert (r.num_one_sided(), r.num_missed()) == (4, 3)
     s = r.summary()
     assert [float(s[k]) for k in ("num_one_sided", "num_missed", "num_spurious")] == [4, 3, 1]
+    back = CaseResults.read_csv(r.write_csv(tmp_path / "cases.csv"), counted=[1, 2, 3])
+    assert_same(back.values["LabelVoxels"], r.values["LabelVoxels"])
+    assert (back.num_one_sided(), back.num_missed()) == (4, 3)
     del r.values["LabelVoxels"]
     assert r.num_missed() is None and "num_missed" not in r.summary()
+    # regions: each channel's own voxels, ignored voxels left out
+    regions = torch.tensor([[[1, 1, 0, 1]], [[0, 1, 1, 1]]]).unsqueeze(0)  # (1, 2, 1, 4)
+    mask = torch.tensor([[[[1, 1, 1, 0]]]])
+    out = case_metrics(regions, regions, mask, num_classes=2, multi_label=True)
+    assert_same(out["LabelVoxels"], [[2, 2]])
 
 
 def test_multi_label_regions_all_counted():
@@ -277,14 +285,11 @@ def test_cases_in_folders_are_named_after_their_folders():
     r = m.gather()
     assert r.cases == ["case_00007", "case_001", "case_00002"]
     assert r.sources == ["k/case_00007/imaging.nii.gz", "", "k/case_00002/imaging.nii.gz"]
-    # names that even their folders cannot tell apart keep the file name; the image column differs
+    # only names that even their folders cannot tell apart repeat; the image column differs
     m = CaseMetrics(2)
-    m.update(
-        torch.zeros(2, 1, 2, 2, dtype=torch.long),
-        torch.zeros(2, 1, 2, 2, dtype=torch.long),
-        sources=["k/a/ct.nii", "k/a/ct.nii.gz"],
-    )
-    assert m.gather().cases == ["ct", "ct"]
+    y = torch.zeros(3, 1, 2, 2, dtype=torch.long)
+    m.update(y, y, sources=["k/c0/imaging.nii.gz", "k/c1/imaging.nii.gz", "k/c1/imaging.nii"])
+    assert m.gather().cases == ["c0_imaging", "c1_imaging", "c1_imaging"]
 
 
 def test_csv_table(tmp_path):
@@ -437,11 +442,11 @@ def test_gather_across_two_processes(tmp_path):
         case_metrics(*GATHER_CASES[n], num_classes=2, spacing=(2.0, 1.0, 1.0), surface_classes=[1])
         for n in order
     ]
-    for key in ("Dice", "IoU", "HD95", "ASD"):
+    for key in ("Dice", "IoU", "HD95", "ASD", "LabelVoxels"):
         want = torch.cat([e[key] for e in expected])
         assert_same(r0["values"][key], want)
         assert_same(r1["values"][key], want)
-    assert len(set(want[:, 1].tolist())) > 1  # distinct cases
+    assert len(set(r0["values"]["Dice"][:, 1].tolist())) > 1  # distinct cases
     for key, value in r0["summary"].items():
         assert_same(value, r1["summary"][key])
     dice = r0["values"]["Dice"][:, 1]
