@@ -54,6 +54,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain, count
 from pathlib import Path
 
 import numpy as np
@@ -722,7 +723,8 @@ class CaseMetrics:
 
         Cases are named after their files (:func:`~lovasz_monai.case_names.unique_case_names`:
         the file name, or the case folders where the evaluated cases' file names repeat, as in
-        KiTS), cases without a source ``case_<n>``.
+        KiTS), cases without a source ``case_<n>`` (``<n>`` their row; ``case_<n>_<k>`` where a
+        file is already named ``case_<n>``).
 
         Raises:
             RuntimeError: the gathered names and values do not match (inconsistent updates).
@@ -748,9 +750,16 @@ class CaseMetrics:
         # strict=False: a name that even its folders cannot tell apart repeats; the table's
         # image column still does
         source_names = unique_case_names([sources[i] for i in named], strict=False)
-        cases = [f"case_{i:03d}" for i in range(len(sources))]
+        cases = [""] * len(sources)
         for i, name in zip(named, source_names, strict=True):
             cases[i] = name
+        taken = set(source_names)
+        for i, source in enumerate(sources):
+            if not source:  # a real case may already be called case_<i>
+                suffixes = chain([""], (f"_{k}" for k in count(1)))
+                cases[i] = next(
+                    f"case_{i:03d}{s}" for s in suffixes if f"case_{i:03d}{s}" not in taken
+                )
         return CaseResults(
             cases=cases,
             sources=sources,

@@ -274,6 +274,16 @@ def test_case_id_and_batch_metadata():
     assert batch_cases(torch.zeros(2, 1, 3, 3, 3)) == (None, None)
 
 
+def test_a_case_without_a_source_never_takes_a_real_case_name():
+    """Placeholders are ``case_<row>``; a file already named ``case_001`` keeps its name and
+    the unnamed case in row 1 becomes ``case_001_1``."""
+    x = torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)
+    m = CaseMetrics(2)
+    for source in ("img/case_001.nii.gz", None, "img/case_000.nii.gz", None):
+        m.update(x, x, sources=[source] if source else None)
+    assert m.gather().cases == ["case_001", "case_001_1", "case_000", "case_003"]
+
+
 def test_cases_in_folders_are_named_after_their_folders():
     """KiTS layout: every image is ``imaging.nii.gz``; the case folders tell them apart, a case
     without a source keeps its placeholder, and a file seen twice counts once."""
