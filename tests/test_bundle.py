@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import run as bundle_run
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
-from monai.transforms import NormalizeIntensity
+from monai.transforms import EnsureTyped, NormalizeIntensity, RandFlipd
 
 from lovasz_monai import LovaszCELoss
 
@@ -184,3 +184,18 @@ def test_bundle_command_line_as_the_readme_gives_it(tmp_path):
     assert (tmp_path / "out" / "models" / "model.pt").is_file()
     assert (tmp_path / "out" / "models" / "model_final.pt").is_file()
     assert len(list((tmp_path / "out" / "predictions").glob("*.nii.gz"))) == 2
+
+
+def test_bundle_flips_nothing_unless_asked():
+    """Like ``flip_axes`` of the datamodule: no random flips by default (after ``Orientationd``
+    axis 0 is left-right, and a flip there breaks left/right labels); ``flip_axes`` adds one
+    ``RandFlipd`` per axis, before the tensors are made."""
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    names = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    assert "RandFlipd" not in names and names[-2:] == ["RandCropByPosNegLabeld", "EnsureTyped"]
+    parser["flip_axes"] = [1, 2]
+    transforms = parser.get_parsed_content("train#preprocessing", lazy=False).transforms
+    flips = [t for t in transforms if isinstance(t, RandFlipd)]
+    assert [f.flipper.spatial_axis for f in flips] == [1, 2]
+    assert [f.prob for f in flips] == [0.5, 0.5] and isinstance(transforms[-1], EnsureTyped)
