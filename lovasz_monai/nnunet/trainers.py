@@ -19,6 +19,7 @@ prediction stay as they are. The loss follows nnU-Net's label handling (``LabelM
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -26,6 +27,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from torch import Tensor, nn
 
+from lovasz_monai.dataset import lateralised_labels
 from lovasz_monai.losses import LovaszCELoss, LovaszSoftmaxLoss, default_loss
 
 __all__ = [
@@ -36,8 +38,10 @@ __all__ = [
     "nnUNetTrainerLovasz",
     "nnUNetTrainerLovaszCE",
     "nnUNetTrainerLovaszCE_5epochs",
+    "nnUNetTrainerLovaszCE_noMirroring",
     "nnUNetTrainerLovaszCE_tiny",
     "nnUNetTrainerLovasz_5epochs",
+    "nnUNetTrainerLovasz_noMirroring",
     "nnUNetTrainerLovasz_tiny",
 ]
 
@@ -170,6 +174,35 @@ class nnUNetTrainerLovaszCE(nnUNetTrainer):
 
     #: the weight of the cross-entropy term; 0 gives the Lovász loss alone, None the default
     lambda_ce: float | None = None
+    #: whether nnU-Net mirrors in training and at test time (``False`` for left/right labels)
+    mirroring: bool = True
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple:
+        """nnU-Net's augmentation settings; without :attr:`mirroring` no mirror axes in training
+        and none at test time (as nnU-Net's ``nnUNetTrainerNoMirroring``). With mirroring, warns
+        when label names say left or right: nnU-Net mirrors every axis, the left-right one
+        included, and a mirrored left structure stays labelled left."""
+        rotation, dummy_2d, patch_size, mirror_axes = (
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+        if not self.mirroring:
+            mirror_axes = self.inference_allowed_mirroring_axes = None
+        elif mirror_axes and (sided := lateralised_labels(list(self.dataset_json["labels"]))):
+            unmirrored = (
+                nnUNetTrainerLovasz_noMirroring
+                if isinstance(self, nnUNetTrainerLovasz)
+                else nnUNetTrainerLovaszCE_noMirroring
+            )
+            message = (
+                f"nnU-Net mirrors axes {tuple(mirror_axes)} in training and at test time, but "
+                f"labels say left or right ({', '.join(sided[:4])}"
+                f"{', ...' if len(sided) > 4 else ''}): a mirrored left structure stays "
+                f"labelled left, so these classes cannot be learned. Train with "
+                f"{unmirrored.__name__}."
+            )
+            warnings.warn(message, stacklevel=2)
+            self.print_to_log_file(f"WARNING: {message}")
+        return rotation, dummy_2d, patch_size, mirror_axes
 
     def _build_loss(self) -> nn.Module:
         # nnU-Net's own construction fixes the deep-supervision wrapper and its weights
@@ -187,6 +220,19 @@ class nnUNetTrainerLovasz(nnUNetTrainerLovaszCE):
     """nnU-Net's trainer with the Lovász-Softmax loss alone (Lovász-sigmoid for regions)."""
 
     lambda_ce = 0.0
+
+
+class nnUNetTrainerLovaszCE_noMirroring(nnUNetTrainerLovaszCE):
+    """:class:`nnUNetTrainerLovaszCE` without mirroring, in training and at test time: for
+    labels that say left or right (left/right caudate, kidneys, adrenal glands)."""
+
+    mirroring = False
+
+
+class nnUNetTrainerLovasz_noMirroring(nnUNetTrainerLovasz):
+    """:class:`nnUNetTrainerLovasz` without mirroring, in training and at test time."""
+
+    mirroring = False
 
 
 class _ShortRun:
@@ -247,4 +293,6 @@ TRAINERS = (
     nnUNetTrainerLovasz_5epochs,
     nnUNetTrainerLovaszCE_tiny,
     nnUNetTrainerLovasz_tiny,
+    nnUNetTrainerLovaszCE_noMirroring,
+    nnUNetTrainerLovasz_noMirroring,
 )

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -33,6 +34,7 @@ from lovasz_monai.module import LovaszSegmentationModule  # noqa: E402
 from lovasz_monai.nnunet import (  # noqa: E402
     TRAINERS,
     IgnoreChannelLoss,
+    describe_loss,
     lovasz_loss_for,
     nnUNetTrainerLovaszCE,
 )
@@ -559,3 +561,46 @@ def test_case_identifiers_are_unique_or_refused(tmp_path):
     with pytest.raises(ValueError, match=r"training labels .*case_00000_segmentation"):
         to_nnunet_raw(msd, tmp_path / "raw", 65)
     assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerLovaszCE", "nnUNetTrainerLovasz_tiny"])
+def test_mirroring_lateralised_labels_warns_and_names_the_trainer_without(planned, name):
+    """nnU-Net mirrors every axis: with labels that say left or right the trainer warns (and
+    logs) and names its no-mirroring variant; without such labels it stays quiet."""
+    trainer = make_trainer(getattr(lovasz_nnunet, name), planned, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no lateralised label here: no warning
+        *_, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert tuple(mirror_axes) == (0, 1, 2) == tuple(trainer.inference_allowed_mirroring_axes)
+    trainer.dataset_json = {**trainer.dataset_json, "labels": {"background": 0, "Left-Caudate": 1}}
+    unmirrored = f"{name.split('_')[0]}_noMirroring"  # the same loss, no mirroring
+    with pytest.warns(
+        UserWarning, match=rf"mirrors axes \(0, 1, 2\).*Left-Caudate.*{unmirrored}\."
+    ):
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+
+
+@pytest.mark.parametrize(
+    "trainer_class",
+    [
+        lovasz_nnunet.nnUNetTrainerLovaszCE_noMirroring,
+        lovasz_nnunet.nnUNetTrainerLovasz_noMirroring,
+    ],
+    ids=lambda c: c.__name__,
+)
+def test_no_mirroring_variants_mirror_nothing_in_training_or_at_test_time(planned, trainer_class):
+    """As nnU-Net's nnUNetTrainerNoMirroring: no mirror axes for the augmentation, none for
+    test-time mirroring; the rest of nnU-Net's settings and the loss as their parent's."""
+    trainer = make_trainer(trainer_class, planned, 1)
+    trainer.dataset_json = {**trainer.dataset_json, "labels": {"background": 0, "kidney_r": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lateralised, but nothing is mirrored: no warning
+        *settings, mirror_axes = (
+            trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
+    parent = make_trainer(trainer_class.__mro__[1], planned, 1)
+    *parent_settings, _ = parent.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert repr(settings) == repr(parent_settings)
+    assert trainer.lambda_ce == parent.lambda_ce
+    assert describe_loss(trainer._build_loss().loss) == describe_loss(parent._build_loss().loss)
