@@ -20,13 +20,15 @@ label 255, in training labels). The same ``seed`` writes the same files. ::
     python experiments/brain_atlas.py build --task subcortical --output data/subcortical
     python experiments/brain_atlas.py build --task parcellation --output data/parcellation
     python experiments/brain_atlas.py figure    # experiments/brain_atlas/overlay.png
-    python experiments/brain_atlas.py pipeline --steps 600 --seeds 0   # shipped vs plain MONAI
+    python experiments/brain_atlas.py pipeline --seeds 0 1 2 --variants plain_monai shipped
+    python experiments/brain_atlas.py pipeline --variants fp32 adam_constant   # one seed each
     python experiments/brain_atlas.py compare --task subcortical        # the loss comparison
 
 ``pipeline`` is the ablation of the training pipeline on the subcortical task: the plain MONAI
 loop of ``experiments/plain_monai.py`` against ``configs/subcortical.yaml`` with one setting
 changed at a time (:data:`PIPELINE_VARIANTS`), every run the same network, patches and number of
-steps, scored per case on the 8 test cases (``lovasz-monai test``'s ``test_cases.csv``). It
+steps (1,500 by default), scored per case on the 8 test cases (``lovasz-monai test``'s
+``test_cases.csv``). It
 writes ``experiments/brain_atlas/pipeline.json`` and ``pipeline.md``.
 
 ``compare`` runs the loss comparison of a task (:data:`COMPARISON`, 3 seeds) with
@@ -413,7 +415,7 @@ def _trained_precision(variant: str) -> str:
 
 
 def pipeline(
-    steps: int = 600,
+    steps: int = 1500,
     seeds: tuple[int, ...] = (0,),
     variants: tuple[str, ...] = (PLAIN, *PIPELINE_VARIANTS),
     data: str = "data/subcortical",
@@ -603,7 +605,7 @@ def main() -> None:
         "--finished-only", action="store_true", help="only the table of the runs finished so far"
     )
     p = sub.add_parser("pipeline", help="shipped pipeline vs a plain MONAI loop (ablation)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500, help="training steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variants", nargs="+", default=[PLAIN, *PIPELINE_VARIANTS])
     p.add_argument("--data", default="data/subcortical")

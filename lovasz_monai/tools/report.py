@@ -136,7 +136,8 @@ class RunResult:
         step_times: wall-clock seconds of every training step.
         val_miou_curve: logged ``val/mIoU`` of every validation epoch.
         logged_val_miou: the last of them (NaN without one).
-        wall_time: seconds of the whole run.
+        wall_time: seconds of the whole run (of a run continued after a stop: its training
+            over all parts).
         run_dir: the run's ``default_root_dir``.
         class_names, counted_classes, num_val_volumes: as in :class:`ComparisonResult`.
         case_miou: per-case mIoU averaged over the evaluated volumes (see
@@ -747,10 +748,12 @@ def markdown_table(result: ComparisonResult) -> str:
             f"- `{r.loss}` seed {r.seed}: at step(s) {', '.join(map(str, r.resumed_at_steps))}"
             for r in continued
         ]
+    run_minutes = sum(r.wall_time for r in result.runs) / 60
     lines += [
         "",
-        f"Total time: {result.total_time / 60:.1f} min. Per-run numbers: the JSON file next to "
-        "this one.",
+        f"Total time: {result.total_time / 60:.1f} min in the comparison processes; the runs' "
+        f"own wall times, each over all its parts when it was continued, add up to "
+        f"{run_minutes:.1f} min. Per-run numbers: the JSON file next to this one.",
         "",
     ]
     return "\n".join(lines)

@@ -648,6 +648,12 @@ def test_markdown_table_hand_made():
     result.bench_times = {"ce": [0.10, 0.12, 0.5], "lovasz": [0.15, 0.18, 0.2]}
     _, _, ce, lovasz = _table_rows(markdown_table(result))
     assert (ce[8], ce[9], lovasz[8], lovasz[9]) == ("120", "1.00", "180", "1.50")
+    # the comparison's process time, and the runs' own wall times (a continued run's in full)
+    result.total_time, result.runs[0].wall_time = 90.0, 181.0
+    assert "Total time: 1.5 min in the comparison processes" in markdown_table(result)
+    assert "wall times, each over all its parts when it was continued, add up to 3.1 min" in (
+        markdown_table(result)
+    )
 
 
 def test_markdown_table_many_small_classes():
