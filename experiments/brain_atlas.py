@@ -55,6 +55,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ from nibabel.processing import resample_from_to
 from lovasz_monai.metrics import CaseResults
 from lovasz_monai.precision import cpu_description, resolve_precision
 from lovasz_monai.tools.report import merge_results, read_results, write_results
+from lovasz_monai.tools.runs import benchmark_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "brain_atlas"
@@ -581,6 +583,47 @@ def merge_parts(task: str, root: Path = ROOT) -> Path:
     return write_results(merged, results / task)[1]
 
 
+def step_times(task: str, repeats: int = 10, warmup: int = 3) -> Path:
+    """Time one training step of every recipe of the comparison (:data:`COMPARISON`) against
+    Dice+CE, interleaved in one process (:func:`~lovasz_monai.tools.runs.benchmark_steps`: the
+    config's network at initialisation, one training batch, ``warmup`` untimed rounds, then
+    ``repeats`` rounds; fine-tuning recipes in their final phase). Writes the medians, their
+    ratio to ``dicece``, the CPU and the precision to ``experiments/brain_atlas/<task>_steps.md``
+    and returns its path. Run it alone: the ratios hold on a busy machine, the times do not."""
+    config = ROOT / "configs" / f"{task}.yaml"
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    precision = resolve_precision(
+        trainer.get("precision") or "32-true", trainer.get("accelerator") or "auto"
+    )
+    overrides = ["--data.data_dir", str(ROOT / "data" / task)]
+    with tempfile.TemporaryDirectory() as scratch:
+        times = benchmark_steps(config, COMPARISON, scratch, overrides, repeats, warmup)
+    medians = {loss: statistics.median(values) for loss, values in times.items()}
+    base = medians["dicece"]
+    command = f"python experiments/brain_atlas.py steps --task {task} --repeats {repeats}"
+    lines = [
+        f"# Training step of each recipe on `configs/{task}.yaml`, against Dice+CE",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"One process, the recipes interleaved in a rotating order; median of {repeats} steps "
+        f"after {warmup} untimed rounds; the network at initialisation (its weights moving by "
+        f"the {warmup + repeats} steps), one training batch; fine-tuning recipes in their final "
+        f"phase. {cpu_description()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}, precision {precision}, {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| recipe | median step (ms) | / dicece |",
+        "| --- | ---: | ---: |",
+        *(f"| `{loss}` | {1000 * m:.0f} | {m / base:.2f}x |" for loss, m in medians.items()),
+        "",
+    ]
+    path = RESULTS / f"{task}_steps.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def _config_epochs(task: str) -> int:
     config = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())
     return int(config["trainer"]["max_epochs"])
@@ -604,6 +647,10 @@ def main() -> None:
     c.add_argument(
         "--finished-only", action="store_true", help="only the table of the runs finished so far"
     )
+    s = sub.add_parser("steps", help="the training step of every recipe against Dice+CE")
+    s.add_argument("--task", choices=TASKS, default="subcortical")
+    s.add_argument("--repeats", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=3)
     p = sub.add_parser("pipeline", help="shipped pipeline vs a plain MONAI loop (ablation)")
     p.add_argument("--steps", type=int, default=1500, help="training steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -621,6 +668,8 @@ def main() -> None:
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         print(merge_parts(args.task))
+    elif args.command == "steps":
+        print(step_times(args.task, args.repeats, args.warmup))
     else:
         pipeline(args.steps, tuple(args.seeds), tuple(args.variants), args.data)
 

@@ -699,8 +699,8 @@ def benchmark_steps(
     training batch, and times ``training_step`` (in the trainer's precision context) +
     ``backward`` + an AdamW step, loss after loss in a rotating order, ``warmup + repeats``
     rounds. Interleaving exposes every loss to the same machine load, so the ratios stay
-    meaningful on a shared machine where the times of whole runs are not. ``ce_to_lovasz`` is
-    timed in its final phase (the Lovász loss alone).
+    meaningful on a shared machine where the times of whole runs are not. Fine-tuning recipes
+    (``ce_to_lovasz``, ``dicece_to_lovasz_ce``) are timed in their final phase.
 
     Args:
         config, overrides: as in :func:`cli_args`.
@@ -731,8 +731,8 @@ def benchmark_steps(
         args = cli_args(config, loss, seed, 1, Path(run_dir) / loss, overrides)
         cli = LovaszCLI(args=args, run=False)
         model = cli.model
-        if loss == "ce_to_lovasz":
-            model.objective.warmup_loss = None  # the final phase: the Lovász loss alone
+        if model.objective.warmup_loss is not None:
+            model.objective.warmup_loss = None  # a fine-tuning recipe: its final phase
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         models[loss] = (model, optimizer, cli.trainer.precision_plugin.train_step_context)

@@ -262,3 +262,26 @@ def test_pipeline_records_the_precision_each_variant_trains_at(atlas, monkeypatc
     for native, expected in [(True, "bf16-mixed"), (False, "32-true")]:
         monkeypatch.setattr("lovasz_monai.precision.cpu_has_native_bf16", lambda n=native: n)
         assert atlas._trained_precision("shipped") == expected
+
+
+def test_step_times_table_gives_every_recipe_against_dicece(atlas, monkeypatch, tmp_path):
+    """``steps`` times the comparison's recipes in one process and writes their medians and
+    the ratio to Dice+CE (the timing itself: ``benchmark_steps``, replaced here by known
+    times)."""
+    seen = {}
+
+    def fake_benchmark(config, losses, run_dir, overrides, repeats, warmup):
+        seen.update(config=Path(config).name, losses=list(losses), overrides=list(overrides))
+        return {loss: [0.2 * (1 + i)] * repeats for i, loss in enumerate(losses)}
+
+    monkeypatch.setattr(atlas, "benchmark_steps", fake_benchmark)
+    monkeypatch.setattr(atlas, "RESULTS", tmp_path)
+    text = atlas.step_times("subcortical", repeats=3, warmup=1).read_text()
+    assert seen["config"] == "subcortical.yaml" and seen["losses"] == atlas.COMPARISON
+    assert seen["overrides"][0] == "--data.data_dir"
+    assert Path(seen["overrides"][1]).parts[-2:] == ("data", "subcortical")
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(atlas.COMPARISON) == 12
+    assert rows[0] == "| `dicece` | 200 | 1.00x |"  # the first recipe is Dice+CE
+    assert rows[1] == f"| `{atlas.COMPARISON[1]}` | 400 | 2.00x |"
+    assert "steps --task subcortical --repeats 3" in text and "median of 3 steps" in text

@@ -1304,3 +1304,35 @@ def test_old_import_paths_still_work():
     assert LOSSES["dicece"].model(1, 0, 0)["loss"]["class_path"] == (
         "lovasz_monai.losses.MaskedDiceCELoss"
     )
+
+
+def test_benchmark_steps_times_fine_tuning_recipes_in_their_final_phase(tmp_path, monkeypatch):
+    """One value per timed round and recipe; a fine-tuning recipe (Dice+CE, then Lovász + CE)
+    runs its Lovász loss in every round, warm-up rounds included."""
+    from lovasz_monai.losses import LovaszCELoss
+    from lovasz_monai.tools.runs import benchmark_steps
+
+    calls = []
+    forward = LovaszCELoss.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LovaszCELoss, "forward", counted)
+    data = ["--data.data_dir", str(tmp_path / "data"), "--data.num_workers", "0"]
+    data += ["--data.synthetic_kwargs.size", "[24, 24, 24]", "--data.roi_size", "[16, 16, 16]"]
+    data += ["--data.synthetic_kwargs.num_cases", "4", "--data.val_fraction", "0.25"]
+    times = benchmark_steps(
+        ROOT / "configs" / "demo.yaml",
+        ["dicece", "dicece_to_lovasz_ce"],
+        tmp_path / "runs",
+        data,
+        2,
+        1,
+    )
+    assert {loss: len(values) for loss, values in times.items()} == {
+        "dicece": 2, "dicece_to_lovasz_ce": 2
+    }  # fmt: skip
+    assert all(t > 0 for values in times.values() for t in values)
+    assert len(calls) == 3  # 1 warm-up + 2 timed rounds, Dice+CE never calls it
