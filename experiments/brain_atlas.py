@@ -409,8 +409,12 @@ def _trained_precision(variant: str) -> str:
     a CPU: bf16-mixed with native bf16, else 32-true)."""
     if variant == PLAIN:
         return "32-true"
-    overrides = PIPELINE_VARIANTS[variant][1]
-    trainer = yaml.safe_load(SUBCORTICAL_CONFIG.read_text())["trainer"]
+    return _config_precision(SUBCORTICAL_CONFIG, PIPELINE_VARIANTS[variant][1])
+
+
+def _config_precision(config: Path, overrides: list[str]) -> str:
+    """The precision ``config`` with ``overrides`` trains at on this machine."""
+    trainer = yaml.safe_load(config.read_text())["trainer"]
     precision = _option_value(overrides, "--trainer.precision") or trainer.get("precision")
     accelerator = _option_value(overrides, "--trainer.accelerator") or trainer.get("accelerator")
     return str(resolve_precision(precision or "32-true", accelerator or "auto"))
@@ -591,11 +595,8 @@ def step_times(task: str, repeats: int = 10, warmup: int = 3) -> Path:
     ratio to ``dicece``, the CPU and the precision to ``experiments/brain_atlas/<task>_steps.md``
     and returns its path. Run it alone: the ratios hold on a busy machine, the times do not."""
     config = ROOT / "configs" / f"{task}.yaml"
-    trainer = yaml.safe_load(config.read_text())["trainer"]
-    precision = resolve_precision(
-        trainer.get("precision") or "32-true", trainer.get("accelerator") or "auto"
-    )
     overrides = ["--data.data_dir", str(ROOT / "data" / task)]
+    precision = _config_precision(config, overrides)
     with tempfile.TemporaryDirectory() as scratch:
         times = benchmark_steps(config, COMPARISON, scratch, overrides, repeats, warmup)
     medians = {loss: statistics.median(values) for loss, values in times.items()}

@@ -756,10 +756,8 @@ class CaseMetrics:
         taken = set(source_names)
         for i, source in enumerate(sources):
             if not source:  # a real case may already be called case_<i>
-                suffixes = chain([""], (f"_{k}" for k in count(1)))
-                cases[i] = next(
-                    f"case_{i:03d}{s}" for s in suffixes if f"case_{i:03d}{s}" not in taken
-                )
+                names = (f"case_{i:03d}{s}" for s in chain([""], (f"_{k}" for k in count(1))))
+                cases[i] = next(name for name in names if name not in taken)
         return CaseResults(
             cases=cases,
             sources=sources,

@@ -731,8 +731,7 @@ def benchmark_steps(
         args = cli_args(config, loss, seed, 1, Path(run_dir) / loss, overrides)
         cli = LovaszCLI(args=args, run=False)
         model = cli.model
-        if model.objective.warmup_loss is not None:
-            model.objective.warmup_loss = None  # a fine-tuning recipe: its final phase
+        model.objective.warmup_loss = None  # a fine-tuning recipe is timed in its final phase
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         models[loss] = (model, optimizer, cli.trainer.precision_plugin.train_step_context)
