@@ -22,6 +22,7 @@ label 255, in training labels). The same ``seed`` writes the same files. ::
     python experiments/brain_atlas.py figure    # experiments/brain_atlas/overlay.png
     python experiments/brain_atlas.py pipeline --seeds 0 1 2 --variants plain_monai shipped
     python experiments/brain_atlas.py pipeline --variants fp32 adam_constant   # one seed each
+    python experiments/brain_atlas.py pipeline --variants random_crops class_crops
     python experiments/brain_atlas.py compare --task subcortical        # the loss comparison
 
 ``pipeline`` is the ablation of the training pipeline on the subcortical task: the plain MONAI
@@ -323,6 +324,14 @@ PIPELINE_VARIANTS = {
     "dicece_flips_12": ("flips_12 with the masked Dice+CE loss", [*_FLIPS_12, *_DICECE]),
     "dicece": ("the masked Dice+CE loss instead of Lovász + 0.3 CE", _DICECE),
     "fp32": ("float32 instead of bf16-mixed", [*_PER_VOLUME, "--trainer.precision", "32-true"]),
+    "random_crops": (
+        "the plain loop's crops: centred anywhere, labels not looked at (crop_sampling random)",
+        [*_PER_VOLUME, "--data.crop_sampling", "random"],
+    ),
+    "class_crops": (
+        "class-balanced crops: centred on a class drawn uniformly (crop_sampling classes)",
+        [*_PER_VOLUME, "--data.crop_sampling", "classes"],
+    ),
     "adam_constant": (
         "the plain loop's optimiser: Adam 1e-3, no weight decay, no schedule",
         [

@@ -100,7 +100,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_kwargs: its keyword arguments.
         roi_size: training patch size ``(X, Y, Z)``; also the sliding-window size for the model.
         batch_size: volumes per training batch (each gives ``num_samples`` patches).
-        num_samples: patches cropped per volume by ``RandCropByPosNegLabeld`` (pos:neg = 1:1).
+        num_samples: training patches cropped per volume.
+        crop_sampling: where training patches are centred: ``"pos_neg"`` (default,
+            ``RandCropByPosNegLabeld`` 1:1: half on foreground, half on background),
+            ``"classes"`` (``RandCropByLabelClassesd``: on a class drawn uniformly from those in
+            the volume, so small classes are sampled as often as large ones) or ``"random"``
+            (``RandSpatialCropSamplesd``: labels not looked at). Centres are never on ignored
+            voxels or padding, except with ``"random"``. See
+            :class:`~lovasz_monai.pipelines.SegmentationPipelines`.
         num_workers: DataLoader worker processes (and cache-filling threads); workers are
             persistent. Default 2: on 2 CPU cores, loading in the main process made the loop
             wait 22 ms per 63 ms step of the demo, 2 workers 2 ms (``benchmarks/RESULTS.md``).
@@ -179,6 +186,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         roi_size: Sequence[int] = (96, 96, 96),
         batch_size: int = 2,
         num_samples: int = 2,
+        crop_sampling: Literal["pos_neg", "classes", "random"] = "pos_neg",
         num_workers: int = 2,
         cache_rate: float = 1.0,
         val_fraction: float = 0.2,
@@ -247,13 +255,15 @@ class SegmentationDataModule(pl.LightningDataModule):
             regions=self.regions,
             roi_size=roi_size,
             num_samples=self.num_samples,
+            crop_sampling=crop_sampling,
             spacing=spacing,
             intensity=intensity,
             ct_window=ct_window,
             augment=self.augment,
             flip_axes=flip_axes,
             seed=self.seed,
-        )  # checks roi_size, spacing, intensity, ct_window and flip_axes
+        )  # checks crop_sampling, roi_size, spacing, intensity, ct_window and flip_axes
+        self.crop_sampling = self.pipelines.crop_sampling
         self.roi_size, self.spacing = self.pipelines.roi_size, self.pipelines.spacing
         self.intensity, self.ct_window = self.pipelines.intensity, self.pipelines.ct_window
         self.flip_axes = self.pipelines.flip_axes

@@ -23,10 +23,12 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropSamplesd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -91,10 +93,10 @@ class SegmentationPipelines:
       ``IgnoreMaskd`` (writes ``"mask"``: 0 at the ignore label and outside the case's ROI
       mask) -> ``Orientationd("RAS")`` -> ``Spacingd`` (if ``spacing``; bilinear image, nearest
       label and mask) -> intensity normalisation;
-    * :meth:`train`: ``SpatialPadd(roi_size)`` (padded voxels get mask 0) ->
-      ``RandCropByPosNegLabeld`` (``num_samples`` patches per volume, centres on voxels with
-      mask 1) -> ``LabelToRegionsd`` (if ``regions``) -> random flips on ``flip_axes`` and
-      intensity scale/shift (if ``augment``) -> plain float32 tensors;
+    * :meth:`train`: ``SpatialPadd(roi_size)`` (padded voxels get mask 0) -> ``num_samples``
+      patches per volume, chosen by ``crop_sampling`` -> ``LabelToRegionsd`` (if ``regions``)
+      -> random flips on ``flip_axes`` and intensity scale/shift (if ``augment``) -> plain
+      float32 tensors;
     * :meth:`evaluate`: whole volumes, ``LabelToRegionsd`` (if ``regions``), ``MetaTensor``
       values (for sliding-window inference and :meth:`invert`);
     * :meth:`predict`: images only, whole volumes, ``MetaTensor`` values.
@@ -110,6 +112,14 @@ class SegmentationPipelines:
             tuples); ``None``: label maps.
         roi_size: training patch size (3 positive integers).
         num_samples: patches per volume (a positive integer).
+        crop_sampling: where training patches are centred. ``"pos_neg"``
+            (``RandCropByPosNegLabeld``, pos:neg 1:1): half on a labelled voxel of a class other
+            than 0, half on a voxel of class 0, both inside the mask (not ignored, not padding).
+            ``"classes"`` (``RandCropByLabelClassesd``): on a voxel of a class drawn uniformly
+            from the classes ``0..L-1`` present in the volume's mask, so a small class is the
+            centre as often as a large one; a class absent from a volume is not drawn.
+            ``"random"`` (``RandSpatialCropSamplesd``): anywhere in the padded volume, labels
+            not looked at (a plain MONAI loop's crops).
         spacing: target voxel size in mm; ``None`` keeps each volume's own.
         intensity: ``"zscore"`` (per channel, non-zero voxels), ``"ct"`` (clip to ``ct_window``,
             scale to [0, 1]) or ``"none"``.
@@ -121,10 +131,11 @@ class SegmentationPipelines:
 
     Raises:
         ValueError: ``in_channels``, ``num_label_values`` or ``num_samples`` is not a positive
-            integer; ``ignore_index`` is not ``None`` or an integer outside
-            ``[0, num_label_values)``; ``regions`` is empty, or a region lists no value or a value
-            that is not an integer in ``[0, num_label_values)``; a ``roi_size``, ``spacing``,
-            ``intensity``, ``ct_window`` or ``flip_axes`` other than described above (sizes must
+            integer; ``crop_sampling`` is none of the three above; ``ignore_index`` is not
+            ``None`` or an integer outside ``[0, num_label_values)``; ``regions`` is empty, or
+            a region lists no value or a value that is not an integer in
+            ``[0, num_label_values)``; a ``roi_size``, ``spacing``, ``intensity``,
+            ``ct_window`` or ``flip_axes`` other than described above (sizes must
             be positive integers, ``spacing`` finite and positive). Each message names the
             argument and the value.
 
@@ -140,6 +151,7 @@ class SegmentationPipelines:
     regions: Mapping[str, Sequence[int]] | None = None
     roi_size: tuple[int, ...] = (96, 96, 96)
     num_samples: int = 2
+    crop_sampling: Literal["pos_neg", "classes", "random"] = "pos_neg"
     spacing: tuple[float, ...] | None = None
     intensity: Literal["zscore", "ct", "none"] = "zscore"
     ct_window: tuple[float, float] = (-175.0, 250.0)
@@ -192,6 +204,11 @@ class SegmentationPipelines:
                 raise ValueError(
                     f"spacing must be None or 3 finite positive sizes, got {tuple(self.spacing)}."
                 )
+        if self.crop_sampling not in ("pos_neg", "classes", "random"):
+            raise ValueError(
+                f"crop_sampling must be 'pos_neg', 'classes' or 'random', "
+                f"got {self.crop_sampling!r}."
+            )
         if self.intensity not in ("zscore", "ct", "none"):
             raise ValueError(f"intensity must be 'zscore', 'ct' or 'none', got {self.intensity!r}.")
         ct_window = tuple(float(v) for v in self.ct_window)
@@ -280,22 +297,30 @@ class SegmentationPipelines:
         regions = self.regions
         return [] if regions is None else [LabelToRegionsd(keys="label", regions=dict(regions))]
 
+    def _crop(self) -> Any:
+        """The transform that cuts ``num_samples`` training patches out of a padded volume."""
+        if self.crop_sampling == "random":
+            return RandSpatialCropSamplesd(
+                keys=CASE_KEYS, roi_size=self.roi_size, num_samples=self.num_samples,
+                random_size=False, allow_missing_keys=True,
+            )  # fmt: skip
+        # centres only where the mask is 1: not on ignored voxels, not on padding
+        inside_mask = {"image_key": "mask", "image_threshold": 0.5}
+        if self.crop_sampling == "classes":
+            return RandCropByLabelClassesd(
+                keys=CASE_KEYS, label_key="label", spatial_size=self.roi_size,
+                num_classes=self.num_label_values, num_samples=self.num_samples,
+                warn=False, **inside_mask,
+            )  # fmt: skip
+        return RandCropByPosNegLabeld(
+            keys=CASE_KEYS, label_key="label", spatial_size=self.roi_size, pos=1.0, neg=1.0,
+            num_samples=self.num_samples, **inside_mask,
+        )  # fmt: skip
+
     def train(self) -> Compose:
         """The training pipeline (random patches, augmentation), seeded with ``seed``."""
         xforms = self._common(CASE_KEYS)
-        xforms += [
-            SpatialPadd(keys=CASE_KEYS, spatial_size=self.roi_size),
-            RandCropByPosNegLabeld(
-                keys=CASE_KEYS,
-                label_key="label",
-                spatial_size=self.roi_size,
-                pos=1.0,
-                neg=1.0,
-                num_samples=self.num_samples,
-                image_key="mask",
-                image_threshold=0.5,
-            ),
-        ]
+        xforms += [SpatialPadd(keys=CASE_KEYS, spatial_size=self.roi_size), self._crop()]
         xforms += self._regions()
         if self.augment:
             xforms += [RandFlipd(keys=CASE_KEYS, prob=0.5, spatial_axis=a) for a in self.flip_axes]

@@ -277,6 +277,38 @@ def test_train_whole_volume_mask_matches_ignored_voxels(tiny):
     assert seen == set(range(len(references)))
 
 
+def _expected_centre_share(label: np.ndarray, crop_sampling: str) -> dict[str, float]:
+    """Where a 1-voxel training patch should fall, computed from the label file (RAS)."""
+    counts = {c: float((label == c).sum()) for c in (0, 1, 2)}
+    counts["ignored"] = float((label == IGNORE).sum())
+    if crop_sampling == "random":  # every voxel alike, ignored ones too
+        return {k: n / label.size for k, n in counts.items()}
+    if crop_sampling == "classes":  # each class alike, never an ignored voxel
+        return {0: 1 / 3, 1: 1 / 3, 2: 1 / 3, "ignored": 0.0}
+    foreground = counts[1] + counts[2]  # pos_neg: half background, half foreground voxels
+    half = {c: 0.5 * counts[c] / foreground for c in (1, 2)}
+    return {0: 0.5, **half, "ignored": 0.0}
+
+
+@pytest.mark.parametrize("crop_sampling", ["pos_neg", "classes", "random"])
+def test_crop_sampling_centres_patches_as_documented(tiny, crop_sampling):
+    """With 1-voxel patches each patch is its centre: over 900 patches of one case, the share of
+    centres on each class (and on ignored voxels) matches the counts in the label file."""
+    dm = _dm(tiny, roi_size=(1, 1, 1), num_samples=900, augment=False, crop_sampling=crop_sampling)
+    assert dm.crop_sampling == crop_sampling
+    case = dm.train_files[0]
+    patches = dm.pipelines.train()(dict(case))
+    assert len(patches) == 900
+    labels = np.array([float(p["label"].reshape(-1)[0]) for p in patches])
+    masks = np.array([float(p["mask"].reshape(-1)[0]) for p in patches])
+    seen = {c: float(np.mean((labels == c) & (masks == 1))) for c in (0, 1, 2)}
+    seen["ignored"] = float(np.mean(masks == 0))
+    expected = _expected_centre_share(_ras(case["label"]), crop_sampling)
+    assert expected["ignored"] > 0 or crop_sampling != "random"  # the case has ignored voxels
+    for key, share in expected.items():
+        assert seen[key] == pytest.approx(share, abs=0.06), (key, seen, expected)
+
+
 def _flips_seen(dm, epochs: int = 6) -> set[tuple[int, ...]]:
     """The axes along which each whole-volume training sample was flipped against its file."""
     references = [np.where(_ras(c["label"]) == IGNORE, 0, _ras(c["label"])) for c in dm.train_files]
@@ -618,6 +650,7 @@ def test_bad_arguments(tiny):
         {"ct_window": (250.0, -175.0)},
         {"flip_axes": (0, 0)},
         {"flip_axes": (3,)},
+        {"crop_sampling": "centre"},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             _dm(tiny, **kwargs)
@@ -702,6 +735,7 @@ def test_pipelines_check_their_settings_without_a_datamodule():
         {"intensity": "minmax"},
         {"ct_window": (0.0, float("nan"))},
         {"flip_axes": (1, 1)},
+        {"crop_sampling": "foreground"},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             SegmentationPipelines(in_channels=1, num_label_values=3, **kwargs)

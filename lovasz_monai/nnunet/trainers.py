@@ -37,6 +37,8 @@ __all__ = [
     "lovasz_loss_for",
     "nnUNetTrainerLovasz",
     "nnUNetTrainerLovaszCE",
+    "nnUNetTrainerLovaszCEBatch",
+    "nnUNetTrainerLovaszCEBatch_noMirroring",
     "nnUNetTrainerLovaszCE_5epochs",
     "nnUNetTrainerLovaszCE_noMirroring",
     "nnUNetTrainerLovaszCE_tiny",
@@ -90,7 +92,9 @@ class IgnoreChannelLoss(nn.Module):
         return self.loss(input, target[:, :-1], mask)
 
 
-def lovasz_loss_for(label_manager: LabelManager, lambda_ce: float | None = None) -> nn.Module:
+def lovasz_loss_for(
+    label_manager: LabelManager, lambda_ce: float | None = None, batch: bool = False
+) -> nn.Module:
     """The Lovász loss of one output for a dataset's nnU-Net label handling.
 
     Args:
@@ -99,6 +103,8 @@ def lovasz_loss_for(label_manager: LabelManager, lambda_ce: float | None = None)
             the Lovász loss alone; ``None`` the package's default recipe,
             :func:`~lovasz_monai.losses.default_loss` (0.3 for labels, 1 for regions), as the
             Lightning module trains by default.
+        batch: one Lovász row per class over the whole batch (``batch=True`` of the losses)
+            instead of one per volume and class.
 
     Returns:
         A module called as ``loss(output, target)`` on nnU-Net's output and target of one
@@ -123,7 +129,7 @@ def lovasz_loss_for(label_manager: LabelManager, lambda_ce: float | None = None)
     # nnU-Net's transforms fix the target's form, so the value checks (one host synchronisation
     # each on a GPU) add nothing; and with fp16 autocast a non-finite output must reach the
     # GradScaler, which skips that step, instead of stopping the run with an error
-    settings = {"validate": False}
+    settings = {"validate": False, "batch": bool(batch)}
     if not regions:
         settings["ignore_index"] = label_manager.ignore_label
     if lambda_ce is None:
@@ -174,6 +180,8 @@ class nnUNetTrainerLovaszCE(nnUNetTrainer):
 
     #: the weight of the cross-entropy term; 0 gives the Lovász loss alone, None the default
     lambda_ce: float | None = None
+    #: one Lovász row per class over nnU-Net's batch instead of one per volume
+    batch: bool = False
     #: whether nnU-Net mirrors in training and at test time (``False`` for left/right labels)
     mirroring: bool = True
 
@@ -188,17 +196,17 @@ class nnUNetTrainerLovaszCE(nnUNetTrainer):
         if not self.mirroring:
             mirror_axes = self.inference_allowed_mirroring_axes = None
         elif mirror_axes and (sided := lateralised_labels(list(self.dataset_json["labels"]))):
-            unmirrored = (
-                nnUNetTrainerLovasz_noMirroring
-                if isinstance(self, nnUNetTrainerLovasz)
-                else nnUNetTrainerLovaszCE_noMirroring
+            unmirrored = next(
+                f"{cls.__name__}_noMirroring"
+                for cls in type(self).__mro__
+                if cls in (nnUNetTrainerLovaszCEBatch, nnUNetTrainerLovasz, nnUNetTrainerLovaszCE)
             )
             message = (
                 f"nnU-Net mirrors axes {tuple(mirror_axes)} in training and at test time, but "
                 f"labels say left or right ({', '.join(sided[:4])}"
                 f"{', ...' if len(sided) > 4 else ''}): a mirrored left structure stays "
                 f"labelled left, so these classes cannot be learned. Train with "
-                f"{unmirrored.__name__}."
+                f"{unmirrored}."
             )
             warnings.warn(message, stacklevel=2)
             self.print_to_log_file(f"WARNING: {message}")
@@ -208,7 +216,7 @@ class nnUNetTrainerLovaszCE(nnUNetTrainer):
         # nnU-Net's own construction fixes the deep-supervision wrapper and its weights
         # (including the DDP special case); only the loss inside it is replaced
         loss = super()._build_loss()
-        ours = lovasz_loss_for(self.label_manager, self.lambda_ce)
+        ours = lovasz_loss_for(self.label_manager, self.lambda_ce, self.batch)
         self.print_to_log_file(f"Lovász loss (lovasz_monai): {describe_loss(ours)}")
         if isinstance(loss, DeepSupervisionWrapper):
             loss.loss = ours
@@ -220,6 +228,22 @@ class nnUNetTrainerLovasz(nnUNetTrainerLovaszCE):
     """nnU-Net's trainer with the Lovász-Softmax loss alone (Lovász-sigmoid for regions)."""
 
     lambda_ce = 0.0
+
+
+class nnUNetTrainerLovaszCEBatch(nnUNetTrainerLovaszCE):
+    """:class:`nnUNetTrainerLovaszCE` with one Lovász row per class over the whole batch
+    (``batch=True``): a class absent from one patch of the batch but present in another is
+    still a row there, so its false positives in the first are penalised. The best recipe of
+    the subcortical comparison in our own pipeline (``docs/guides/which_loss.md``); not
+    compared inside nnU-Net."""
+
+    batch = True
+
+
+class nnUNetTrainerLovaszCEBatch_noMirroring(nnUNetTrainerLovaszCEBatch):
+    """:class:`nnUNetTrainerLovaszCEBatch` without mirroring, in training and at test time."""
+
+    mirroring = False
 
 
 class nnUNetTrainerLovaszCE_noMirroring(nnUNetTrainerLovaszCE):
@@ -295,4 +319,6 @@ TRAINERS = (
     nnUNetTrainerLovasz_tiny,
     nnUNetTrainerLovaszCE_noMirroring,
     nnUNetTrainerLovasz_noMirroring,
+    nnUNetTrainerLovaszCEBatch,
+    nnUNetTrainerLovaszCEBatch_noMirroring,
 )

@@ -37,6 +37,7 @@ from lovasz_monai.nnunet import (  # noqa: E402
     describe_loss,
     lovasz_loss_for,
     nnUNetTrainerLovaszCE,
+    nnUNetTrainerLovaszCEBatch,
 )
 from lovasz_monai.nnunet.cli import EXT_TRAINER, ext_trainer_value, trainer_folder  # noqa: E402
 
@@ -164,13 +165,14 @@ def nnunet_batch(trainer, batch_size: int = 2, seed: int = 0, training: bool = F
 
 def reference_loss(trainer_class, regions: bool):
     """Our loss for one resolution, written out from the documented recipe."""
+    batch = trainer_class.batch
     if trainer_class.lambda_ce is None:
         if regions:
-            return LovaszCELoss(sigmoid=True, lambda_ce=1.0)
-        return LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_ce=0.3)
+            return LovaszCELoss(sigmoid=True, lambda_ce=1.0, batch=batch)
+        return LovaszCELoss(to_onehot_y=True, ignore_index=IGNORE, lambda_ce=0.3, batch=batch)
     if regions:
-        return LovaszSoftmaxLoss(sigmoid=True)
-    return LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE)
+        return LovaszSoftmaxLoss(sigmoid=True, batch=batch)
+    return LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=IGNORE, batch=batch)
 
 
 def call_reference(loss, output, target, regions: bool):
@@ -233,6 +235,33 @@ def test_the_default_recipe_is_the_lightning_modules(planned):
     assert type(trainer_loss) is type(module_loss) is LovaszCELoss
     assert trainer_loss.lambda_ce == module_loss.lambda_ce == default_loss().lambda_ce == 0.3
     assert trainer_loss.ignore_index == IGNORE
+
+
+@pytest.mark.parametrize("dataset_id", [1, 2], ids=["labels", "regions"])
+def test_the_batch_trainer_takes_one_lovasz_row_per_class_over_the_batch(planned, dataset_id):
+    """nnUNetTrainerLovaszCEBatch: the default recipe with batch=True, which differs from the
+    per-volume value on nnU-Net's batch of several patches."""
+    batched = make_trainer(nnUNetTrainerLovaszCEBatch, planned, dataset_id)._build_loss()
+    per_volume = make_trainer(nnUNetTrainerLovaszCE, planned, dataset_id)._build_loss()
+    assert describe_loss(batched.loss).endswith("whole batch)")
+    assert describe_loss(per_volume.loss).endswith("per volume)")
+    outputs, targets = nnunet_batch(make_trainer(nnUNetTrainerLovaszCE, planned, dataset_id))
+    assert outputs[0].shape[0] == 2
+    scale = torch.tensor([1.0, 10.0]).view(2, 1, 1, 1, 1)  # unlike patches, or the values agree
+    outputs = [output.detach() * scale for output in outputs]
+    value = batched(outputs, targets)
+    torch.testing.assert_close(
+        value,
+        sum(
+            w
+            * call_reference(
+                reference_loss(nnUNetTrainerLovaszCEBatch, dataset_id == 2), o, t, dataset_id == 2
+            )
+            for w, o, t in zip(batched.weight_factors, outputs, targets, strict=True)
+            if w != 0
+        ),
+    )
+    assert abs(value - per_volume(outputs, targets)) > 0.01
 
 
 def test_without_deep_supervision_the_loss_is_ours_alone(planned):
@@ -563,7 +592,9 @@ def test_case_identifiers_are_unique_or_refused(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerLovaszCE", "nnUNetTrainerLovasz_tiny"])
+@pytest.mark.parametrize(
+    "name", ["nnUNetTrainerLovaszCE", "nnUNetTrainerLovasz_tiny", "nnUNetTrainerLovaszCEBatch"]
+)
 def test_mirroring_lateralised_labels_warns_and_names_the_trainer_without(planned, name):
     """nnU-Net mirrors every axis: with labels that say left or right the trainer warns (and
     logs) and names its no-mirroring variant; without such labels it stays quiet."""
@@ -585,6 +616,7 @@ def test_mirroring_lateralised_labels_warns_and_names_the_trainer_without(planne
     [
         lovasz_nnunet.nnUNetTrainerLovaszCE_noMirroring,
         lovasz_nnunet.nnUNetTrainerLovasz_noMirroring,
+        lovasz_nnunet.nnUNetTrainerLovaszCEBatch_noMirroring,
     ],
     ids=lambda c: c.__name__,
 )
