@@ -302,7 +302,7 @@ class SegmentationPipelines:
         if self.crop_sampling == "random":
             return RandSpatialCropSamplesd(
                 keys=CASE_KEYS, roi_size=self.roi_size, num_samples=self.num_samples,
-                random_size=False, allow_missing_keys=True,
+                random_size=False,
             )  # fmt: skip
         # centres only where the mask is 1: not on ignored voxels, not on padding
         inside_mask = {"image_key": "mask", "image_threshold": 0.5}
