@@ -196,10 +196,11 @@ class nnUNetTrainerLovaszCE(nnUNetTrainer):
         if not self.mirroring:
             mirror_axes = self.inference_allowed_mirroring_axes = None
         elif mirror_axes and (sided := lateralised_labels(list(self.dataset_json["labels"]))):
+            # the nearest trainer of this module with a no-mirroring twin: the same loss
             unmirrored = next(
-                f"{cls.__name__}_noMirroring"
+                twin
                 for cls in type(self).__mro__
-                if cls in (nnUNetTrainerLovaszCEBatch, nnUNetTrainerLovasz, nnUNetTrainerLovaszCE)
+                if (twin := f"{cls.__name__}_noMirroring") in globals()
             )
             message = (
                 f"nnU-Net mirrors axes {tuple(mirror_axes)} in training and at test time, but "
