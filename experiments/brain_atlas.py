@@ -332,6 +332,15 @@ PIPELINE_VARIANTS = {
         "class-balanced crops: centred on a class drawn uniformly (crop_sampling classes)",
         [*_PER_VOLUME, "--data.crop_sampling", "classes"],
     ),
+    "no_augment": (
+        "no intensity scale/shift in training (augment false; flips are already off)",
+        [*_PER_VOLUME, "--data.augment", "false"],
+    ),
+    "shipped_random_crops": (
+        "configs/subcortical.yaml as shipped with the plain loop's crops (crop_sampling random), "
+        "float32 as the shipped rows",
+        ["--data.crop_sampling", "random", "--trainer.precision", "32-true"],
+    ),
     "adam_constant": (
         "the plain loop's optimiser: Adam 1e-3, no weight decay, no schedule",
         [
