@@ -189,7 +189,8 @@ def test_pipeline_variants_change_one_setting_each(atlas):
 def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
     """``shipped*`` is configs/subcortical.yaml's loss, the default with ``batch=True``; the
     Dice+CE variants train the masked Dice+CE; every other variant the package default per
-    volume, as they were run (before the config moved to ``batch=True``)."""
+    volume, as they were run (before the config moved to ``batch=True``); the crop and
+    augmentation variants change those settings and no other variant does."""
     from lovasz_monai.cli import LovaszCLI
     from lovasz_monai.losses import LovaszCELoss, MaskedDiceCELoss
 
@@ -197,7 +198,15 @@ def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
     for name, (_, overrides) in atlas.PIPELINE_VARIANTS.items():
         args = ["--config", str(atlas.SUBCORTICAL_CONFIG), "--data.data_dir", str(data)]
         args += ["--trainer.logger", "false", *overrides]
-        loss = LovaszCLI(args=args, run=False).model.loss
+        cli = LovaszCLI(args=args, run=False)
+        crops = {
+            "random_crops": "random",
+            "shipped_random_crops": "random",
+            "class_crops": "classes",
+        }
+        assert cli.datamodule.crop_sampling == crops.get(name, "pos_neg"), name
+        assert cli.datamodule.augment == (name != "no_augment"), name
+        loss = cli.model.loss
         if name.startswith("dicece"):
             # the config's lambda_ce 0.3 must not carry over: the variants ran MONAI's 1:1
             assert type(loss) is MaskedDiceCELoss, name
