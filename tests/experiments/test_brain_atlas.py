@@ -195,15 +195,11 @@ def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
     from lovasz_monai.losses import LovaszCELoss, MaskedDiceCELoss
 
     data = atlas.build(tmp_path / "data", "subcortical", num_train=2, num_test=1, seed=0)
+    crops = {"random_crops": "random", "shipped_random_crops": "random", "class_crops": "classes"}
     for name, (_, overrides) in atlas.PIPELINE_VARIANTS.items():
         args = ["--config", str(atlas.SUBCORTICAL_CONFIG), "--data.data_dir", str(data)]
         args += ["--trainer.logger", "false", *overrides]
         cli = LovaszCLI(args=args, run=False)
-        crops = {
-            "random_crops": "random",
-            "shipped_random_crops": "random",
-            "class_crops": "classes",
-        }
         assert cli.datamodule.crop_sampling == crops.get(name, "pos_neg"), name
         assert cli.datamodule.augment == (name != "no_augment"), name
         loss = cli.model.loss
