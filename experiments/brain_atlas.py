@@ -291,17 +291,26 @@ def figure(output: str | Path = RESULTS / "overlay.png") -> Path:
 
 
 #: pipeline variants: name -> (what changes, LovaszCLI overrides of configs/subcortical.yaml)
-# every variant but "shipped" changes one thing from the config as it was until 2026-12-04,
-# whose loss was the package default (per volume): `--model.loss=null` trains that again
-_PER_VOLUME = ["--model.loss=null"]
+# every variant but "shipped" and "pos_neg_crops" changes one thing from the config as it was
+# until 2026-12-04: the package default loss (per volume; `--model.loss=null` trains it again)
+# and half the patches centred on a structure (crop_sampling pos_neg, the config until 2026-12-05)
+_POS_NEG = ["--data.crop_sampling", "pos_neg"]
+_DEFAULT_LOSS = ["--model.loss=null"]
+_PER_VOLUME = [*_DEFAULT_LOSS, *_POS_NEG]
 _VAL_SPLIT = [*_PER_VOLUME, "--data.val_fraction", "0.2", "--lr_scheduler.init_args.T_max", "79"]
 _FLIPS_12 = [*_VAL_SPLIT, "--data.flip_axes", "[1, 2]"]
-_DICECE = ["--model.loss=null", "--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"]
+_DICECE = [*_PER_VOLUME, "--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"]
 PIPELINE_VARIANTS = {
     "shipped": (
         "configs/subcortical.yaml as shipped: no flips, all 24 training cases train, cosine "
-        "T_max 79 (the learning rate ends at ~10% of its peak), the default loss with batch=True",
+        "T_max 79 (the learning rate ends at ~10% of its peak), the default loss with "
+        "batch=True, patches centred anywhere (crop_sampling random)",
         [],
+    ),
+    "pos_neg_crops": (
+        "shipped with half the patches centred on a structure (crop_sampling pos_neg): the "
+        "config until 2026-12-05",
+        _POS_NEG,
     ),
     "default_loss": (
         "the package's default loss, one Lovász row per class and patch (batch=False): the "
@@ -326,20 +335,15 @@ PIPELINE_VARIANTS = {
     "fp32": ("float32 instead of bf16-mixed", [*_PER_VOLUME, "--trainer.precision", "32-true"]),
     "random_crops": (
         "the plain loop's crops: centred anywhere, labels not looked at (crop_sampling random)",
-        [*_PER_VOLUME, "--data.crop_sampling", "random"],
+        [*_DEFAULT_LOSS, "--data.crop_sampling", "random"],
     ),
     "class_crops": (
         "class-balanced crops: centred on a class drawn uniformly (crop_sampling classes)",
-        [*_PER_VOLUME, "--data.crop_sampling", "classes"],
+        [*_DEFAULT_LOSS, "--data.crop_sampling", "classes"],
     ),
     "no_augment": (
         "no intensity scale/shift in training (augment false; flips are already off)",
         [*_PER_VOLUME, "--data.augment", "false"],
-    ),
-    "shipped_random_crops": (
-        "configs/subcortical.yaml as shipped with the plain loop's crops (crop_sampling random), "
-        "float32 as the shipped rows",
-        ["--data.crop_sampling", "random", "--trainer.precision", "32-true"],
     ),
     "adam_constant": (
         "the plain loop's optimiser: Adam 1e-3, no weight decay, no schedule",
@@ -558,10 +562,11 @@ def comparison_command(
     finished_only: bool = False,
 ) -> list[str]:
     """The ``lovasz_monai.experiments compare`` command of a task: ``configs/<task>.yaml`` as
-    it is (no scaling down), scored per case on the labelled test cases with HD95, results in
-    ``experiments/brain_atlas/<task>.{md,json,png}``; ``--resume`` keeps finished runs, so an
-    interrupted comparison continues where it stopped. ``finished_only``: train nothing and
-    time nothing, only write the table of the runs finished so far."""
+    it is (no scaling down) but for :data:`COMPARISON_OVERRIDES`, scored per case on the
+    labelled test cases with HD95, results in ``experiments/brain_atlas/<task>.{md,json,png}``;
+    ``--resume`` keeps finished runs, so an interrupted comparison continues where it stopped.
+    ``finished_only``: train nothing and time nothing, only write the table of the runs
+    finished so far."""
     cmd = [sys.executable, "-m", "lovasz_monai.experiments", "compare"]
     cmd += ["--config", f"configs/{task}.yaml", "--seeds", *map(str, seeds)]
     cmd += ["--max-epochs", str(_config_epochs(task)), "--no-scale-down", "--losses", *losses]
@@ -571,7 +576,13 @@ def comparison_command(
         cmd += ["--eval-split", "test", "--resume", "--bench-repeats", str(bench_repeats)]
     runs = f"runs/brain_atlas/{task}"
     cmd += ["--output", f"{runs}/{LOCAL}", "--runs-dir", runs]
-    return [*cmd, "--model.surface_metrics", "true"]
+    return [*cmd, *COMPARISON_OVERRIDES.get(task, []), "--model.surface_metrics", "true"]
+
+
+#: settings a comparison keeps from the config it was run with, so that ``--resume`` adds runs
+#: comparable to the finished ones: the subcortical comparison ran with pos_neg crops, the
+#: config's until 2026-12-05
+COMPARISON_OVERRIDES = {"subcortical": _POS_NEG}
 
 
 #: name of the comparison of the runs on this machine, in ``runs/brain_atlas/<task>/``

@@ -140,6 +140,20 @@ def test_comparison_command_runs_each_task_config_as_it_is(atlas):
         assert "--resume" not in table and table[-6:] == cmd[-6:]
 
 
+def test_comparison_command_keeps_the_crops_a_comparison_was_run_with(atlas, tmp_path):
+    """The subcortical comparison ran with pos_neg crops: resumed, it must not take the
+    config's random crops; the parcellation config still has pos_neg crops."""
+    from lovasz_monai.cli import LovaszCLI
+
+    for task, crops in (("subcortical", "pos_neg"), ("parcellation", "pos_neg")):
+        data = atlas.build(tmp_path / task, task, num_train=2, num_test=1, seed=0)
+        cmd = atlas.comparison_command(task, [0], ["dicece"])
+        overrides = cmd[cmd.index("--runs-dir") + 2 :]
+        args = ["--config", str(atlas.ROOT / cmd[cmd.index("--config") + 1])]
+        args += ["--data.data_dir", str(data), "--trainer.logger", "false", *overrides]
+        assert LovaszCLI(args=args, run=False).datamodule.crop_sampling == crops, task
+
+
 def test_merge_parts_reports_the_kept_comparisons_with_this_machines(atlas, tmp_path):
     """The task's table holds the runs of the kept parts and of this machine, which wins."""
     from lovasz_monai.tools.report import ComparisonResult, RunResult, read_results, write_results
@@ -187,15 +201,17 @@ def test_pipeline_variants_change_one_setting_each(atlas):
 
 
 def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
-    """``shipped*`` is configs/subcortical.yaml's loss, the default with ``batch=True``; the
-    Dice+CE variants train the masked Dice+CE; every other variant the package default per
-    volume, as they were run (before the config moved to ``batch=True``); the crop and
-    augmentation variants change those settings and no other variant does."""
+    """``shipped`` and ``pos_neg_crops`` train configs/subcortical.yaml's loss, the default
+    with ``batch=True``; the Dice+CE variants train the masked Dice+CE; every other variant the
+    package default per volume, as they were run (before the config moved to ``batch=True``).
+    ``shipped`` takes the config's random crops; the other crop variants set theirs and every
+    other variant keeps the ``pos_neg`` crops it was run with (before the config moved to
+    random crops); only ``no_augment`` turns augmentation off."""
     from lovasz_monai.cli import LovaszCLI
     from lovasz_monai.losses import LovaszCELoss, MaskedDiceCELoss
 
     data = atlas.build(tmp_path / "data", "subcortical", num_train=2, num_test=1, seed=0)
-    crops = {"random_crops": "random", "shipped_random_crops": "random", "class_crops": "classes"}
+    crops = {"shipped": "random", "random_crops": "random", "class_crops": "classes"}
     for name, (_, overrides) in atlas.PIPELINE_VARIANTS.items():
         args = ["--config", str(atlas.SUBCORTICAL_CONFIG), "--data.data_dir", str(data)]
         args += ["--trainer.logger", "false", *overrides]
@@ -209,7 +225,7 @@ def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
             assert (loss.lambda_dice, loss.lambda_ce) == (1.0, 1.0), name
             continue
         assert type(loss) is LovaszCELoss and loss.lambda_ce == 0.3, name
-        assert loss.batch == name.startswith("shipped"), name
+        assert loss.batch == (name in ("shipped", "pos_neg_crops")), name
 
 
 def test_pipeline_reads_an_option_in_either_form(atlas):
@@ -222,7 +238,11 @@ def test_pipeline_reads_an_option_in_either_form(atlas):
 def test_pipeline_tests_without_the_precision_override(atlas):
     """The fp32 variant trains in float32; its test command drops the flag with its value."""
     fp32 = atlas.PIPELINE_VARIANTS["fp32"][1]
-    assert atlas._without_option(fp32, "--trainer.precision") == ["--model.loss=null"]
+    assert atlas._without_option(fp32, "--trainer.precision") == [
+        "--model.loss=null",
+        "--data.crop_sampling",
+        "pos_neg",
+    ]
     assert atlas._without_option(["--trainer.precision=32-true", "-x"], "--trainer.precision") == [
         "-x"
     ]
