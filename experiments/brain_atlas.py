@@ -301,7 +301,8 @@ _DEFAULT_LOSS = ["--model.loss=null"]
 _PER_VOLUME = [*_DEFAULT_LOSS, *_POS_NEG]
 _VAL_SPLIT = [*_PER_VOLUME, "--data.val_fraction", "0.2", "--lr_scheduler.init_args.T_max", "79"]
 _FLIPS_12 = [*_VAL_SPLIT, "--data.flip_axes", "[1, 2]"]
-_DICECE = [*_PER_VOLUME, "--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"]
+# after `--model.loss=null`, so that the config's init_args (lambda_ce 0.3) do not carry over
+_MASKED_DICECE = ["--model.loss", "lovasz_monai.losses.MaskedDiceCELoss"]
 PIPELINE_VARIANTS = {
     "shipped": (
         "configs/subcortical.yaml as shipped: no flips, all 24 training cases train, cosine "
@@ -333,8 +334,11 @@ PIPELINE_VARIANTS = {
         [*_VAL_SPLIT, "--data.flip_axes", "[0, 1, 2]"],
     ),
     "flips_12": ("val_split with flips on axes 1, 2, never left-right (the first fix)", _FLIPS_12),
-    "dicece_flips_12": ("flips_12 with the masked Dice+CE loss", [*_FLIPS_12, *_DICECE]),
-    "dicece": ("the masked Dice+CE loss instead of Lovász + 0.3 CE", _DICECE),
+    "dicece_flips_12": ("flips_12 with the masked Dice+CE loss", [*_FLIPS_12, *_MASKED_DICECE]),
+    "dicece": (
+        "the masked Dice+CE loss instead of Lovász + 0.3 CE",
+        [*_PER_VOLUME, *_MASKED_DICECE],
+    ),
     "fp32": ("float32 instead of bf16-mixed", [*_PER_VOLUME, *_FLOAT32]),
     "random_crops": (
         "the plain loop's crops: centred anywhere, labels not looked at (crop_sampling random)",
